@@ -1,0 +1,80 @@
+"""The supervision core: OTP-style supervisors and gen servers on anyio.
+
+This package is a library of its own: it imports nothing of the WebSocket
+server, which is built from it. Users build their own trees with it too::
+
+    from pywsserver.supervision import ChildSpec, Supervisor, Strategy
+
+See ``docs/supervision.md`` for a guide and a reference of every name.
+"""
+
+from ._context import ChildContext, cleanup_scope, current_child
+from ._errors import (
+    CallTimeout,
+    ChildAlreadyPresent,
+    ChildAlreadyStarted,
+    ChildNotFound,
+    ChildRunning,
+    ChildStartError,
+    MailboxFull,
+    NameAlreadyRegistered,
+    NotRunning,
+    RestartIntensityExceeded,
+    SupervisionError,
+    SupervisorError,
+)
+from ._genserver import NO_REPLY, Caller, GenServer, ServerRef, call, cast, send_info
+from ._registry import register, registered, unregister, whereis
+from ._spec import (
+    BRUTAL_KILL,
+    INFINITY,
+    AutoShutdown,
+    ChildSpec,
+    ChildType,
+    Restart,
+    Shutdown,
+    StartFunction,
+    Strategy,
+)
+from ._supervisor import ChildCounts, ChildInfo, Supervisor
+
+__all__ = [
+    "BRUTAL_KILL",
+    "INFINITY",
+    "NO_REPLY",
+    "AutoShutdown",
+    "CallTimeout",
+    "Caller",
+    "ChildAlreadyPresent",
+    "ChildAlreadyStarted",
+    "ChildContext",
+    "ChildCounts",
+    "ChildInfo",
+    "ChildNotFound",
+    "ChildRunning",
+    "ChildSpec",
+    "ChildStartError",
+    "ChildType",
+    "GenServer",
+    "MailboxFull",
+    "NameAlreadyRegistered",
+    "NotRunning",
+    "Restart",
+    "RestartIntensityExceeded",
+    "ServerRef",
+    "Shutdown",
+    "StartFunction",
+    "Strategy",
+    "SupervisionError",
+    "Supervisor",
+    "SupervisorError",
+    "call",
+    "cast",
+    "cleanup_scope",
+    "current_child",
+    "register",
+    "registered",
+    "send_info",
+    "unregister",
+    "whereis",
+]

@@ -1,0 +1,743 @@
+"""The supervisor: starts children, watches them, restarts them by the OTP rules.
+
+Theory of operation
+-------------------
+A supervisor is one task (:meth:`Supervisor.run`) that owns two things: a
+*host* task holding the children's task group inside a shielded scope, and a
+*loop* that handles one message at a time from an unbounded mailbox. Every
+state change happens in the loop, so there is no locking:
+
+* ``_Exit``: a child's wrapper reports that the child ended by itself (it
+  returned, raised :class:`Shutdown`, or raised another exception). The loop
+  decides from the restart type whether to restart, applies the strategy,
+  counts the restart against the intensity window and gives up when it is
+  exceeded.
+* ``_Request``: a dynamic API call (start/terminate/restart/delete a child)
+  from any task, answered through a one-shot reply.
+* ``_StopRequest``: :meth:`Supervisor.stop`.
+
+Children are shielded from cancellation that hits the supervisor: when the
+supervisor is cancelled (or stops, or gives up) it stops its children itself,
+one at a time in reverse start order, each with its own ``shutdown`` deadline
+(see :mod:`._context`). Only then does the host task end, so no child outlives
+its supervisor and none is cancelled out of order.
+
+Each run of a child is an ``_Instance``: its cancel scope, a ``done`` event,
+the ``ref`` it reported, and flags saying whether the supervisor is stopping
+it (then its exit is not reported) or has already handled its exit (then a
+late, queued exit message is ignored).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import itertools
+import logging
+import math
+from collections.abc import AsyncIterator, Callable, Hashable, Iterable
+from typing import Any
+
+import anyio
+import anyio.abc
+import attrs
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from ._context import ChildContext, _set_current, cleanup_scope
+from ._errors import (
+    ChildAlreadyPresent,
+    ChildAlreadyStarted,
+    ChildNotFound,
+    ChildRunning,
+    ChildStartError,
+    NotRunning,
+    RestartIntensityExceeded,
+    SupervisorError,
+)
+from ._registry import register, unregister
+from ._spec import INFINITY, AutoShutdown, ChildSpec, ChildType, Restart, Shutdown, ShutdownValue, Strategy
+
+__all__ = ["ChildCounts", "ChildInfo", "Supervisor"]
+
+logger = logging.getLogger("pywsserver.supervision")
+
+
+@attrs.frozen
+class ChildInfo:
+    """One row of :meth:`Supervisor.which_children`."""
+
+    #: The child's id (an ``int`` for children of a simple_one_for_one supervisor).
+    id: Hashable
+    #: What the child passed to ``task_status.started``; ``None`` when not running.
+    ref: Any
+    #: Whether the child is running now.
+    running: bool
+    #: Worker or supervisor.
+    type: ChildType
+    #: The child's restart type.
+    restart: Restart
+
+
+@attrs.frozen
+class ChildCounts:
+    """The result of :meth:`Supervisor.count_children`, as OTP counts them."""
+
+    #: Child specs known (running or not).
+    specs: int
+    #: Children running now.
+    active: int
+    #: Specs of type supervisor.
+    supervisors: int
+    #: Specs of type worker.
+    workers: int
+
+
+class _StartFailure:
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: BaseException) -> None:
+        self.reason = reason
+
+
+class _StartedProxy:
+    """Stands between a child and the real task status, to know whether it started."""
+
+    __slots__ = ("_real", "called")
+
+    def __init__(self, real: anyio.abc.TaskStatus[Any]) -> None:
+        self._real = real
+        self.called = False
+
+    def started(self, value: Any = None) -> None:
+        if self.called:
+            raise RuntimeError("task_status.started() called twice")
+        self.called = True
+        self._real.started(value)
+
+
+class _Instance:
+    __slots__ = ("child", "context", "done", "handled", "ref", "scope", "stopping")
+
+    def __init__(self, child: _Child) -> None:
+        self.child = child
+        self.context = ChildContext(child.key, child.spec.shutdown_seconds)
+        self.scope: anyio.CancelScope | None = None
+        self.done = anyio.Event()
+        self.ref: Any = None
+        self.stopping = False
+        self.handled = False
+
+
+class _Child:
+    __slots__ = ("args", "instance", "key", "spec")
+
+    def __init__(self, key: Hashable, spec: ChildSpec, args: tuple[Any, ...]) -> None:
+        self.key = key
+        self.spec = spec
+        self.args = args
+        self.instance: _Instance | None = None
+
+
+@attrs.frozen
+class _Exit:
+    instance: _Instance
+    reason: BaseException | None
+
+
+class _Reply:
+    __slots__ = ("_error", "_event", "_value")
+
+    def __init__(self) -> None:
+        self._event = anyio.Event()
+        self._value: Any = None
+        self._error: BaseException | None = None
+
+    def set(self, value: Any) -> None:
+        self._value = value
+        self._event.set()
+
+    def fail(self, error: BaseException) -> None:
+        self._error = error
+        self._event.set()
+
+    async def wait(self) -> Any:
+        await self._event.wait()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+@attrs.frozen
+class _Request:
+    operation: Callable[..., Any]
+    args: tuple[Any, ...]
+    reply: _Reply
+
+
+class _StopRequest:
+    pass
+
+
+class _GiveUp(Exception):
+    def __init__(self, child_id: object, reason: BaseException | None) -> None:
+        self.child_id = child_id
+        self.reason = reason
+
+
+class _AutoShutdownNow(Exception):
+    pass
+
+
+def _single(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one exception inside nested single-member groups, else the group itself."""
+    inner: BaseException = group
+    while isinstance(inner, BaseExceptionGroup) and len(inner.exceptions) == 1:
+        inner = inner.exceptions[0]
+    return inner
+
+
+def _is_abnormal(reason: BaseException | None) -> bool:
+    return reason is not None and not isinstance(reason, Shutdown)
+
+
+class Supervisor:
+    """An OTP-style supervisor on anyio.
+
+    Example::
+
+        supervisor = Supervisor(
+            [ChildSpec(id="db", start=db_pool), ChildSpec(id="api", start=api_server)],
+            strategy=Strategy.REST_FOR_ONE,
+            intensity=3,
+            period=10,
+        )
+        async with anyio.create_task_group() as tg:
+            await tg.start(supervisor.run)  # returns once every child is ready
+            ...
+            await supervisor.stop()
+
+    ``intensity`` restarts within ``period`` seconds are allowed, counted
+    across all children; one more and the supervisor stops every child and
+    :meth:`run` raises :class:`RestartIntensityExceeded`. With
+    ``Strategy.SIMPLE_ONE_FOR_ONE`` the one spec given is a template and
+    children are started with :meth:`start_child`. ``name`` registers the
+    supervisor (see :func:`whereis`) and labels its log reports. ``clock``
+    replaces :func:`anyio.current_time` for the intensity window (for tests).
+    """
+
+    def __init__(
+        self,
+        children: Iterable[ChildSpec] = (),
+        *,
+        strategy: Strategy | str = Strategy.ONE_FOR_ONE,
+        intensity: int = 1,
+        period: float = 5.0,
+        auto_shutdown: AutoShutdown | str = AutoShutdown.NEVER,
+        name: str | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        label = f"supervisor {name!r}" if name else "supervisor"
+        try:
+            self.strategy = Strategy(strategy)
+        except ValueError:
+            allowed = ", ".join(repr(s.value) for s in Strategy)
+            raise ValueError(f"{label}: 'strategy' must be one of {allowed}, got {strategy!r}") from None
+        try:
+            self.auto_shutdown = AutoShutdown(auto_shutdown)
+        except ValueError:
+            allowed = ", ".join(repr(s.value) for s in AutoShutdown)
+            raise ValueError(f"{label}: 'auto_shutdown' must be one of {allowed}, got {auto_shutdown!r}") from None
+        if isinstance(intensity, bool) or not isinstance(intensity, int) or intensity < 0:
+            raise ValueError(f"{label}: 'intensity' must be an int >= 0, got {intensity!r}")
+        if isinstance(period, bool) or not isinstance(period, int | float) or not period > 0:
+            raise ValueError(f"{label}: 'period' must be a number of seconds > 0, got {period!r}")
+        specs = tuple(children)
+        for spec in specs:
+            if not isinstance(spec, ChildSpec):
+                raise TypeError(f"{label}: children must be ChildSpec instances, got {spec!r}")
+        seen: set[Hashable] = set()
+        for spec in specs:
+            if spec.id in seen:
+                raise ValueError(f"{label}: duplicate child id {spec.id!r}")
+            seen.add(spec.id)
+        if self.strategy is Strategy.SIMPLE_ONE_FOR_ONE and len(specs) != 1:
+            raise ValueError(f"{label}: a simple_one_for_one supervisor takes exactly one child spec (the template)")
+        self.intensity = intensity
+        self.period = float(period)
+        self.name = name
+        self.specs: tuple[ChildSpec, ...] = specs
+        self._clock = clock or anyio.current_time
+        self._children: dict[Hashable, _Child] = {}
+        self._restarts: collections.deque[float] = collections.deque()
+        self._restart_count = 0
+        self._keys = itertools.count(1)
+        self._running = False
+        self._stopped = anyio.Event()
+        self._children_tg: anyio.abc.TaskGroup | None = None
+        self._host_release: anyio.Event | None = None
+        self._send: MemoryObjectSendStream[Any] | None = None
+
+    def __repr__(self) -> str:
+        return f"<Supervisor {self.label} {self.strategy.value}>"
+
+    @property
+    def label(self) -> str:
+        """The name used in log reports and errors."""
+        return repr(self.name) if self.name else f"at 0x{id(self):x}"
+
+    @property
+    def is_running(self) -> bool:
+        """Whether :meth:`run` is running and accepting requests."""
+        return self._running
+
+    @property
+    def restart_count(self) -> int:
+        """How many restarts this supervisor has made since :meth:`run` began."""
+        return self._restart_count
+
+    def child_spec(
+        self,
+        id: Hashable | None = None,
+        *,
+        restart: Restart | str = Restart.PERMANENT,
+        shutdown: ShutdownValue = INFINITY,
+        significant: bool = False,
+    ) -> ChildSpec:
+        """A spec that runs this supervisor as a child of another one.
+
+        A restart runs it again from its static child specs, as in OTP.
+        """
+        return ChildSpec(
+            id=id if id is not None else (self.name or "supervisor"),
+            start=self.run,
+            restart=restart,
+            type=ChildType.SUPERVISOR,
+            shutdown=shutdown,
+            significant=significant,
+        )
+
+    # ----------------------------------------------------------------- running
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[Supervisor]:
+        """Run the supervisor for the duration of an ``async with`` block.
+
+        Entering returns once every child is ready (or raises
+        :class:`ChildStartError`); leaving stops the children in reverse start
+        order. If the supervisor gives up while the block runs, the block is
+        cancelled and :class:`RestartIntensityExceeded` is raised from the
+        ``async with``, not wrapped in an exception group::
+
+            async with Supervisor(specs).running() as supervisor:
+                ...
+        """
+        try:
+            async with anyio.create_task_group() as tg:
+                await tg.start(self.run)
+                try:
+                    yield self
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await self.stop()
+        except BaseExceptionGroup as group:
+            raise _single(group) from None
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[Supervisor] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Start every child in order, report ready, then supervise until stopped.
+
+        Returns when :meth:`stop` is called or a significant child ends the
+        supervisor (``auto_shutdown``). Raises :class:`ChildStartError` when a
+        child fails to start (the children already started are stopped first)
+        and :class:`RestartIntensityExceeded` when it gives up.
+        """
+        if self._running:
+            raise RuntimeError(f"supervisor {self.label} is already running")
+        self._reset()
+        send, receive = anyio.create_memory_object_stream[Any](math.inf)
+        self._send = send
+        error: BaseException | None = None
+        registered = False
+        async with anyio.create_task_group() as tg:
+            await tg.start(self._host)
+            try:
+                if self.name is not None:
+                    register(self.name, self)
+                    registered = True
+                self._running = True
+                await self._start_static_children()
+                task_status.started(self)
+                await self._loop(receive)
+            except _GiveUp as give_up:
+                logger.error(
+                    "supervisor %s gave up: restart intensity %d in %gs exceeded; last child to fail was %r",
+                    self.label,
+                    self.intensity,
+                    self.period,
+                    give_up.child_id,
+                )
+                error = RestartIntensityExceeded(self.label, give_up.child_id, give_up.reason)
+            except ChildStartError as start_error:
+                error = start_error
+            finally:
+                self._running = False
+                with cleanup_scope():
+                    await self._terminate_all()
+                assert self._host_release is not None
+                self._host_release.set()
+                send.close()
+                self._fail_pending(receive)
+                receive.close()
+                if registered and self.name is not None:
+                    unregister(self.name)
+                self._stopped.set()
+        if error is not None:
+            raise error
+
+    async def stop(self) -> None:
+        """Stop every child in reverse start order and end :meth:`run` normally."""
+        if not self._running or self._send is None:
+            return
+        stopped = self._stopped
+        with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
+            self._send.send_nowait(_StopRequest())
+        await stopped.wait()
+
+    def _reset(self) -> None:
+        self._children = {spec.id: _Child(spec.id, spec, spec.args) for spec in self.specs}
+        if self.strategy is Strategy.SIMPLE_ONE_FOR_ONE:
+            self._children = {}
+        self._restarts.clear()
+        self._restart_count = 0
+        self._stopped = anyio.Event()
+        self._host_release = anyio.Event()
+
+    async def _host(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        assert self._host_release is not None
+        release = self._host_release
+        with anyio.CancelScope(shield=True):
+            async with anyio.create_task_group() as tg:
+                self._children_tg = tg
+                task_status.started()
+                await release.wait()
+        self._children_tg = None
+
+    async def _loop(self, receive: MemoryObjectReceiveStream[Any]) -> None:
+        async for message in receive:
+            if isinstance(message, _Exit):
+                try:
+                    await self._handle_exit(message.instance, message.reason)
+                except _AutoShutdownNow:
+                    logger.debug("supervisor %s shutting down: significant child ended", self.label)
+                    return
+            elif isinstance(message, _Request):
+                try:
+                    value = await message.operation(*message.args)
+                except (SupervisorError, TypeError) as error:
+                    message.reply.fail(error)
+                else:
+                    message.reply.set(value)
+            elif isinstance(message, _StopRequest):
+                return
+
+    def _fail_pending(self, receive: MemoryObjectReceiveStream[Any]) -> None:
+        while True:
+            try:
+                message = receive.receive_nowait()
+            except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+                return
+            if isinstance(message, _Request):
+                message.reply.fail(NotRunning(f"supervisor {self.label} is not running"))
+
+    # ----------------------------------------------------------- child starts
+
+    async def _run_instance(self, instance: _Instance, *, task_status: anyio.abc.TaskStatus[Any]) -> None:
+        _set_current(instance.context)
+        child = instance.child
+        proxy = _StartedProxy(task_status)
+        reason: BaseException | None = None
+        try:
+            with anyio.CancelScope() as scope:
+                instance.scope = scope
+                try:
+                    await child.spec.start(*child.args, task_status=proxy)
+                except Exception as exc:
+                    reason = exc
+            if not proxy.called:
+                if reason is None:
+                    reason = RuntimeError("the child returned without calling task_status.started()")
+                task_status.started(_StartFailure(reason))
+                return
+            if not instance.stopping and self._send is not None:
+                with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
+                    self._send.send_nowait(_Exit(instance, reason))
+        finally:
+            instance.done.set()
+
+    async def _start(self, child: _Child) -> Any:
+        assert self._children_tg is not None
+        instance = _Instance(child)
+        child.instance = instance
+        result = await self._children_tg.start(self._run_instance, instance)
+        if isinstance(result, _StartFailure):
+            instance.handled = True
+            child.instance = None
+            logger.error(
+                "child %r of supervisor %s failed to start: %r",
+                child.key,
+                self.label,
+                result.reason,
+                exc_info=result.reason,
+            )
+            raise ChildStartError(child.key, result.reason)
+        instance.ref = result
+        return result
+
+    async def _start_static_children(self) -> None:
+        started: list[_Child] = []
+        for child in list(self._children.values()):
+            try:
+                await self._start(child)
+            except ChildStartError:
+                for done in reversed(started):
+                    await self._terminate(done)
+                raise
+            started.append(child)
+
+    # ----------------------------------------------------------- child stops
+
+    async def _terminate(self, child: _Child) -> None:
+        instance = child.instance
+        if instance is None:
+            return
+        instance.stopping = True
+        instance.handled = True
+        if not instance.done.is_set():
+            if instance.context.stop_deadline is None:
+                instance.context.stop_deadline = anyio.current_time() + child.spec.shutdown_seconds
+            assert instance.scope is not None
+            instance.scope.cancel()
+            await instance.done.wait()
+        if child.instance is instance:
+            child.instance = None
+
+    async def _terminate_all(self) -> None:
+        for child in reversed(list(self._children.values())):
+            await self._terminate(child)
+
+    # ------------------------------------------------------------- restarts
+
+    async def _handle_exit(self, instance: _Instance, reason: BaseException | None) -> None:
+        child = instance.child
+        if instance.handled or child.instance is not instance:
+            return
+        instance.handled = True
+        child.instance = None
+        abnormal = _is_abnormal(reason)
+        if abnormal:
+            logger.error(
+                "child %r of supervisor %s crashed: %r",
+                child.key,
+                self.label,
+                reason,
+                exc_info=reason,
+            )
+        else:
+            logger.debug("child %r of supervisor %s exited normally", child.key, self.label)
+        restart = child.spec.restart
+        if restart is Restart.PERMANENT or (restart is Restart.TRANSIENT and abnormal):
+            await self._restart(child, reason)
+            return
+        if restart is Restart.TEMPORARY or self.strategy is Strategy.SIMPLE_ONE_FOR_ONE:
+            self._children.pop(child.key, None)
+        if child.spec.significant:
+            self._check_auto_shutdown()
+
+    def _check_auto_shutdown(self) -> None:
+        if self.auto_shutdown is AutoShutdown.ANY_SIGNIFICANT:
+            raise _AutoShutdownNow()
+        if self.auto_shutdown is AutoShutdown.ALL_SIGNIFICANT and not any(
+            c.spec.significant and c.instance is not None for c in self._children.values()
+        ):
+            raise _AutoShutdownNow()
+
+    def _add_restart(self, child_id: object, reason: BaseException | None) -> None:
+        now = self._clock()
+        restarts = self._restarts
+        restarts.append(now)
+        while restarts and now - restarts[0] >= self.period:
+            restarts.popleft()
+        if len(restarts) > self.intensity:
+            raise _GiveUp(child_id, reason)
+
+    async def _restart(self, child: _Child, reason: BaseException | None) -> None:
+        if self.strategy in (Strategy.ONE_FOR_ONE, Strategy.SIMPLE_ONE_FOR_ONE):
+            group = [child]
+        else:
+            order = list(self._children.values())
+            index = order.index(child)
+            others = order if self.strategy is Strategy.ONE_FOR_ALL else order[index + 1 :]
+            group = []
+            for sibling in reversed(others):
+                if sibling is child:
+                    continue
+                was_running = sibling.instance is not None
+                await self._terminate(sibling)
+                if sibling.spec.restart is Restart.TEMPORARY:
+                    self._children.pop(sibling.key, None)
+                elif was_running:
+                    group.append(sibling)
+            group.append(child)
+            group.sort(key=order.index)
+        failed_id: object = child.key
+        while True:
+            self._add_restart(failed_id, reason)
+            self._restart_count += 1
+            try:
+                await self._start_group(group)
+            except ChildStartError as error:
+                failed_id, reason = error.child_id, error.reason
+                continue
+            logger.info(
+                "supervisor %s restarted %s after %r",
+                self.label,
+                ", ".join(repr(c.key) for c in group),
+                reason,
+            )
+            return
+
+    async def _start_group(self, group: list[_Child]) -> None:
+        started: list[_Child] = []
+        for child in group:
+            try:
+                await self._start(child)
+            except ChildStartError:
+                for done in reversed(started):
+                    await self._terminate(done)
+                raise
+            started.append(child)
+
+    # ------------------------------------------------------------ dynamic API
+
+    async def _request(self, operation: Callable[..., Any], *args: Any) -> Any:
+        send = self._send
+        if not self._running or send is None:
+            raise NotRunning(f"supervisor {self.label} is not running")
+        reply = _Reply()
+        try:
+            send.send_nowait(_Request(operation, args, reply))
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            raise NotRunning(f"supervisor {self.label} is not running") from None
+        return await reply.wait()
+
+    async def start_child(self, *args: Any) -> Any:
+        """Start a new child and return its ref once it is ready.
+
+        For a static supervisor pass one :class:`ChildSpec`; it is added after
+        the existing children. For a simple_one_for_one supervisor pass extra
+        positional arguments, appended to the template's ``args``. Raises
+        :class:`ChildAlreadyStarted`, :class:`ChildAlreadyPresent` or
+        :class:`ChildStartError`.
+        """
+        return await self._request(self._start_child, args)
+
+    async def terminate_child(self, child_id: object) -> None:
+        """Stop a running child (its spec is kept unless it is temporary or dynamic).
+
+        For a simple_one_for_one supervisor ``child_id`` is the child's id or
+        its ref. Raises :class:`ChildNotFound`.
+        """
+        await self._request(self._terminate_child, child_id)
+
+    async def restart_child(self, child_id: Hashable) -> Any:
+        """Start again a stopped child whose spec is kept; return its new ref.
+
+        Raises :class:`ChildNotFound`, :class:`ChildRunning` or
+        :class:`ChildStartError`; not available for simple_one_for_one.
+        """
+        return await self._request(self._restart_child, child_id)
+
+    async def delete_child(self, child_id: Hashable) -> None:
+        """Forget the spec of a stopped child.
+
+        Raises :class:`ChildNotFound` or :class:`ChildRunning`; not available
+        for simple_one_for_one.
+        """
+        await self._request(self._delete_child, child_id)
+
+    def which_children(self) -> list[ChildInfo]:
+        """Every child the supervisor knows, in start order."""
+        return [
+            ChildInfo(
+                id=child.key,
+                ref=child.instance.ref if child.instance is not None else None,
+                running=child.instance is not None,
+                type=child.spec.type,
+                restart=child.spec.restart,
+            )
+            for child in self._children.values()
+        ]
+
+    def count_children(self) -> ChildCounts:
+        """How many specs, running children, supervisors and workers there are."""
+        children = self._children.values()
+        supervisors = sum(1 for c in children if c.spec.type is ChildType.SUPERVISOR)
+        return ChildCounts(
+            specs=len(self._children),
+            active=sum(1 for c in children if c.instance is not None),
+            supervisors=supervisors,
+            workers=len(self._children) - supervisors,
+        )
+
+    def _find(self, child_id: object) -> _Child:
+        with contextlib.suppress(KeyError, TypeError):
+            return self._children[child_id]
+        if self.strategy is Strategy.SIMPLE_ONE_FOR_ONE:
+            for child in self._children.values():
+                if child.instance is not None and child.instance.ref is child_id:
+                    return child
+        raise ChildNotFound(child_id)
+
+    def _no_dynamic(self, operation: str) -> None:
+        if self.strategy is Strategy.SIMPLE_ONE_FOR_ONE:
+            raise SupervisorError(f"{operation} is not available on the simple_one_for_one supervisor {self.label}")
+
+    async def _start_child(self, args: tuple[Any, ...]) -> Any:
+        if self.strategy is Strategy.SIMPLE_ONE_FOR_ONE:
+            template = self.specs[0]
+            child = _Child(next(self._keys), template, template.args + args)
+        else:
+            if len(args) != 1 or not isinstance(args[0], ChildSpec):
+                raise TypeError("start_child on a static supervisor takes one ChildSpec")
+            spec: ChildSpec = args[0]
+            existing = self._children.get(spec.id)
+            if existing is not None:
+                if existing.instance is not None:
+                    raise ChildAlreadyStarted(spec.id, existing.instance.ref)
+                raise ChildAlreadyPresent(spec.id)
+            child = _Child(spec.id, spec, spec.args)
+        self._children[child.key] = child
+        try:
+            return await self._start(child)
+        except ChildStartError:
+            self._children.pop(child.key, None)
+            raise
+
+    async def _terminate_child(self, child_id: object) -> None:
+        child = self._find(child_id)
+        await self._terminate(child)
+        if child.spec.restart is Restart.TEMPORARY or self.strategy is Strategy.SIMPLE_ONE_FOR_ONE:
+            self._children.pop(child.key, None)
+
+    async def _restart_child(self, child_id: Hashable) -> Any:
+        self._no_dynamic("restart_child")
+        child = self._find(child_id)
+        if child.instance is not None:
+            raise ChildRunning(child_id)
+        return await self._start(child)
+
+    async def _delete_child(self, child_id: Hashable) -> None:
+        self._no_dynamic("delete_child")
+        child = self._find(child_id)
+        if child.instance is not None:
+            raise ChildRunning(child_id)
+        del self._children[child.key]
