@@ -320,22 +320,23 @@ class GenServer:
             if name is not None:
                 unregister(name)
             send.close()
-            error = NotRunning(f"{ref!r} exited: {reason!r}" if reason else f"{ref!r} exited")
-            for caller in list(pending):
-                caller._fail(error)
-            while True:
-                try:
-                    message = receive.receive_nowait()
-                except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
-                    break
-                if isinstance(message, _Call):
-                    message.caller._fail(error)
-            receive.close()
             try:
                 if initialised:
                     with cleanup_scope():
                         await _maybe_await(self.terminate(reason))
             finally:
+                # Callers learn of the exit only once terminate has run, as in OTP.
+                error = NotRunning(f"{ref!r} exited: {reason!r}" if reason else f"{ref!r} exited")
+                for caller in list(pending):
+                    caller._fail(error)
+                while True:
+                    try:
+                        message = receive.receive_nowait()
+                    except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+                        break
+                    if isinstance(message, _Call):
+                        message.caller._fail(error)
+                receive.close()
                 ref._done.set()
         if reason is not None:
             raise reason

@@ -188,6 +188,10 @@ class _AutoShutdownNow(Exception):
     pass
 
 
+async def _noop() -> None:
+    return None
+
+
 def _single(group: BaseExceptionGroup[BaseException]) -> BaseException:
     """The one exception inside nested single-member groups, else the group itself."""
     inner: BaseException = group
@@ -663,6 +667,14 @@ class Supervisor:
         for simple_one_for_one.
         """
         await self._request(self._delete_child, child_id)
+
+    async def settle(self) -> None:
+        """Wait until every message already in the supervisor's mailbox has been handled.
+
+        Exits reported before this call (and the restarts they cause) are
+        done when it returns; useful in tests, as ``sys:get_state`` is in OTP.
+        """
+        await self._request(_noop)
 
     def which_children(self) -> list[ChildInfo]:
         """Every child the supervisor knows, in start order."""
