@@ -1,9 +1,28 @@
 """pywsserver: a WebSocket server framework built like an Erlang/OTP application.
 
-This module is the public API. The supervision core is also available on its
-own as :mod:`pywsserver.supervision`.
+This module is the public API: ``start_link(options)`` and its siblings, the
+handler contract's messages and results, ``send``/``ping``/``close``, and the
+supervision API (also available on its own as :mod:`pywsserver.supervision`).
+Protocol modules live in :mod:`pywsserver.protocols`.
 """
 
+from ._errors import ConnectionClosed, OptionError, ServerStartError
+from ._messages import (
+    Close,
+    ConnectionClose,
+    HandlerResult,
+    InvalidHandlerResult,
+    NoReply,
+    Ping,
+    Pong,
+    Reply,
+    SendPing,
+    SendPong,
+    normalize_result,
+)
+from ._server import Server, run, serve, server_child_spec, start_link, stop
+from ._worker import Worker, WorkerState, close, ping, send
+from .protocols import ConnectionInfo, Headers
 from .supervision import (
     BRUTAL_KILL,
     INFINITY,
@@ -41,6 +60,33 @@ from .supervision import (
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "Close",
+    "ConnectionClose",
+    "ConnectionClosed",
+    "ConnectionInfo",
+    "HandlerResult",
+    "Headers",
+    "InvalidHandlerResult",
+    "NoReply",
+    "OptionError",
+    "Ping",
+    "Pong",
+    "Reply",
+    "SendPing",
+    "SendPong",
+    "Server",
+    "ServerStartError",
+    "Worker",
+    "WorkerState",
+    "close",
+    "normalize_result",
+    "ping",
+    "run",
+    "send",
+    "serve",
+    "server_child_spec",
+    "start_link",
+    "stop",
     "BRUTAL_KILL",
     "INFINITY",
     "NO_REPLY",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable, Iterable
 from typing import Any, Literal, TypeAlias
 
 import attrs
@@ -122,6 +122,10 @@ def _to_enum(kind: type[enum.Enum], value: Any) -> Any:
         return value  # left for the validator, which names the child
 
 
+def _to_args(value: Iterable[Any]) -> tuple[Any, ...]:
+    return tuple(value)
+
+
 def _to_restart(value: Any) -> Any:
     return _to_enum(Restart, value)
 
@@ -166,7 +170,7 @@ class ChildSpec:
     #: ``async start(*args, task_status=...)``; calls ``task_status.started(ref)``.
     start: StartFunction = attrs.field(validator=_check_start)
     #: Positional arguments passed to ``start``.
-    args: tuple[Any, ...] = attrs.field(default=(), converter=tuple)
+    args: tuple[Any, ...] = attrs.field(default=(), converter=_to_args)
     #: When the child is restarted.
     restart: Restart = attrs.field(
         default=Restart.PERMANENT,

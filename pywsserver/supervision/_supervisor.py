@@ -509,23 +509,34 @@ class Supervisor:
 
     # ----------------------------------------------------------- child stops
 
-    async def _terminate(self, child: _Child) -> None:
+    def _ask_to_stop(self, child: _Child) -> None:
         instance = child.instance
-        if instance is None:
+        if instance is None or instance.stopping:
             return
         instance.stopping = True
         instance.handled = True
         if not instance.done.is_set():
-            if instance.context.stop_deadline is None:
-                instance.context.stop_deadline = anyio.current_time() + child.spec.shutdown_seconds
+            instance.context.stop_deadline = anyio.current_time() + child.spec.shutdown_seconds
             assert instance.scope is not None
             instance.scope.cancel()
-            await instance.done.wait()
+
+    async def _terminate(self, child: _Child) -> None:
+        instance = child.instance
+        if instance is None:
+            return
+        self._ask_to_stop(child)
+        await instance.done.wait()
         if child.instance is instance:
             child.instance = None
 
     async def _terminate_all(self) -> None:
-        for child in reversed(list(self._children.values())):
+        children = list(self._children.values())
+        if self.strategy is Strategy.SIMPLE_ONE_FOR_ONE:
+            # As in OTP, the children of a dynamic supervisor are all asked at
+            # once, then waited for: their order means nothing.
+            for child in children:
+                self._ask_to_stop(child)
+        for child in reversed(children):
             await self._terminate(child)
 
     # ------------------------------------------------------------- restarts

@@ -1,0 +1,64 @@
+"""The command line: ``python -m pywsserver`` / ``pywsserver`` runs a server until Ctrl+C."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from ._errors import OptionError, ServerStartError
+from ._server import run
+from .supervision import RestartIntensityExceeded
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pywsserver",
+        description="Run a pywsserver WebSocket server (the built-in echo handler by default).",
+    )
+    parser.add_argument(
+        "--handler",
+        default="pywsserver.echo",
+        help="the handler module: package.module or package.module:attr (default: pywsserver.echo)",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8080, help="TCP port (default: 8080; 0 picks a free port)")
+    parser.add_argument("--workers", type=int, default=10, help="acceptors accepting in parallel (default: 10)")
+    parser.add_argument(
+        "--max-connections", type=int, default=10000, help="connections served at once (default: 10000)"
+    )
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"], help="default: info"
+    )
+    parser.add_argument("--backend", default="asyncio", choices=["asyncio", "trio"], help="default: asyncio")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the command line, run the server, return the exit status."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    options = [
+        ("host", args.host),
+        ("port", args.port),
+        ("number_of_workers", args.workers),
+        ("max_connections", args.max_connections),
+        ("worker_options", [("protocol_modules", [("websocket", [("handler_module", args.handler)])])]),
+    ]
+    try:
+        run(options, backend=args.backend)
+    except (OptionError, ServerStartError) as error:
+        print(f"pywsserver: {error}", file=sys.stderr)
+        return 2
+    except RestartIntensityExceeded as error:
+        print(f"pywsserver: the server gave up: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0

@@ -1,0 +1,201 @@
+"""The handler contract's values: the messages a handler receives and the results it returns.
+
+``handle(message, state)`` receives ``str`` (a text message), ``bytes`` (a
+binary message), :class:`Ping`, :class:`Pong` (control frames, when the
+``control_messages`` option is on) or, once, :class:`ConnectionClose`.
+
+It returns one of the shapes of the original wsserver, as a tuple that reads
+like the Erlang term or as one of the small result classes here:
+
+=================================  ===================================
+tuple                              class
+=================================  ===================================
+``("noreply", S)``                 ``NoReply(S)``
+``("reply", Data, S)``             ``Reply(Data, S)``
+``("ping", S)``                    ``SendPing(S)``
+``("ping", Data, S)``              ``SendPing(S, Data)``
+``("pong", S)``                    ``SendPong(S)``
+``("pong", Data, S)``              ``SendPong(S, Data)``
+``("close", S)``                   ``Close(S)``
+``("close", Status, Payload, S)``  ``Close(S, Status, Payload)``
+=================================  ===================================
+
+:func:`normalize_result` turns either form into the class, or raises
+:class:`InvalidHandlerResult` saying what was wrong.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeAlias
+
+import attrs
+
+__all__ = [
+    "Close",
+    "ConnectionClose",
+    "HandlerResult",
+    "InvalidHandlerResult",
+    "NoReply",
+    "Opened",
+    "Ping",
+    "Pong",
+    "Reply",
+    "SendPing",
+    "SendPong",
+    "normalize_result",
+    "valid_close_code",
+]
+
+
+# ---------------------------------------------------------------- messages
+
+
+@attrs.frozen
+class Ping:
+    """The peer sent a ping (the server has already answered it with a pong)."""
+
+    data: bytes = b""
+
+
+@attrs.frozen
+class Pong:
+    """The peer sent a pong."""
+
+    data: bytes = b""
+
+
+@attrs.frozen
+class ConnectionClose:
+    """The connection has closed; the handler is told exactly once, whatever the reason.
+
+    ``code`` is the close code received or sent (1006 when the connection was
+    lost without a closing handshake) and ``reason`` its text.
+    """
+
+    code: int = 1006
+    reason: str = ""
+
+
+@attrs.frozen
+class Opened:
+    """Asks the worker to run the handler's ``init`` with ``info`` (the connection's details)."""
+
+    info: dict[str, Any]
+
+
+# ----------------------------------------------------------------- results
+
+
+@attrs.frozen
+class NoReply:
+    """Send nothing; keep ``state``."""
+
+    state: Any
+
+
+@attrs.frozen
+class Reply:
+    """Send ``data`` (``str`` as text, ``bytes`` as binary); keep ``state``."""
+
+    data: str | bytes
+    state: Any
+
+
+@attrs.frozen
+class SendPing:
+    """Send a ping carrying ``data``."""
+
+    state: Any
+    data: bytes = b""
+
+
+@attrs.frozen
+class SendPong:
+    """Send an unsolicited pong carrying ``data``."""
+
+    state: Any
+    data: bytes = b""
+
+
+@attrs.frozen
+class Close:
+    """Close the connection with ``code`` and ``reason``, then stop the worker."""
+
+    state: Any
+    code: int = 1000
+    reason: str = ""
+
+
+HandlerResult: TypeAlias = NoReply | Reply | SendPing | SendPong | Close
+
+
+class InvalidHandlerResult(TypeError):
+    """A handler returned something that is not one of the allowed shapes."""
+
+
+_RESULT_TYPES = (NoReply, Reply, SendPing, SendPong, Close)
+_SHAPES = (
+    "('noreply', S), ('reply', Data, S), ('ping', S), ('ping', Data, S), ('pong', S), "
+    "('pong', Data, S), ('close', S), ('close', Status, Payload, S) or a result class"
+)
+
+
+def valid_close_code(code: object) -> bool:
+    """Whether ``code`` may be sent in a close frame (RFC 6455 section 7.4)."""
+    if not isinstance(code, int) or isinstance(code, bool):
+        return False
+    return code in (1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014) or 3000 <= code <= 4999
+
+
+def _control_payload(data: object, value: object) -> bytes:
+    if isinstance(data, bytes):
+        payload = data
+    elif isinstance(data, str):
+        payload = data.encode()
+    else:
+        raise InvalidHandlerResult(f"ping/pong data must be bytes or str, got {data!r} in {value!r}")
+    if len(payload) > 125:
+        raise InvalidHandlerResult(f"ping/pong data must be at most 125 bytes, got {len(payload)} in {value!r}")
+    return payload
+
+
+def normalize_result(value: object) -> HandlerResult:
+    """The result class for a handler's return value, or :class:`InvalidHandlerResult`."""
+    if isinstance(value, _RESULT_TYPES):
+        result = value
+    elif isinstance(value, tuple) and value and isinstance(value[0], str):
+        tag, size = value[0], len(value)
+        if tag == "noreply" and size == 2:
+            result = NoReply(value[1])
+        elif tag == "reply" and size == 3:
+            result = Reply(value[1], value[2])
+        elif tag == "ping" and size in (2, 3):
+            result = SendPing(value[-1], value[1] if size == 3 else b"")
+        elif tag == "pong" and size in (2, 3):
+            result = SendPong(value[-1], value[1] if size == 3 else b"")
+        elif tag == "close" and size == 2:
+            result = Close(value[1])
+        elif tag == "close" and size == 4:
+            payload = value[2]
+            if isinstance(payload, bytes):
+                try:
+                    payload = payload.decode()
+                except UnicodeDecodeError:
+                    raise InvalidHandlerResult(f"the close payload must be UTF-8, got {value!r}") from None
+            result = Close(value[3], value[1], payload)
+        else:
+            raise InvalidHandlerResult(f"expected {_SHAPES}, got {value!r}")
+    else:
+        raise InvalidHandlerResult(f"expected {_SHAPES}, got {value!r}")
+    if isinstance(result, Reply) and not isinstance(result.data, str | bytes):
+        raise InvalidHandlerResult(f"reply data must be str or bytes, got {result.data!r}")
+    if isinstance(result, SendPing | SendPong):
+        payload = _control_payload(result.data, value)
+        if payload is not result.data:
+            result = attrs.evolve(result, data=payload)
+    if isinstance(result, Close):
+        if not valid_close_code(result.code):
+            raise InvalidHandlerResult(f"close status must be a valid close code (1000-1014, 3000-4999), got {value!r}")
+        if not isinstance(result.reason, str) or len(result.reason.encode()) > 123:
+            raise InvalidHandlerResult(f"close payload must be a str of at most 123 bytes, got {value!r}")
+    return result

@@ -1,0 +1,102 @@
+"""Checks for nested options: every failure names the option's full path and what was expected.
+
+Options arrive as the original's proplists (lists of ``(key, value)`` pairs)
+or as dicts, nested. These helpers turn one level into a dict and check
+values; :mod:`._options` and each protocol module's ``parse_options`` use them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+__all__ = ["OptionError", "as_mapping", "check_bool", "check_number", "check_int", "resolve_object"]
+
+
+class OptionError(ValueError):
+    """An option is invalid; the message starts with the option's full path."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(f"{path}: {message}")
+        #: The option's full path, e.g. ``worker_options.protocol_modules.websocket.handler_module``.
+        self.path = path
+
+
+def join(path: str, key: str) -> str:
+    """``path.key``, or ``key`` at the top level."""
+    return f"{path}.{key}" if path else key
+
+
+def as_mapping(value: Any, path: str, allowed: Iterable[str] | None = None) -> dict[str, Any]:
+    """One level of options as a dict; pairs and dicts are accepted, unknown keys refused."""
+    label = path or "options"
+    if isinstance(value, Mapping):
+        items = list(value.items())
+    elif isinstance(value, list | tuple):
+        items = []
+        for item in value:
+            if not (isinstance(item, tuple | list) and len(item) == 2):
+                raise OptionError(label, f"expected (key, value) pairs or a dict, got the item {item!r}")
+            items.append((item[0], item[1]))
+    else:
+        raise OptionError(label, f"expected a list of (key, value) pairs or a dict, got {value!r}")
+    result: dict[str, Any] = {}
+    for key, item in items:
+        if not isinstance(key, str):
+            raise OptionError(label, f"option names must be str, got {key!r}")
+        if key in result:
+            raise OptionError(join(path, key), "given twice")
+        result[key] = item
+    if allowed is not None:
+        known = sorted(allowed)
+        for key in result:
+            if key not in known:
+                raise OptionError(join(path, key), f"unknown option; expected one of {', '.join(known)}")
+    return result
+
+
+def check_number(value: Any, path: str, *, minimum: float = 0.0, allow_none: bool = False) -> float | None:
+    """A number of seconds (or similar) >= ``minimum``; ``None`` allowed when ``allow_none``."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value) or value < minimum:
+        extra = " or None" if allow_none else ""
+        raise OptionError(path, f"expected a number >= {minimum:g}{extra}, got {value!r}")
+    return float(value)
+
+
+def check_int(value: Any, path: str, *, minimum: int = 0, maximum: int | None = None) -> int:
+    """An int within bounds."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum or (maximum and value > maximum):
+        bound = f" and <= {maximum}" if maximum else ""
+        raise OptionError(path, f"expected an int >= {minimum}{bound}, got {value!r}")
+    return value
+
+
+def check_bool(value: Any, path: str) -> bool:
+    """A bool."""
+    if not isinstance(value, bool):
+        raise OptionError(path, f"expected True or False, got {value!r}")
+    return value
+
+
+def resolve_object(reference: str, path: str) -> Any:
+    """Import ``"package.module:attr"``, ``"package.module.attr"`` or ``"package.module"``."""
+    module_name, _, attribute = reference.partition(":")
+    try:
+        if attribute:
+            target: Any = importlib.import_module(module_name)
+            for part in attribute.split("."):
+                target = getattr(target, part)
+            return target
+        try:
+            return importlib.import_module(module_name)
+        except ImportError:
+            parent, _, name = module_name.rpartition(".")
+            if not parent:
+                raise
+            return getattr(importlib.import_module(parent), name)
+    except (ImportError, AttributeError) as error:
+        raise OptionError(path, f"cannot import {reference!r}: {error}") from None

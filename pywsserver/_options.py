@@ -1,0 +1,205 @@
+"""Server options: the original's nested proplist, parsed once into frozen attrs classes.
+
+``start_link`` is the only place options are validated. Every error is an
+:class:`OptionError` naming the option's full path and what was expected, e.g.
+``worker_options.protocol_modules.websocket.handler_module: module 'x' has no
+function 'handle'``. Nothing here touches a socket.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+
+from ._handler import HandlerModule
+from ._optionkit import OptionError, as_mapping, check_int, check_number, join, resolve_object
+from .protocols import BUILTIN_MODULES, HTTPProtocol
+
+__all__ = ["ModuleConfig", "ServerOptions", "WorkerOptions", "parse_options"]
+
+_MODULE_METHODS = (
+    "start",
+    "data_received",
+    "eof_received",
+    "action",
+    "timer_expired",
+    "handler_returned",
+    "handler_failed",
+)
+
+
+@attrs.frozen
+class ModuleConfig:
+    """One configured protocol module: its class and its parsed options."""
+
+    #: The name other modules switch to it by.
+    name: str
+    #: The module class, built per connection as ``module(options, connection)``.
+    module: Any
+    #: What the module's ``parse_options`` returned.
+    options: Any
+    #: The handler module resolved from the options' ``handler_module``, if any.
+    handler: HandlerModule | None = None
+
+
+@attrs.frozen
+class WorkerOptions:
+    """``worker_options``: what every worker runs."""
+
+    #: The configured protocol modules by name (both the given key and the module's own name).
+    modules: Mapping[str, ModuleConfig]
+    #: The module a new connection starts with.
+    initial_module: str = "http"
+    #: How many actions (send/ping/close) may wait in a worker's mailbox.
+    mailbox_size: int = 64
+
+
+@attrs.frozen
+class ServerOptions:
+    """The whole server's options, as parsed by :func:`parse_options`."""
+
+    #: What workers run.
+    worker: WorkerOptions
+    #: The interface to listen on; ``None`` or ``"0.0.0.0"``/``"::"`` for all.
+    host: str | None = "127.0.0.1"
+    #: The TCP port; 0 picks a free one (see ``Server.port``).
+    port: int = 8080
+    #: The acceptor pool: how many connections are accepted in parallel.
+    number_of_workers: int = 10
+    #: The most connections served at once; at the bound, accepting pauses.
+    max_connections: int = 10000
+    #: The listening socket's backlog.
+    backlog: int = 1024
+    #: A name to find the server by (``whereis``).
+    register: str | None = None
+    #: Seconds connections get to finish their closing handshake when the server stops.
+    drain_timeout: float = 10.0
+
+
+_TOP_LEVEL = (
+    "port",
+    "host",
+    "number_of_workers",
+    "max_connections",
+    "backlog",
+    "register",
+    "drain_timeout",
+    "worker_options",
+)
+_WORKER_LEVEL = ("protocol_modules", "protocol_modules_options", "initial_module", "mailbox_size")
+
+
+def _resolve_module(key: Any, path: str) -> Any:
+    if isinstance(key, str):
+        module = BUILTIN_MODULES.get(key)
+        if module is None:
+            module = resolve_object(key, path)
+    else:
+        module = key
+    if not inspect.isclass(module):
+        raise OptionError(path, f"expected a protocol module class, a short name or a dotted path, got {module!r}")
+    for method in _MODULE_METHODS:
+        if not callable(getattr(module, method, None)):
+            raise OptionError(path, f"{module.__qualname__} is not a protocol module: it has no method {method!r}")
+    return module
+
+
+def _parse_module(key: Any, raw: Any, path: str) -> ModuleConfig:
+    module = _resolve_module(key, path)
+    parse = getattr(module, "parse_options", None)
+    options: Any = parse(raw, path) if parse is not None else as_mapping(raw, path)
+    handler = None
+    target = options.get("handler_module") if isinstance(options, Mapping) else getattr(options, "handler_module", None)
+    if target is not None:
+        handler = HandlerModule(target, join(path, "handler_module"))
+    name = key if isinstance(key, str) and key in BUILTIN_MODULES else getattr(module, "name", None)
+    if not isinstance(name, str):
+        name = key if isinstance(key, str) else module.__qualname__
+    return ModuleConfig(name=name, module=module, options=options, handler=handler)
+
+
+def _parse_worker(raw: Any, path: str) -> WorkerOptions:
+    options = as_mapping(raw, path, allowed=_WORKER_LEVEL)
+    if "protocol_modules" in options and "protocol_modules_options" in options:
+        raise OptionError(join(path, "protocol_modules"), "give protocol_modules or protocol_modules_options, not both")
+    key = "protocol_modules" if "protocol_modules" in options else "protocol_modules_options"
+    modules_path = join(path, key)
+    if key not in options:
+        raise OptionError(join(path, "protocol_modules"), "required: at least ('websocket', [('handler_module', ...)])")
+    raw_modules = options[key]
+    entries: list[tuple[Any, Any]]
+    if isinstance(raw_modules, Mapping):
+        entries = list(raw_modules.items())
+    elif isinstance(raw_modules, list | tuple):
+        entries = []
+        for item in raw_modules:
+            if isinstance(item, tuple | list) and len(item) == 2:
+                entries.append((item[0], item[1]))
+            elif isinstance(item, str) or inspect.isclass(item):
+                entries.append((item, []))
+            else:
+                raise OptionError(modules_path, f"expected (module, options) pairs, got the item {item!r}")
+    else:
+        raise OptionError(modules_path, f"expected a list of (module, options) pairs or a dict, got {raw_modules!r}")
+    modules: dict[str, ModuleConfig] = {}
+    for module_key, module_options in entries:
+        label = module_key if isinstance(module_key, str) else getattr(module_key, "name", repr(module_key))
+        config = _parse_module(module_key, module_options, join(modules_path, str(label)))
+        for name in {config.name, str(label)}:
+            if name in modules:
+                raise OptionError(join(modules_path, name), "configured twice")
+            modules[name] = config
+    initial = options.get("initial_module", "http")
+    if not isinstance(initial, str):
+        raise OptionError(join(path, "initial_module"), f"expected a protocol module name, got {initial!r}")
+    if initial == "http" and "http" not in modules:
+        modules["http"] = ModuleConfig("http", HTTPProtocol, HTTPProtocol.parse_options([], join(modules_path, "http")))
+    if initial not in modules:
+        raise OptionError(join(path, "initial_module"), f"no protocol module named {initial!r} is configured")
+    for name, config in modules.items():
+        target = getattr(config.options, "upgrade_to", None)
+        if isinstance(target, str) and target not in modules:
+            if target == "websocket":
+                raise OptionError(
+                    join(join(modules_path, "websocket"), "handler_module"),
+                    "required: configure ('websocket', [('handler_module', your_handler)])",
+                )
+            raise OptionError(join(join(modules_path, name), "upgrade_to"), f"no protocol module named {target!r}")
+    mailbox_size = check_int(options.get("mailbox_size", 64), join(path, "mailbox_size"), minimum=1)
+    return WorkerOptions(modules=modules, initial_module=initial, mailbox_size=mailbox_size)
+
+
+def parse_options(raw: Any) -> ServerOptions:
+    """Parse and check the server's options (pairs or dicts, nested)."""
+    if isinstance(raw, ServerOptions):
+        return raw
+    options = as_mapping(raw, "", allowed=_TOP_LEVEL)
+    if "worker_options" not in options:
+        raise OptionError(
+            "worker_options", "required: [('protocol_modules', [('websocket', [('handler_module', ...)])])]"
+        )
+    fields: dict[str, Any] = {"worker": _parse_worker(options["worker_options"], "worker_options")}
+    if "host" in options:
+        host = options["host"]
+        if host is not None and (not isinstance(host, str) or not host):
+            raise OptionError("host", f"expected an interface name or address (str) or None, got {host!r}")
+        fields["host"] = host
+    if "port" in options:
+        fields["port"] = check_int(options["port"], "port", minimum=0, maximum=65535)
+    if "number_of_workers" in options:
+        fields["number_of_workers"] = check_int(options["number_of_workers"], "number_of_workers", minimum=1)
+    if "max_connections" in options:
+        fields["max_connections"] = check_int(options["max_connections"], "max_connections", minimum=1)
+    if "backlog" in options:
+        fields["backlog"] = check_int(options["backlog"], "backlog", minimum=1)
+    if "register" in options:
+        name = options["register"]
+        if name is not None and (not isinstance(name, str) or not name):
+            raise OptionError("register", f"expected a non-empty str name or None, got {name!r}")
+        fields["register"] = name
+    if "drain_timeout" in options:
+        fields["drain_timeout"] = check_number(options["drain_timeout"], "drain_timeout")
+    return ServerOptions(**fields)

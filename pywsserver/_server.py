@@ -1,0 +1,312 @@
+"""The server tree: a supervisor over the worker supervisor, the listener and the acceptor pool.
+
+::
+
+    ServerSupervisor            rest_for_one
+    ├── WorkerSupervisor        simple_one_for_one; one temporary worker per connection
+    ├── Listener                owns the listening socket(s)
+    └── AcceptorSupervisor      one_for_one
+        └── Acceptor x N        accept, hand the connection to a new worker, loop
+
+The worker supervisor comes first so that a crashed listener is restarted
+together with the acceptors (rest_for_one) while the established connections
+keep working. Stopping the tree stops the acceptors, then closes the
+listening socket, then asks every worker at once to close with 1001 and
+waits up to ``drain_timeout`` for their closing handshakes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import signal
+from collections.abc import AsyncIterator, Hashable
+from typing import Any
+
+import anyio
+import anyio.abc
+from anyio.abc import SocketListener
+
+from ._errors import ServerStartError
+from ._options import ServerOptions, parse_options
+from ._worker import Worker
+from .supervision import (
+    INFINITY,
+    ChildSpec,
+    ChildStartError,
+    ChildType,
+    NotRunning,
+    Restart,
+    Strategy,
+    Supervisor,
+    register,
+    unregister,
+)
+
+__all__ = ["Server", "run", "serve", "server_child_spec", "start_link", "stop"]
+
+logger = logging.getLogger("pywsserver.server")
+
+#: Accept errors that mean "out of a resource for now": slow down, do not crash.
+_TRANSIENT_ACCEPT_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.ECONNABORTED}
+
+
+class ListenerFailed(Exception):
+    """An acceptor found the listening socket unusable; the listener child restarts."""
+
+
+class Server:
+    """The handle on a running server: its address, its tree, and ``stop``."""
+
+    def __init__(self, options: ServerOptions) -> None:
+        #: The parsed options.
+        self.options = options
+        #: The port actually listened on (useful with port 0); set once listening.
+        self.port: int = options.port
+        #: The ``(host, port)`` of each listening socket.
+        self.addresses: list[tuple[str, int]] = []
+        self._listeners: list[SocketListener] = []
+        self._accept_locks: list[anyio.Lock] = []
+        self._listener_broken = anyio.Event()
+        self._slots = anyio.Semaphore(options.max_connections)
+        #: The dynamic supervisor of the workers (``count_children().active`` is the live connections).
+        self.worker_supervisor = Supervisor(
+            [
+                ChildSpec(
+                    "worker",
+                    _run_worker,
+                    args=(self,),
+                    restart=Restart.TEMPORARY,
+                    shutdown=options.drain_timeout,
+                )
+            ],
+            strategy=Strategy.SIMPLE_ONE_FOR_ONE,
+            intensity=5,
+            period=10,
+            name=None,
+        )
+        acceptors = [
+            ChildSpec(("acceptor", i), _acceptor, args=(self, i), shutdown=1.0)
+            for i in range(options.number_of_workers)
+        ]
+        #: The supervisor of the acceptor pool.
+        self.acceptor_supervisor = Supervisor(acceptors, intensity=5, period=10)
+        #: The server's own supervisor (rest_for_one), the root of its tree.
+        self.supervisor = Supervisor(
+            [
+                self.worker_supervisor.child_spec("worker_supervisor"),
+                ChildSpec("listener", _listener, args=(self,), shutdown=1.0),
+                self.acceptor_supervisor.child_spec("acceptor_supervisor"),
+            ],
+            strategy=Strategy.REST_FOR_ONE,
+            intensity=3,
+            period=10,
+        )
+
+    def __repr__(self) -> str:
+        return f"<Server {self.addresses or self.options.port}>"
+
+    @property
+    def connections(self) -> int:
+        """How many connections are being served now."""
+        return self.worker_supervisor.count_children().active
+
+    def workers(self) -> list[Worker]:
+        """The workers of the live connections."""
+        return [child.ref for child in self.worker_supervisor.which_children() if child.running]
+
+    async def stop(self) -> None:
+        """Stop accepting, close every connection with 1001 (going away), wait, then cancel what is left."""
+        await self.supervisor.stop()
+
+
+async def stop(server: Server) -> None:
+    """Stop ``server`` (see :meth:`Server.stop`)."""
+    await server.stop()
+
+
+# ------------------------------------------------------------------ children
+
+
+async def _run_worker(
+    server: Server,
+    stream: anyio.abc.ByteStream,
+    *,
+    task_status: anyio.abc.TaskStatus[Worker],
+) -> None:
+    worker = Worker(server.options.worker, stream, server._slots.release)
+    await worker.run(task_status=task_status)
+
+
+async def _listener(server: Server, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+    options = server.options
+    host = options.host
+    if host in ("0.0.0.0", "::", ""):
+        host = None if host == "" else host
+    try:
+        multi = await anyio.create_tcp_listener(local_host=host, local_port=server.port, backlog=options.backlog)
+    except OSError as error:
+        raise ServerStartError(
+            f"cannot listen on {options.host or '*'}:{server.port}: {error.strerror or error}"
+        ) from error
+    listeners = list(multi.listeners)
+    try:
+        server._listeners = listeners  # type: ignore[assignment]
+        server._accept_locks = [anyio.Lock() for _ in listeners]
+        server._listener_broken = anyio.Event()
+        server.addresses = [_address(listener.extra(anyio.abc.SocketAttribute.local_address)) for listener in listeners]
+        server.port = server.addresses[0][1]
+        logger.info("listening on %s", ", ".join(f"{h}:{p}" for h, p in server.addresses))
+        task_status.started()
+        await server._listener_broken.wait()
+        raise ListenerFailed("the listening socket failed")
+    finally:
+        with anyio.CancelScope(shield=True):
+            await multi.aclose()
+
+
+def _address(raw: Any) -> tuple[str, int]:
+    return (str(raw[0]), int(raw[1]))
+
+
+async def _acceptor(server: Server, index: int, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+    listeners = server._listeners
+    listener = listeners[index % len(listeners)]
+    lock = server._accept_locks[index % len(listeners)]
+    backoff = 0.0
+    task_status.started()
+    while True:
+        await server._slots.acquire()
+        try:
+            async with lock:
+                stream = await listener.accept()
+        except OSError as error:
+            server._slots.release()
+            if error.errno in _TRANSIENT_ACCEPT_ERRORS:
+                backoff = min(max(backoff * 2, 0.05), 1.0)
+                logger.warning("accept failed (%s); retrying in %.2fs", error.strerror or error, backoff)
+                await anyio.sleep(backoff)
+                continue
+            server._listener_broken.set()
+            raise
+        except BaseException:
+            server._slots.release()
+            raise
+        backoff = 0.0
+        try:
+            await server.worker_supervisor.start_child(stream)
+        except BaseException as error:
+            server._slots.release()
+            with anyio.CancelScope(shield=True):
+                await stream.aclose()
+            if isinstance(error, NotRunning):
+                return
+            raise
+
+
+# --------------------------------------------------------------- public API
+
+
+class _ReportServer:
+    """Passes the :class:`Server` up where the supervisor reports itself."""
+
+    def __init__(self, real: anyio.abc.TaskStatus[Server], server: Server) -> None:
+        self._real = real
+        self._server = server
+
+    def started(self, value: Any = None) -> None:
+        self._real.started(self._server)
+
+
+async def serve(options: Any, *, task_status: anyio.abc.TaskStatus[Server] = anyio.TASK_STATUS_IGNORED) -> None:
+    """Run a server until it is stopped; report its :class:`Server` handle once listening.
+
+    This is the start function of :func:`server_child_spec`. A listener that
+    cannot bind raises :class:`ServerStartError`.
+    """
+    parsed = parse_options(options)
+    server = Server(parsed)
+    if parsed.register is not None:
+        register(parsed.register, server)
+    try:
+        await server.supervisor.run(task_status=_ReportServer(task_status, server))
+    except ChildStartError as error:
+        raise _start_error(error) from error
+    finally:
+        if parsed.register is not None:
+            unregister(parsed.register)
+
+
+def _start_error(error: ChildStartError) -> BaseException:
+    reason: BaseException = error
+    while isinstance(reason, ChildStartError):
+        reason = reason.reason
+    if isinstance(reason, ServerStartError):
+        return reason
+    return ServerStartError(f"the server failed to start: {reason!r}")
+
+
+def server_child_spec(
+    options: Any,
+    id: Hashable = "pywsserver",
+    *,
+    restart: Restart | str = Restart.PERMANENT,
+) -> ChildSpec:
+    """A child spec that runs the server inside your own supervision tree; its ref is the :class:`Server`.
+
+    The options are checked now, so a bad option fails here, not at start.
+    """
+    parsed = parse_options(options)
+    return ChildSpec(id, serve, args=(parsed,), restart=restart, type=ChildType.SUPERVISOR, shutdown=INFINITY)
+
+
+@contextlib.asynccontextmanager
+async def start_link(options: Any) -> AsyncIterator[Server]:
+    """Start a server for the duration of an ``async with`` block.
+
+    Example::
+
+        async with start_link([("port", 0), ("worker_options", [...])]) as server:
+            print(server.port)
+
+    Options are checked first (:class:`OptionError` naming the option's
+    path). Entering returns once the server listens; leaving stops it. If the
+    server's supervisor gives up while the block runs, the block is cancelled
+    and :class:`RestartIntensityExceeded` is raised.
+    """
+    parsed = parse_options(options)
+    try:
+        async with anyio.create_task_group() as tg:
+            server: Server = await tg.start(serve, parsed)
+            try:
+                yield server
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await server.stop()
+    except BaseExceptionGroup as group:
+        inner: BaseException = group
+        while isinstance(inner, BaseExceptionGroup) and len(inner.exceptions) == 1:
+            inner = inner.exceptions[0]
+        raise inner from None
+
+
+async def _run_until_signal(options: ServerOptions) -> None:
+    async with start_link(options) as server:
+        names = ", ".join(f"ws://{h}:{p}/" for h, p in server.addresses)
+        logger.info("serving on %s (Ctrl+C to stop)", names)
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for received in signals:
+                logger.info("received %s: stopping", signal.Signals(received).name)
+                break
+
+
+def run(options: Any, *, backend: str = "asyncio") -> None:
+    """Run a server until SIGINT or SIGTERM, then stop it gracefully (blocking; for scripts).
+
+    Raises :class:`OptionError` for bad options, :class:`ServerStartError`
+    when it cannot start, :class:`RestartIntensityExceeded` when its
+    supervisor gives up.
+    """
+    parsed = parse_options(options)
+    anyio.run(_run_until_signal, parsed, backend=backend)

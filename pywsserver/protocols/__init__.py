@@ -1,0 +1,59 @@
+"""Protocol modules: sans-I/O state machines a worker runs, one at a time, on its connection.
+
+The contract (what the worker calls, the effects a module returns, the
+actions from the mailbox) is in :mod:`pywsserver.protocols._contract` and
+documented in ``docs/protocol-modules.md``. The built-in modules are
+:class:`HTTPProtocol` (``"http"``, the opening handshake) and
+:class:`WebSocketProtocol` (``"websocket"``, RFC 6455 on wsproto).
+"""
+
+from ._contract import (
+    Action,
+    CloseAction,
+    CloseSocket,
+    ConnectionInfo,
+    Deliver,
+    Effect,
+    GoingAway,
+    Headers,
+    PingAction,
+    ProtocolModule,
+    ProtocolModuleType,
+    SendAction,
+    SetTimer,
+    Stop,
+    Switch,
+    Write,
+)
+from ._http import HTTPOptions, HTTPProtocol, Request, accept_key, parse_request_head
+from ._websocket import WebSocketOptions, WebSocketProtocol
+
+BUILTIN_MODULES: dict[str, type] = {"http": HTTPProtocol, "websocket": WebSocketProtocol}
+"""The protocol modules known by their short names."""
+
+__all__ = [
+    "BUILTIN_MODULES",
+    "Action",
+    "CloseAction",
+    "CloseSocket",
+    "ConnectionInfo",
+    "Deliver",
+    "Effect",
+    "GoingAway",
+    "HTTPOptions",
+    "HTTPProtocol",
+    "Headers",
+    "PingAction",
+    "ProtocolModule",
+    "ProtocolModuleType",
+    "Request",
+    "SendAction",
+    "SetTimer",
+    "Stop",
+    "Switch",
+    "WebSocketOptions",
+    "WebSocketProtocol",
+    "Write",
+    "accept_key",
+    "parse_request_head",
+]

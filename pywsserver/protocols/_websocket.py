@@ -1,0 +1,325 @@
+"""The WebSocket protocol module: frames in, complete messages to the handler, results out as frames.
+
+Theory of operation
+-------------------
+Built on wsproto's frame-level :class:`wsproto.connection.Connection`. The
+connection's life is four states; every transition is in this table and
+happens in one of the methods named:
+
+=============  =========================================  =============
+state          event                                      next state
+=============  =========================================  =============
+OPEN           peer's close frame reaches the handler     CLOSED (we echo it, close the socket)
+OPEN           handler result ``Close`` / ``close()``     LOCAL_CLOSING (close frame sent, timer)
+OPEN           protocol violation or message too big      CLOSED (close 1002/1007/1009 sent)
+OPEN           EOF without a close frame                  CLOSED (code 1006)
+LOCAL_CLOSING  peer's close frame                         CLOSED
+LOCAL_CLOSING  ``close`` timer expires, or EOF            CLOSED
+CLOSED         ``connection_close`` handled               (worker stops)
+=============  =========================================  =============
+
+Messages reach the handler one at a time and in order, through an inbox:
+each :class:`~pywsserver.protocols.Deliver` is answered by
+``handler_returned`` before the next one is emitted. Fragments are joined
+first; the size limit is checked as fragments (and partial frames) arrive,
+so memory stays near ``max_message_size`` whatever a frame announces. A
+peer's close frame waits in the inbox behind the messages that came before
+it, so those are delivered (and answered) before the close is echoed. Once
+CLOSED, the inbox holds only the :class:`~pywsserver.ConnectionClose` notice,
+after which the module asks the worker to stop.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import attrs
+from wsproto.connection import Connection, ConnectionState, ConnectionType
+from wsproto.events import (
+    BytesMessage,
+    CloseConnection,
+    Message,
+    TextMessage,
+)
+from wsproto.events import (
+    Ping as WsPing,
+)
+from wsproto.events import (
+    Pong as WsPong,
+)
+
+from .._messages import (
+    Close,
+    ConnectionClose,
+    NoReply,
+    Opened,
+    Ping,
+    Pong,
+    Reply,
+    SendPing,
+    SendPong,
+)
+from .._optionkit import OptionError, as_mapping, check_bool, check_int, check_number, join
+from ._contract import (
+    Action,
+    CloseAction,
+    CloseSocket,
+    ConnectionInfo,
+    Deliver,
+    Effect,
+    GoingAway,
+    PingAction,
+    SendAction,
+    SetTimer,
+    Stop,
+    Write,
+)
+
+__all__ = ["WebSocketOptions", "WebSocketProtocol"]
+
+
+class State(enum.Enum):
+    """The WebSocket connection's state (see the table in the module docstring)."""
+
+    OPEN = "open"
+    LOCAL_CLOSING = "local_closing"
+    CLOSED = "closed"
+
+
+@attrs.frozen
+class WebSocketOptions:
+    """Options of the WebSocket module (``protocol_modules.websocket``)."""
+
+    #: The handler module (resolved at ``start_link``).
+    handler_module: Any
+    #: Extra entries for the ``init`` options mapping.
+    handler_options: Mapping[str, Any] = attrs.field(factory=dict)
+    #: The largest message accepted, in bytes, after reassembly (1009 beyond).
+    max_message_size: int = 1024 * 1024
+    #: Seconds to wait for the peer's close frame after sending ours.
+    close_timeout: float = 10.0
+    #: Whether pings and pongs from the peer reach ``handle`` as ``Ping``/``Pong``.
+    control_messages: bool = True
+
+
+class _PeerClosed:
+    __slots__ = ("code", "reason")
+
+    def __init__(self, code: int, reason: str) -> None:
+        self.code = code
+        self.reason = reason
+
+
+def _text_size(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+class WebSocketProtocol:
+    """RFC 6455 after the handshake, as a protocol module."""
+
+    name: ClassVar[str] = "websocket"
+    handshake: ClassVar[bool] = False
+
+    @classmethod
+    def parse_options(cls, raw: Any, path: str) -> WebSocketOptions:
+        """Check the module's options; ``handler_module`` is resolved by the caller."""
+        options = as_mapping(
+            raw,
+            path,
+            allowed=("handler_module", "handler_options", "max_message_size", "close_timeout", "control_messages"),
+        )
+        if "handler_module" not in options:
+            raise OptionError(join(path, "handler_module"), "required: the module, class or instance handling messages")
+        fields: dict[str, Any] = {"handler_module": options["handler_module"]}
+        if "handler_options" in options:
+            fields["handler_options"] = as_mapping(options["handler_options"], join(path, "handler_options"))
+        if "max_message_size" in options:
+            fields["max_message_size"] = check_int(
+                options["max_message_size"], join(path, "max_message_size"), minimum=1
+            )
+        if "close_timeout" in options:
+            fields["close_timeout"] = check_number(options["close_timeout"], join(path, "close_timeout"))
+        if "control_messages" in options:
+            fields["control_messages"] = check_bool(options["control_messages"], join(path, "control_messages"))
+        return WebSocketOptions(**fields)
+
+    def __init__(self, options: WebSocketOptions, connection: ConnectionInfo) -> None:
+        self.options = options
+        self.connection = connection
+        self.state = State.OPEN
+        self._ws = Connection(ConnectionType.SERVER)
+        self._inbox: deque[Any] = deque()
+        self._awaiting: Any = None  # the message whose handler call is outstanding
+        self._parts: list[Any] = []
+        self._size = 0
+        self._close_code = 1006
+        self._close_reason = ""
+        self._notified = False
+
+    # ------------------------------------------------------------- inputs
+
+    def start(self, data: bytes, context: Mapping[str, Any]) -> list[Effect]:
+        """The handshake is done: have the handler's ``init`` run, then handle ``data``."""
+        request = context.get("request")
+        info: dict[str, Any] = {
+            "peer": self.connection.peer,
+            "local": self.connection.local,
+            "connection_id": self.connection.connection_id,
+        }
+        if request is not None:
+            info.update(path=request.path, query=request.query, headers=request.headers, request=request)
+        self._inbox.append(Opened(info))
+        effects: list[Effect] = []
+        if data:
+            effects = self._receive(data)
+        return effects + self._pump()
+
+    def data_received(self, data: bytes) -> list[Effect]:
+        """Parse frames; queue complete messages for the handler."""
+        if self.state is State.CLOSED:
+            return []
+        return self._receive(data) + self._pump()
+
+    def eof_received(self) -> list[Effect]:
+        """The peer went away; without a close frame that is code 1006."""
+        if self.state is State.CLOSED:
+            return []
+        return self._closed(1006, "connection lost")
+
+    def action(self, action: Action) -> list[Effect]:
+        """Send, ping or close on behalf of another task; dropped once closing has begun."""
+        if self.state is not State.OPEN:
+            return []
+        if isinstance(action, SendAction):
+            return [Write(self._frame(action.data))]
+        if isinstance(action, PingAction):
+            return [Write(self._ws.send(WsPing(payload=action.data)))]
+        if isinstance(action, CloseAction):
+            return self._start_closing(action.code, action.reason)
+        if isinstance(action, GoingAway):
+            return self._start_closing(1001, "server shutting down")
+        return []
+
+    def timer_expired(self, name: str) -> list[Effect]:
+        """The peer did not answer our close frame in time."""
+        if name == "close" and self.state is State.LOCAL_CLOSING:
+            return self._closed(self._close_code, self._close_reason)
+        return []
+
+    def handler_returned(self, result: Any) -> list[Effect]:
+        """Turn the handler's result into frames, then deliver the next message."""
+        delivered, self._awaiting = self._awaiting, None
+        if isinstance(delivered, ConnectionClose):
+            return [Stop("connection closed")]
+        effects: list[Effect] = []
+        if self.state is State.OPEN and result is not None and not isinstance(result, NoReply):
+            if isinstance(result, Reply):
+                effects.append(Write(self._frame(result.data)))
+            elif isinstance(result, SendPing):
+                effects.append(Write(self._ws.send(WsPing(payload=result.data))))
+            elif isinstance(result, SendPong):
+                effects.append(Write(self._ws.send(WsPong(payload=result.data))))
+            elif isinstance(result, Close):
+                effects += self._start_closing(result.code, result.reason)
+        return effects + self._pump()
+
+    def handler_failed(self, error: BaseException) -> list[Effect]:
+        """The handler raised or returned nonsense: close with 1011 (internal error)."""
+        delivered, self._awaiting = self._awaiting, None
+        if isinstance(delivered, ConnectionClose):
+            return [Stop("connection closed")]
+        self._inbox = deque(m for m in self._inbox if isinstance(m, _PeerClosed))
+        effects = self._start_closing(1011, "internal error") if self.state is State.OPEN else []
+        return effects + self._pump()
+
+    # ------------------------------------------------------------ helpers
+
+    def _frame(self, data: str | bytes) -> bytes:
+        if isinstance(data, str):
+            return self._ws.send(TextMessage(data=data))
+        return self._ws.send(BytesMessage(data=data))
+
+    def _receive(self, data: bytes) -> list[Effect]:
+        ws = self._ws
+        try:
+            ws.receive_data(data)
+        except Exception:  # wsproto refuses data after it considers the connection closed
+            return []
+        effects: list[Effect] = []
+        limit = self.options.max_message_size
+        for event in ws.events():
+            if isinstance(event, Message):
+                chunk = event.data
+                size = _text_size(chunk) if isinstance(chunk, str) else len(chunk)
+                if event.message_finished and not self._parts:
+                    if size > limit:
+                        return effects + self._fail(1009, f"message larger than {limit} bytes")
+                    self._inbox.append(chunk if isinstance(chunk, str | bytes) else bytes(chunk))
+                    continue
+                self._size += size
+                if self._size > limit:
+                    return effects + self._fail(1009, f"message larger than {limit} bytes")
+                self._parts.append(chunk)
+                if event.message_finished:
+                    parts, self._parts, self._size = self._parts, [], 0
+                    self._inbox.append("".join(parts) if isinstance(chunk, str) else b"".join(parts))
+            elif isinstance(event, WsPing):
+                if self.state is State.OPEN:
+                    effects.append(Write(ws.send(event.response())))
+                if self.options.control_messages:
+                    self._inbox.append(Ping(bytes(event.payload)))
+            elif isinstance(event, WsPong):
+                if self.options.control_messages:
+                    self._inbox.append(Pong(bytes(event.payload)))
+            elif isinstance(event, CloseConnection):
+                if ws.state is ConnectionState.REMOTE_CLOSING:
+                    self._inbox.append(_PeerClosed(event.code, event.reason or ""))
+                elif ws.state is ConnectionState.CLOSED:  # the answer to our close frame
+                    return effects + self._closed(self._close_code, self._close_reason)
+                else:  # wsproto found a protocol violation (1002, 1007, ...)
+                    return effects + self._fail(event.code, event.reason or "")
+        return effects
+
+    def _pump(self) -> list[Effect]:
+        if self._awaiting is not None or not self._inbox:
+            return []
+        message = self._inbox.popleft()
+        if isinstance(message, _PeerClosed):
+            effects: list[Effect] = []
+            if self._ws.state is ConnectionState.REMOTE_CLOSING:
+                effects.append(Write(self._ws.send(CloseConnection(code=message.code, reason=message.reason))))
+            return effects + self._closed(message.code, message.reason)
+        if self.state is not State.OPEN and not isinstance(message, ConnectionClose):
+            self._inbox.clear()
+            return []
+        self._awaiting = message
+        return [Deliver(message)]
+
+    def _start_closing(self, code: int, reason: str) -> list[Effect]:
+        self.state = State.LOCAL_CLOSING
+        self._close_code, self._close_reason = code, reason
+        return [
+            Write(self._ws.send(CloseConnection(code=code, reason=reason))),
+            SetTimer("close", self.options.close_timeout),
+        ]
+
+    def _fail(self, code: int, reason: str) -> list[Effect]:
+        effects: list[Effect] = []
+        if self._ws.state is ConnectionState.OPEN:
+            effects.append(Write(self._ws.send(CloseConnection(code=code, reason=reason))))
+        return effects + self._closed(code, reason)
+
+    def _closed(self, code: int, reason: str) -> list[Effect]:
+        self.state = State.CLOSED
+        self._parts, self._size = [], 0
+        self._inbox.clear()
+        effects: list[Effect] = [SetTimer("close", None), CloseSocket()]
+        if not self._notified:
+            self._notified = True
+            self._inbox.append(ConnectionClose(code, reason))
+        if self._awaiting is None:
+            effects += self._pump()
+        return effects
