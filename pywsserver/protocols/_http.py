@@ -49,6 +49,8 @@ __all__ = ["HTTPOptions", "HTTPProtocol", "Request", "accept_key", "parse_reques
 
 WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _REASONS = {
+    101: "Switching Protocols",
+    200: "OK",
     400: "Bad Request",
     403: "Forbidden",
     404: "Not Found",

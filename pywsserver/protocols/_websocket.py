@@ -24,7 +24,8 @@ each :class:`~pywsserver.protocols.Deliver` is answered by
 first; the size limit is checked as fragments (and partial frames) arrive,
 so memory stays near ``max_message_size`` whatever a frame announces. A
 peer's close frame waits in the inbox behind the messages that came before
-it, so those are delivered (and answered) before the close is echoed. Once
+it, so those are delivered before the close is echoed (replies to them are
+dropped: the peer has closed its side). Once
 CLOSED, the inbox holds only the :class:`~pywsserver.ConnectionClose` notice,
 after which the module asks the worker to stop.
 """
@@ -191,7 +192,7 @@ class WebSocketProtocol:
 
     def action(self, action: Action) -> list[Effect]:
         """Send, ping or close on behalf of another task; dropped once closing has begun."""
-        if self.state is not State.OPEN:
+        if not self._can_send():
             return []
         if isinstance(action, SendAction):
             return [Write(self._frame(action.data))]
@@ -215,7 +216,7 @@ class WebSocketProtocol:
         if isinstance(delivered, ConnectionClose):
             return [Stop("connection closed")]
         effects: list[Effect] = []
-        if self.state is State.OPEN and result is not None and not isinstance(result, NoReply):
+        if self._can_send() and result is not None and not isinstance(result, NoReply):
             if isinstance(result, Reply):
                 effects.append(Write(self._frame(result.data)))
             elif isinstance(result, SendPing):
@@ -232,10 +233,14 @@ class WebSocketProtocol:
         if isinstance(delivered, ConnectionClose):
             return [Stop("connection closed")]
         self._inbox = deque(m for m in self._inbox if isinstance(m, _PeerClosed))
-        effects = self._start_closing(1011, "internal error") if self.state is State.OPEN else []
+        effects = self._start_closing(1011, "internal error") if self._can_send() else []
         return effects + self._pump()
 
     # ------------------------------------------------------------ helpers
+
+    def _can_send(self) -> bool:
+        # Neither side has sent a close frame yet.
+        return self.state is State.OPEN and self._ws.state is ConnectionState.OPEN
 
     def _frame(self, data: str | bytes) -> bytes:
         if isinstance(data, str):
