@@ -1,0 +1,118 @@
+"""Every example runs, and the command line starts, serves and stops on a signal."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import anyio
+import pytest
+from websockets.asyncio.client import connect
+
+from examples.chat import chat_tree
+from pywsserver.supervision import call
+
+from .wstools import in_client_thread
+
+pytestmark = pytest.mark.anyio
+ROOT = Path(__file__).resolve().parent.parent
+
+
+async def _serve_and_talk(command: list[str]) -> tuple[list[object], int, str]:
+    """Start a server process, echo through it, stop it with SIGINT; return answers, exit code, log."""
+    process = await anyio.open_process(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    log = b""
+    try:
+        assert process.stdout is not None
+        with anyio.fail_after(20):
+            while not (found := re.search(rb"listening on 127\.0\.0\.1:(\d+)", log)):
+                log += await process.stdout.receive()
+        port = int(found.group(1))
+
+        async def client() -> list[object]:
+            async with connect(f"ws://127.0.0.1:{port}/") as ws:
+                await ws.send("text")
+                text = await ws.recv()
+                await ws.send(b"bytes")
+                return [text, await ws.recv()]
+
+        answers = await in_client_thread(client)
+        process.send_signal(signal.SIGINT)
+        with anyio.fail_after(20):
+            async for chunk in process.stdout:
+                log += chunk
+            code = await process.wait()
+        return answers, code, log.decode()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_the_cli_runs_the_echo_server_and_stops_on_sigint() -> None:
+    answers, code, log = await _serve_and_talk([sys.executable, "-m", "pywsserver", "--port", "0"])
+    assert answers == ["text", b"bytes"]
+    assert code == 0, log
+    assert "received SIGINT: stopping" in log
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_the_cli_serves_on_trio_too() -> None:
+    command = [sys.executable, "-m", "pywsserver", "--port", "0", "--backend", "trio"]
+    answers, code, _ = await _serve_and_talk(command)
+    assert (answers, code) == (["text", b"bytes"], 0)
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_the_echo_example_runs_with_one_command() -> None:
+    answers, code, _ = await _serve_and_talk([sys.executable, "examples/echo.py", "--port", "0"])
+    assert (answers, code) == (["text", b"bytes"], 0)
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_the_cli_refuses_bad_options_with_their_path() -> None:
+    result = await anyio.run_process(
+        [sys.executable, "-m", "pywsserver", "--handler", "json", "--port", "0"], cwd=ROOT, check=False
+    )
+    assert result.returncode == 2
+    assert b"worker_options.protocol_modules.websocket.handler_module: module 'json' has no function" in result.stderr
+
+
+async def test_the_chat_room_broadcasts_to_everyone() -> None:
+    tree = chat_tree(port=0)
+    connected, go = threading.Event(), threading.Event()
+    async with tree.running():
+        server = next(row.ref for row in tree.which_children() if row.id == "server")
+        address = f"ws://127.0.0.1:{server.port}/"
+
+        async def clients() -> tuple[object, ...]:
+            async with connect(address) as ann, connect(address) as bob:
+                connected.set()
+                await asyncio.to_thread(go.wait, 10)
+                await ann.send("hello bob")
+                first = await ann.recv(), await bob.recv()
+                await bob.send("hi ann")
+                return (*first, await ann.recv(), await bob.recv())
+
+        async with anyio.create_task_group() as tg:
+            result: list[tuple[object, ...]] = []
+
+            async def run_clients() -> None:
+                result.append(await in_client_thread(clients))
+
+            tg.start_soon(run_clients)
+            await anyio.to_thread.run_sync(connected.wait, 10)
+            with anyio.fail_after(5):
+                while await call("chat_room", "count") != 2:  # both joined the room
+                    await anyio.lowlevel.checkpoint()
+            go.set()
+        assert result == [("hello bob", "hello bob", "hi ann", "hi ann")]
+        with anyio.fail_after(5):
+            while await call("chat_room", "count") != 0:  # both left
+                await anyio.lowlevel.checkpoint()
