@@ -310,3 +310,67 @@ async def test_bad_options_fail_at_start_link_with_their_path() -> None:
     with pytest.raises(pywsserver.OptionError, match=r"^worker_options\.protocol_modules\.websocket\.handler_module"):
         async with start_link([("worker_options", [("protocol_modules", [("websocket", [("handler_module", 1)])])])]):
             pass
+
+
+async def test_no_task_outlives_the_server() -> None:
+    baseline = len(anyio.get_running_tasks())
+    recorder = Recorder()
+    # The raw clients never answer the 1001 close: the drain timeout cancels what is left.
+    async with start_link(server_options(recorder, drain_timeout=0.2)) as server:
+        clients = [await RawClient.connect(server.port) for _ in range(3)]
+        await recorder.wait_for(lambda: recorder.open_now == 3)
+        assert len(anyio.get_running_tasks()) > baseline
+    assert len(anyio.get_running_tasks()) == baseline
+    for client in clients:
+        await client.aclose()
+
+
+async def test_a_crashed_listener_restarts_with_the_acceptors_and_connections_keep_working() -> None:
+    recorder = Recorder()
+    async with start_link(server_options(recorder)) as server:
+        port = server.port
+        established = await RawClient.connect(port)
+        old_listener = server._listeners[0]
+        server._listener_broken.set()  # what an acceptor does when accept() fails for good
+        with anyio.fail_after(5):
+            while server._listeners[0] is old_listener or server.acceptor_supervisor.count_children().active == 0:
+                await anyio.lowlevel.checkpoint()
+        assert server.port == port
+        await established.send(TextMessage(data="reply:still here"))
+        event = await established.next_event()
+        assert isinstance(event, TextMessage)
+        assert event.data == "still here"
+        newcomer = await RawClient.connect(port)
+        await newcomer.send(TextMessage(data="reply:new"))
+        assert isinstance(await newcomer.next_event(), TextMessage)
+        assert server.supervisor.restart_count == 1
+        assert recorder.closes == []
+        for client in (established, newcomer):
+            await client.aclose()
+
+
+async def test_crashes_faster_than_the_intensity_allows_stop_the_server_and_reach_the_caller(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from pywsserver import RestartIntensityExceeded
+
+    recorder = Recorder()
+    with pytest.raises(RestartIntensityExceeded) as caught:
+        async with start_link(server_options(recorder, number_of_workers=1, drain_timeout=0.5)) as server:
+            client = await RawClient.connect(server.port)
+            await recorder.wait_for(lambda: recorder.open_now == 1)
+
+            async def broken_accept() -> object:
+                raise RuntimeError("accept is broken for good")
+
+            for listener in server._listeners:
+                monkeypatch.setattr(listener, "accept", broken_accept)
+            await server.acceptor_supervisor.terminate_child(("acceptor", 0))
+            await server.acceptor_supervisor.restart_child(("acceptor", 0))
+            await anyio.sleep_forever()
+    assert caught.value.child_id == "acceptor_supervisor"
+    event = await client.next_event()  # the established connection was closed as the server went down
+    assert isinstance(event, CloseConnection)
+    assert event.code == 1001
+    await recorder.wait_for(lambda: len(recorder.closes) == 1)
+    await client.aclose()
