@@ -1,0 +1,53 @@
+"""The documentation's Python examples compile, and the ones that end by themselves run as written."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from pywsserver._options import parse_options
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = sorted((ROOT / "docs").glob("*.md"))
+BLOCK = re.compile(r"^```python\n(.*?)^```", re.MULTILINE | re.DOTALL)
+
+
+def blocks(path: Path) -> list[str]:
+    return BLOCK.findall(path.read_text())
+
+
+@pytest.mark.parametrize("path", [*DOCS, ROOT / "README.md"], ids=lambda p: p.name)
+def test_every_python_block_compiles(path: Path) -> None:
+    for number, code in enumerate(blocks(path)):
+        compile(code, f"{path.name}[{number}]", "exec")
+
+
+@pytest.mark.parametrize("path", DOCS, ids=lambda p: p.name)
+def test_the_examples_of_each_page_run_in_order(path: Path) -> None:
+    namespace: dict[str, object] = {"__name__": f"docs_{path.stem}"}
+    for number, code in enumerate(blocks(path)):
+        exec(compile(code, f"{path.name}[{number}]", "exec"), namespace)
+
+
+def test_the_documented_option_tree_is_valid_and_shows_the_defaults() -> None:
+    (code,) = [b for b in blocks(ROOT / "docs" / "options.md") if "options = [" in b]
+    namespace: dict[str, object] = {}
+    exec(code, namespace)
+    documented = parse_options(namespace["options"])
+    defaults = parse_options(
+        [("worker_options", [("protocol_modules", [("websocket", [("handler_module", "pywsserver.echo")])])])]
+    )
+    assert documented.port == defaults.port
+    assert documented.host == defaults.host
+    assert documented.max_connections == defaults.max_connections
+    assert documented.drain_timeout == defaults.drain_timeout
+    assert documented.worker.mailbox_size == defaults.worker.mailbox_size
+    assert documented.worker.modules["http"].options == defaults.worker.modules["http"].options
+    doc_ws, default_ws = documented.worker.modules["websocket"].options, defaults.worker.modules["websocket"].options
+    assert (doc_ws.max_message_size, doc_ws.close_timeout, doc_ws.control_messages) == (
+        default_ws.max_message_size,
+        default_ws.close_timeout,
+        default_ws.control_messages,
+    )
