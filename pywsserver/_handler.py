@@ -1,7 +1,7 @@
 """Handler modules: resolving the user's handler and calling it, sync or async.
 
-A handler module provides ``init(options)`` and ``handle(message, state)``
-(and optionally ``terminate(reason, state)``). It may be given as:
+A handler module provides ``init(options)`` and ``handle(message, state)``.
+It may be given as:
 
 * a Python module (its functions are called),
 * a class (one instance is made per connection, its methods are called),
@@ -34,7 +34,7 @@ def _describe(target: Any) -> str:
 class HandlerModule:
     """A resolved, checked handler module."""
 
-    __slots__ = ("_per_connection", "has_terminate", "name", "target")
+    __slots__ = ("_per_connection", "name", "target")
 
     def __init__(self, target: Any, path: str) -> None:
         if isinstance(target, HandlerModule):
@@ -55,8 +55,6 @@ class HandlerModule:
             else (target.__qualname__ if inspect.isclass(target) else type(target).__qualname__)
         )
         self._per_connection = inspect.isclass(target)
-        #: Whether the handler has a ``terminate`` callback.
-        self.has_terminate = callable(getattr(target, "terminate", None))
 
     def __repr__(self) -> str:
         return f"<HandlerModule {self.name}>"

@@ -253,6 +253,7 @@ class Worker:
         await self._reader_loop()
 
     async def _finish(self) -> None:
+        draining = self.state is WorkerState.DRAINING
         self._mailbox_send.close()
         self._mailbox_receive.close()
         self.state = WorkerState.DONE
@@ -263,8 +264,12 @@ class Worker:
                     with anyio.move_on_after(1):
                         await self._stream.aclose()
                 if self._opened and not self._told_close:
+                    if draining:
+                        notice = ConnectionClose(1001, "server shutting down")
+                    else:
+                        notice = ConnectionClose(1006, "connection lost")
                     with cleanup_scope():
-                        await self._notify_closed(ConnectionClose(1006, "connection lost"))
+                        await self._notify_closed(notice)
         finally:
             if self._release is not None:
                 release, self._release = self._release, None

@@ -374,3 +374,18 @@ async def test_crashes_faster_than_the_intensity_allows_stop_the_server_and_reac
     assert event.code == 1001
     await recorder.wait_for(lambda: len(recorder.closes) == 1)
     await client.aclose()
+
+
+async def test_connections_that_ignore_the_going_away_close_are_cut_at_the_drain_timeout() -> None:
+    recorder = Recorder()
+    async with start_link(server_options(recorder, drain_timeout=0.2)) as server:
+        silent = await RawClient.connect(server.port)
+        await recorder.wait_for(lambda: recorder.open_now == 1)
+        with anyio.fail_after(5):
+            await server.stop()
+    event = await silent.next_event()
+    assert isinstance(event, CloseConnection)
+    assert event.code == 1001
+    assert await silent.next_event() is None  # then the server cut the TCP connection
+    assert recorder.closes == [(0, ConnectionClose(1001, "server shutting down"))]
+    await silent.aclose()
