@@ -43,6 +43,7 @@ from .supervision import (
     register,
     unregister,
 )
+from .supervision._errors import unwrap_group
 
 __all__ = ["Server", "run", "serve", "server_child_spec", "start_link", "stop"]
 
@@ -285,10 +286,7 @@ async def start_link(options: Any) -> AsyncIterator[Server]:
                 with anyio.CancelScope(shield=True):
                     await server.stop()
     except BaseExceptionGroup as group:
-        inner: BaseException = group
-        while isinstance(inner, BaseExceptionGroup) and len(inner.exceptions) == 1:
-            inner = inner.exceptions[0]
-        raise inner from None
+        raise unwrap_group(group) from None
 
 
 async def _run_until_signal(options: ServerOptions) -> None:

@@ -105,3 +105,15 @@ class NameAlreadyRegistered(SupervisionError):
     def __init__(self, name: str) -> None:
         super().__init__(f"the name {name!r} is already registered")
         self.name = name
+
+
+def unwrap_group(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one exception inside nested single-member groups, else the group itself.
+
+    Task groups wrap what escapes them; a supervisor's caller wants the
+    :class:`RestartIntensityExceeded` itself.
+    """
+    inner: BaseException = group
+    while isinstance(inner, BaseExceptionGroup) and len(inner.exceptions) == 1:
+        inner = inner.exceptions[0]
+    return inner

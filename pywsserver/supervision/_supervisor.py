@@ -53,6 +53,7 @@ from ._errors import (
     NotRunning,
     RestartIntensityExceeded,
     SupervisorError,
+    unwrap_group,
 )
 from ._registry import register, unregister
 from ._spec import INFINITY, AutoShutdown, ChildSpec, ChildType, Restart, Shutdown, ShutdownValue, Strategy
@@ -190,14 +191,6 @@ class _AutoShutdownNow(Exception):
 
 async def _noop() -> None:
     return None
-
-
-def _single(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The one exception inside nested single-member groups, else the group itself."""
-    inner: BaseException = group
-    while isinstance(inner, BaseExceptionGroup) and len(inner.exceptions) == 1:
-        inner = inner.exceptions[0]
-    return inner
 
 
 def _is_abnormal(reason: BaseException | None) -> bool:
@@ -344,7 +337,7 @@ class Supervisor:
                     with anyio.CancelScope(shield=True):
                         await self.stop()
         except BaseExceptionGroup as group:
-            raise _single(group) from None
+            raise unwrap_group(group) from None
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[Supervisor] = anyio.TASK_STATUS_IGNORED) -> None:
         """Start every child in order, report ready, then supervise until stopped.
@@ -368,7 +361,7 @@ class Supervisor:
                     register(self.name, self)
                     registered = True
                 self._running = True
-                await self._start_static_children()
+                await self._start_group(list(self._children.values()))
                 task_status.started(self)
                 await self._loop(receive)
             except _GiveUp as give_up:
@@ -495,17 +488,6 @@ class Supervisor:
             raise ChildStartError(child.key, result.reason)
         instance.ref = result
         return result
-
-    async def _start_static_children(self) -> None:
-        started: list[_Child] = []
-        for child in list(self._children.values()):
-            try:
-                await self._start(child)
-            except ChildStartError:
-                for done in reversed(started):
-                    await self._terminate(done)
-                raise
-            started.append(child)
 
     # ----------------------------------------------------------- child stops
 
