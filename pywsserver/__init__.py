@@ -6,6 +6,8 @@ supervision API (also available on its own as :mod:`pywsserver.supervision`).
 Protocol modules live in :mod:`pywsserver.protocols`.
 """
 
+from . import groups
+from ._broadcast import BroadcastResult, broadcast, broadcast_threadsafe
 from ._errors import ConnectionClosed, OptionError, ServerStartError
 from ._messages import (
     Close,
@@ -60,6 +62,10 @@ from .supervision import (
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "BroadcastResult",
+    "broadcast",
+    "broadcast_threadsafe",
+    "groups",
     "Close",
     "ConnectionClose",
     "ConnectionClosed",

@@ -290,10 +290,12 @@ async def start_link(options: Any) -> AsyncIterator[Server]:
 
 
 async def _run_until_signal(options: ServerOptions) -> None:
-    async with start_link(options) as server:
-        names = ", ".join(f"ws://{h}:{p}/" for h, p in server.addresses)
-        logger.info("serving on %s (Ctrl+C to stop)", names)
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    # The signals are caught before the server starts, so that one arriving
+    # during the start still stops it gracefully.
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with start_link(options) as server:
+            names = ", ".join(f"ws://{h}:{p}/" for h, p in server.addresses)
+            logger.info("serving on %s (Ctrl+C to stop)", names)
             async for received in signals:
                 logger.info("received %s: stopping", signal.Signals(received).name)
                 break

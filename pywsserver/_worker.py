@@ -65,6 +65,7 @@ from .protocols import (
     Write,
 )
 from .supervision import MailboxFull, cleanup_scope
+from .supervision import _groups as groups
 
 __all__ = ["Worker", "WorkerState", "close", "ping", "send"]
 
@@ -127,6 +128,8 @@ class Worker:
         self._opened = False
         self._told_close = False
         self._token: anyio.lowlevel.EventLoopToken | None = None
+        self._serve_scope: anyio.CancelScope | None = None
+        self._aborted: ConnectionClose | None = None
         #: Where the worker is in its life.
         self.state = WorkerState.HANDSHAKING
         #: Unique within the process; appears in every log line of the connection.
@@ -194,6 +197,35 @@ class Worker:
             raise ValueError(f"invalid close code {code!r}")
         await self._put(CloseAction(code, reason))
 
+    def join(self, group: str) -> None:
+        """Join a process group (see :mod:`pywsserver.groups`); left automatically when the connection ends."""
+        groups.join(group, self)
+
+    def leave(self, group: str) -> None:
+        """Leave a process group."""
+        groups.leave(group, self)
+
+    def _offer(self, action: Action) -> bool:
+        """Queue ``action`` without waiting; ``False`` when the mailbox is full."""
+        if not self.alive:
+            raise ConnectionClosed(f"{self!r} is closed")
+        try:
+            self._mailbox_send.send_nowait(action)
+        except anyio.WouldBlock:
+            return False
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            raise ConnectionClosed(f"{self!r} is closed") from None
+        return True
+
+    def _abort(self, code: int, reason: str) -> None:
+        """Drop the connection now, without a closing handshake; the handler is told ``code``."""
+        if self._aborted is not None or not self.alive:
+            return
+        self._aborted = ConnectionClose(code, reason)
+        self.log.warning("closing the connection: %s", reason)
+        if self._serve_scope is not None:
+            self._serve_scope.cancel()
+
     def send_threadsafe(self, data: str | bytes) -> None:
         """:meth:`send` from another thread (blocks that thread until queued)."""
         self._from_thread(self.send, data)
@@ -238,6 +270,7 @@ class Worker:
 
     async def _serve(self) -> None:
         async with anyio.create_task_group() as tg:
+            self._serve_scope = tg.cancel_scope
             tg.start_soon(self._mailbox_loop)
             await self._apply(self._module.start(b"", {}))
             await self._reader_loop()
@@ -245,7 +278,7 @@ class Worker:
 
     async def _drain(self) -> None:
         """Cancelled while the connection is up: say going away and wait for the peer's close."""
-        if self._stopped or self._socket_closed:
+        if self._stopped or self._socket_closed or self._aborted is not None:
             return
         self.state = WorkerState.DRAINING
         self.log.debug("draining")
@@ -254,6 +287,7 @@ class Worker:
 
     async def _finish(self) -> None:
         draining = self.state is WorkerState.DRAINING
+        groups.leave_all(self)
         self._mailbox_send.close()
         self._mailbox_receive.close()
         self.state = WorkerState.DONE
@@ -264,7 +298,9 @@ class Worker:
                     with anyio.move_on_after(1):
                         await self._stream.aclose()
                 if self._opened and not self._told_close:
-                    if draining:
+                    if self._aborted is not None:
+                        notice = self._aborted
+                    elif draining:
                         notice = ConnectionClose(1001, "server shutting down")
                     else:
                         notice = ConnectionClose(1006, "connection lost")
@@ -418,6 +454,7 @@ class Worker:
         return module.handler_returned(None)
 
     async def _notify_closed(self, message: ConnectionClose) -> None:
+        groups.leave_all(self)  # a closed connection is no longer reachable through its groups
         if not self._opened or self._told_close:
             return
         self._told_close = True

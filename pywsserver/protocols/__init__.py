@@ -9,6 +9,7 @@ documented in ``docs/protocol-modules.md``. The built-in modules are
 
 from ._contract import (
     Action,
+    BroadcastAction,
     CloseAction,
     CloseSocket,
     ConnectionInfo,
@@ -26,7 +27,7 @@ from ._contract import (
     Write,
 )
 from ._http import HTTPOptions, HTTPProtocol, Request, accept_key, parse_request_head
-from ._websocket import WebSocketOptions, WebSocketProtocol
+from ._websocket import WebSocketOptions, WebSocketProtocol, encode_message
 
 BUILTIN_MODULES: dict[str, type] = {"http": HTTPProtocol, "websocket": WebSocketProtocol}
 """The protocol modules known by their short names."""
@@ -34,6 +35,7 @@ BUILTIN_MODULES: dict[str, type] = {"http": HTTPProtocol, "websocket": WebSocket
 __all__ = [
     "BUILTIN_MODULES",
     "Action",
+    "BroadcastAction",
     "CloseAction",
     "CloseSocket",
     "ConnectionInfo",
@@ -55,5 +57,6 @@ __all__ = [
     "WebSocketProtocol",
     "Write",
     "accept_key",
+    "encode_message",
     "parse_request_head",
 ]

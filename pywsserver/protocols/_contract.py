@@ -41,6 +41,7 @@ import attrs
 
 __all__ = [
     "Action",
+    "BroadcastAction",
     "CloseAction",
     "CloseSocket",
     "ConnectionInfo",
@@ -144,7 +145,19 @@ class GoingAway:
     """The server is stopping: close with 1001 (going away) and finish quickly."""
 
 
-Action: TypeAlias = SendAction | PingAction | CloseAction | GoingAway
+@attrs.frozen
+class BroadcastAction:
+    """Send ``data``, already encoded as the frame ``frame`` for every member of a broadcast.
+
+    A module may write ``frame`` as is when its connection has no per-message
+    state (such as compression), or encode ``data`` itself.
+    """
+
+    data: str | bytes
+    frame: bytes
+
+
+Action: TypeAlias = SendAction | PingAction | CloseAction | GoingAway | BroadcastAction
 
 
 # ------------------------------------------------------------- connection

@@ -33,6 +33,7 @@ after which the module asks the worker to stop.
 from __future__ import annotations
 
 import enum
+import struct
 from collections import deque
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -66,6 +67,7 @@ from .._messages import (
 from .._optionkit import OptionError, as_mapping, check_bool, check_int, check_number, join
 from ._contract import (
     Action,
+    BroadcastAction,
     CloseAction,
     CloseSocket,
     ConnectionInfo,
@@ -79,7 +81,23 @@ from ._contract import (
     Write,
 )
 
-__all__ = ["WebSocketOptions", "WebSocketProtocol"]
+__all__ = ["WebSocketOptions", "WebSocketProtocol", "encode_message"]
+
+
+def encode_message(data: str | bytes) -> bytes:
+    """One unfragmented, unmasked (server-to-client) frame: text for ``str``, binary for ``bytes``."""
+    if isinstance(data, str):
+        first, payload = 0x81, data.encode("utf-8")
+    else:
+        first, payload = 0x82, data
+    size = len(payload)
+    if size < 126:
+        header = bytes((first, size))
+    elif size < 65536:
+        header = struct.pack("!BBH", first, 126, size)
+    else:
+        header = struct.pack("!BBQ", first, 127, size)
+    return header + payload
 
 
 class State(enum.Enum):
@@ -194,6 +212,8 @@ class WebSocketProtocol:
         """Send, ping or close on behalf of another task; dropped once closing has begun."""
         if not self._can_send():
             return []
+        if isinstance(action, BroadcastAction):
+            return [Write(action.frame)]
         if isinstance(action, SendAction):
             return [Write(self._frame(action.data))]
         if isinstance(action, PingAction):

@@ -28,10 +28,12 @@ from typing import Any, ClassVar
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 from anyio.streams.memory import MemoryObjectSendStream
 
 from ._context import cleanup_scope
 from ._errors import CallTimeout, MailboxFull, NotRunning
+from ._groups import leave_all
 from ._registry import register, resolve, unregister
 from ._spec import ChildSpec, Restart, Shutdown, ShutdownValue
 
@@ -117,7 +119,7 @@ class _StopMessage:
 class ServerRef:
     """A handle on a running gen server: call it, cast to it, send it info, stop it."""
 
-    __slots__ = ("_done", "_send", "alive", "name", "server")
+    __slots__ = ("_done", "_send", "_token", "alive", "name", "server")
 
     def __init__(self, server: GenServer, send: MemoryObjectSendStream[Any], name: str | None) -> None:
         #: The :class:`GenServer` instance.
@@ -128,6 +130,7 @@ class ServerRef:
         self.alive = True
         self._send = send
         self._done = anyio.Event()
+        self._token = anyio.lowlevel.current_token()
 
     def __repr__(self) -> str:
         label = self.name or type(self.server).__name__
@@ -317,6 +320,7 @@ class GenServer:
             raise
         finally:
             ref.alive = False
+            leave_all(ref)
             if name is not None:
                 unregister(name)
             send.close()

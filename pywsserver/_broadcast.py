@@ -1,0 +1,143 @@
+"""Broadcast: one message to every member of a process group, never blocked by a slow member.
+
+The frame is encoded once and the same bytes are queued to every worker's
+mailbox without waiting. A member whose mailbox is full cannot keep up; the
+``slow`` policy says what happens to it: ``"drop"`` skips its copy,
+``"close"`` drops the connection and tells its handler ``close_code``.
+Gen servers in the group receive ``("broadcast", group, data)`` through
+``handle_info``. What was dropped or closed is counted in the result and
+logged once per broadcast, never once per member.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Hashable, Sequence
+from typing import Any, Literal
+
+import anyio.from_thread
+import attrs
+
+from ._errors import ConnectionClosed
+from ._worker import Worker
+from .protocols import BroadcastAction, encode_message
+from .supervision import MailboxFull, NotRunning, ServerRef
+from .supervision._groups import members
+
+__all__ = ["BroadcastResult", "broadcast", "broadcast_threadsafe"]
+
+logger = logging.getLogger("pywsserver.groups")
+
+
+@attrs.frozen
+class BroadcastResult:
+    """What became of one broadcast."""
+
+    #: Members the message was queued for.
+    delivered: int = 0
+    #: Members that could not keep up and did not get this message (policy ``"drop"``).
+    dropped: int = 0
+    #: Members that could not keep up and were disconnected (policy ``"close"``).
+    closed: int = 0
+
+    def __add__(self, other: BroadcastResult) -> BroadcastResult:
+        return BroadcastResult(
+            self.delivered + other.delivered, self.dropped + other.dropped, self.closed + other.closed
+        )
+
+
+def _check(data: Any, slow: str) -> None:
+    if not isinstance(data, str | bytes):
+        raise TypeError(f"broadcast() takes str or bytes, got {type(data).__name__}")
+    if slow not in ("drop", "close"):
+        raise ValueError(f"slow must be 'drop' or 'close', got {slow!r}")
+
+
+def _deliver(group: str, targets: Sequence[Hashable], data: str | bytes, slow: str, close_code: int) -> BroadcastResult:
+    delivered = dropped = closed = 0
+    action: BroadcastAction | None = None
+    for member in targets:
+        if isinstance(member, Worker):
+            if action is None:
+                action = BroadcastAction(data, encode_message(data))
+            try:
+                queued = member._offer(action)
+            except ConnectionClosed:
+                continue
+            if queued:
+                delivered += 1
+            elif slow == "close":
+                member._abort(close_code, f"too slow for broadcasts to {group!r}")
+                closed += 1
+            else:
+                dropped += 1
+        elif isinstance(member, ServerRef):
+            try:
+                member.send(("broadcast", group, data))
+                delivered += 1
+            except MailboxFull:
+                dropped += 1
+            except NotRunning:
+                continue
+    if dropped or closed:
+        logger.warning(
+            "broadcast to %r: %d of %d members could not keep up (%d dropped this message, %d closed)",
+            group,
+            dropped + closed,
+            len(targets),
+            dropped,
+            closed,
+        )
+    return BroadcastResult(delivered, dropped, closed)
+
+
+def broadcast(
+    group: str,
+    data: str | bytes,
+    *,
+    slow: Literal["drop", "close"] = "drop",
+    close_code: int = 1013,
+) -> BroadcastResult:
+    """Send ``data`` to every member of ``group`` now; never waits, never fails because of a member.
+
+    Call it from the event loop the members run in (any task; it is a plain
+    function). ``slow`` is the policy for a member whose mailbox is full:
+    ``"drop"`` (it misses this message) or ``"close"`` (its connection is
+    dropped and its handler told ``close_code``, 1013 "try again later" by
+    default). Example::
+
+        result = broadcast("chat", "hello, everyone")
+        if result.dropped:
+            ...
+    """
+    _check(data, slow)
+    return _deliver(group, members(group), data, slow, close_code)
+
+
+def broadcast_threadsafe(
+    group: str,
+    data: str | bytes,
+    *,
+    slow: Literal["drop", "close"] = "drop",
+    close_code: int = 1013,
+) -> BroadcastResult:
+    """:func:`broadcast` from a thread that is not running the members' event loop.
+
+    Blocks the calling thread until the message is queued for every member.
+    """
+    _check(data, slow)
+    by_loop: dict[Any, list[Hashable]] = {}
+    for member in members(group):
+        token = getattr(member, "_token", None)
+        if token is not None:
+            by_loop.setdefault(token, []).append(member)
+    result = BroadcastResult()
+    for token, targets in by_loop.items():
+        try:
+            result += anyio.from_thread.run_sync(
+                functools.partial(_deliver, group, targets, data, slow, close_code), token=token
+            )
+        except RuntimeError:  # that event loop has ended: its members are gone
+            continue
+    return result
