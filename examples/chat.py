@@ -1,4 +1,4 @@
-"""A chat room: a supervised room process and one worker per connected client.
+"""A chat room: a supervised room process, a process group, one worker per client.
 
 The tree::
 
@@ -6,10 +6,12 @@ The tree::
     ├── ChatRoom        a GenServer registered as "chat_room"
     └── the WebSocket server (its own subtree)
 
-Every text a client sends is broadcast to everyone in the room. The room
-never blocks on a slow client: it uses ``send_nowait`` and drops a member
-whose mailbox is full. If the room crashes it is restarted empty, and clients
-join again with their next message.
+Each connection's worker joins the "chat" group (and leaves it when the
+connection closes, whatever the reason). Every text a client sends goes to
+the room, which broadcasts it to the group: the frame is encoded once, and a
+client that does not keep up misses messages instead of slowing the others.
+If the room crashes it is restarted, and clients that write meanwhile are
+told to try again.
 
 Run it with ``python examples/chat.py`` and connect several clients::
 
@@ -25,57 +27,48 @@ from typing import Any
 import anyio
 
 import pywsserver
-from pywsserver import ConnectionClose, ConnectionClosed, Worker
+from pywsserver import Worker, broadcast, groups
 from pywsserver.supervision import Caller, GenServer, MailboxFull, NotRunning, Supervisor, cast
 
 log = logging.getLogger("chat")
 
 
 class ChatRoom(GenServer):
-    """Keeps the members and broadcasts what they say."""
+    """Broadcasts what members say to the "chat" group and counts the messages."""
 
     def init(self) -> None:
-        self.members: set[Worker] = set()
+        self.said = 0
 
     def handle_cast(self, message: Any) -> None:
-        kind, worker, *rest = message
-        if kind == "leave":
-            self.members.discard(worker)
-            return
-        self.members.add(worker)
+        kind, text = message
         if kind == "say":
-            self.broadcast(rest[0])
+            self.said += 1
+            result = broadcast("chat", text)
+            if result.dropped:
+                log.warning("%d members missed message %d", result.dropped, self.said)
 
     def handle_call(self, request: Any, caller: Caller) -> Any:
-        if request == "count":
-            return len(self.members)
+        if request == "members":
+            return groups.count("chat")
+        if request == "said":
+            return self.said
         raise ValueError(f"unknown request {request!r}")
-
-    def broadcast(self, text: str) -> None:
-        for member in list(self.members):
-            try:
-                member.send_nowait(text)
-            except (MailboxFull, ConnectionClosed):
-                log.warning("dropping %r from the room: it cannot keep up", member)
-                self.members.discard(member)
 
 
 class ChatHandler:
-    """One per connection: joins the room, says what the client sends, leaves at the end."""
+    """One per connection: joins the "chat" group, hands what the client says to the room."""
 
     def init(self, options: dict[str, Any]) -> Worker:
         worker: Worker = options["worker"]
-        cast("chat_room", ("join", worker))
+        worker.join("chat")  # left automatically when the connection closes
         return worker
 
     def handle(self, message: object, worker: Worker) -> tuple[Any, ...]:
-        try:
-            if isinstance(message, ConnectionClose):
-                cast("chat_room", ("leave", worker))
-            elif isinstance(message, str):
-                cast("chat_room", ("say", worker, message))
-        except NotRunning:
-            return ("reply", "the room is restarting, try again", worker)
+        if isinstance(message, str):
+            try:
+                cast("chat_room", ("say", message))
+            except (NotRunning, MailboxFull):
+                return ("reply", "the room is busy or restarting, try again", worker)
         return ("noreply", worker)
 
 

@@ -15,6 +15,8 @@ import pytest
 from websockets.asyncio.client import connect
 
 from examples.chat import chat_tree
+from examples.ticker import ticker_tree
+from pywsserver import groups
 from pywsserver.supervision import call
 
 from .wstools import in_client_thread
@@ -109,10 +111,30 @@ async def test_the_chat_room_broadcasts_to_everyone() -> None:
             tg.start_soon(run_clients)
             await anyio.to_thread.run_sync(connected.wait, 10)
             with anyio.fail_after(5):
-                while await call("chat_room", "count") != 2:  # both joined the room
+                while await call("chat_room", "members") != 2:  # both joined the group
                     await anyio.lowlevel.checkpoint()
             go.set()
         assert result == [("hello bob", "hello bob", "hi ann", "hi ann")]
         with anyio.fail_after(5):
-            while await call("chat_room", "count") != 0:  # both left
+            while await call("chat_room", "members") != 0:  # both left
+                await anyio.lowlevel.checkpoint()
+        assert await call("chat_room", "said") == 2
+
+
+async def test_the_ticker_pushes_to_every_client_from_a_supervised_task() -> None:
+    tree = ticker_tree(port=0, interval=0.05)
+    async with tree.running():
+        server = next(row.ref for row in tree.which_children() if row.id == "server")
+
+        async def clients() -> list[list[object]]:
+            async with connect(f"ws://127.0.0.1:{server.port}/") as a, connect(f"ws://127.0.0.1:{server.port}/") as b:
+                return [[await ws.recv() for _ in range(3)] for ws in (a, b)]
+
+        ticks = await in_client_thread(clients)
+        for received in ticks:
+            numbers = [int(str(tick).split()[1]) for tick in received]
+            assert numbers == sorted(numbers)
+            assert len(set(numbers)) == 3
+        with anyio.fail_after(5):
+            while groups.count("ticker"):
                 await anyio.lowlevel.checkpoint()
