@@ -160,7 +160,7 @@ class Worker:
     @property
     def alive(self) -> bool:
         """Whether the connection is still up (sending may still fail once closing has begun)."""
-        return not self._stopped and not self._socket_closed
+        return not self._stopped and not self._socket_closed and self._aborted is None
 
     async def send(self, data: str | bytes) -> None:
         """Queue a message (``str`` as text, ``bytes`` as binary); waits while the mailbox is full.
@@ -219,7 +219,7 @@ class Worker:
 
     def _abort(self, code: int, reason: str) -> None:
         """Drop the connection now, without a closing handshake; the handler is told ``code``."""
-        if self._aborted is not None or not self.alive:
+        if not self.alive:
             return
         self._aborted = ConnectionClose(code, reason)
         self.log.warning("closing the connection: %s", reason)
