@@ -34,7 +34,7 @@ def _describe(target: Any) -> str:
 class HandlerModule:
     """A resolved, checked handler module."""
 
-    __slots__ = ("_per_connection", "name", "target")
+    __slots__ = ("_per_connection", "async_handle", "async_init", "name", "target")
 
     def __init__(self, target: Any, path: str) -> None:
         if isinstance(target, HandlerModule):
@@ -55,6 +55,9 @@ class HandlerModule:
             else (target.__qualname__ if inspect.isclass(target) else type(target).__qualname__)
         )
         self._per_connection = inspect.isclass(target)
+        #: Whether ``init`` / ``handle`` are ``async def`` (then a task runs them).
+        self.async_init = inspect.iscoroutinefunction(target.init)
+        self.async_handle = inspect.iscoroutinefunction(target.handle)
 
     def __repr__(self) -> str:
         return f"<HandlerModule {self.name}>"

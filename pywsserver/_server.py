@@ -17,10 +17,12 @@ waits up to ``drain_timeout`` for their closing handshakes.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import logging
 import signal
+import socket
 from collections.abc import AsyncIterator, Hashable
 from typing import Any
 
@@ -71,6 +73,8 @@ class Server:
         self._accept_locks: list[anyio.Lock] = []
         self._listener_broken = anyio.Event()
         self._slots = anyio.Semaphore(options.max_connections)
+        #: How acceptors accept one connection (a seam for fault injection in tests).
+        self._accept = accept
         #: The dynamic supervisor of the workers (``count_children().active`` is the live connections).
         self.worker_supervisor = Supervisor(
             [
@@ -132,11 +136,11 @@ async def stop(server: Server) -> None:
 
 async def _run_worker(
     server: Server,
-    stream: anyio.abc.ByteStream,
+    connection: anyio.abc.ByteStream | socket.socket,
     *,
     task_status: anyio.abc.TaskStatus[Worker],
 ) -> None:
-    worker = Worker(server.options.worker, stream, server._slots.release)
+    worker = Worker(server.options.worker, connection, server._slots.release)
     await worker.run(task_status=task_status)
 
 
@@ -171,6 +175,34 @@ def _address(raw: Any) -> tuple[str, int]:
     return (str(raw[0]), int(raw[1]))
 
 
+def _running_asyncio_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+async def accept(listener: SocketListener) -> anyio.abc.ByteStream | socket.socket:
+    """Accept one connection.
+
+    On asyncio the raw socket is taken from the listening socket directly, for
+    the worker's fast protocol path; elsewhere anyio's stream is used.
+    """
+    loop = _running_asyncio_loop()
+    if loop is None:
+        return await listener.accept()
+    raw: socket.socket = listener.extra(anyio.abc.SocketAttribute.raw_socket)
+    try:
+        client, _ = await loop.sock_accept(raw)
+    except BaseException:
+        # A cancelled sock_accept can leave its reader registered (bpo-41317).
+        with contextlib.suppress(ValueError, NotImplementedError, OSError):
+            loop.remove_reader(raw)
+        raise
+    client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return client
+
+
 async def _acceptor(server: Server, index: int, *, task_status: anyio.abc.TaskStatus[None]) -> None:
     listeners = server._listeners
     listener = listeners[index % len(listeners)]
@@ -181,7 +213,7 @@ async def _acceptor(server: Server, index: int, *, task_status: anyio.abc.TaskSt
         await server._slots.acquire()
         try:
             async with lock:
-                stream = await listener.accept()
+                connection = await server._accept(listener)
         except OSError as error:
             server._slots.release()
             if error.errno in _TRANSIENT_ACCEPT_ERRORS:
@@ -196,11 +228,14 @@ async def _acceptor(server: Server, index: int, *, task_status: anyio.abc.TaskSt
             raise
         backoff = 0.0
         try:
-            await server.worker_supervisor.start_child(stream)
+            await server.worker_supervisor.start_child(connection)
         except BaseException as error:
             server._slots.release()
             with anyio.CancelScope(shield=True):
-                await stream.aclose()
+                if isinstance(connection, socket.socket):
+                    connection.close()
+                else:
+                    await connection.aclose()
             if isinstance(error, NotRunning):
                 return
             raise

@@ -31,12 +31,15 @@ released.
 
 from __future__ import annotations
 
+import asyncio
 import enum
+import inspect
 import itertools
 import logging
+import socket
 import traceback
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import Any
 
 import anyio
@@ -93,6 +96,13 @@ class ConnectionLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
         return f"[conn {extra.get('connection_id')} {extra.get('peer')}] {msg}", kwargs
 
 
+def _sockname(getter: Callable[[], Any]) -> Any:
+    try:
+        return getter()
+    except OSError:
+        return None
+
+
 def _address(raw: Any) -> tuple[str, int] | None:
     if isinstance(raw, tuple) and len(raw) >= 2:
         return (str(raw[0]), int(raw[1]))
@@ -111,12 +121,32 @@ class Worker:
     def __init__(
         self,
         options: WorkerOptions,
-        stream: anyio.abc.ByteStream,
+        connection: anyio.abc.ByteStream | socket.socket,
         release: Callable[[], None] | None = None,
     ) -> None:
         self._options = options
-        self._stream = stream
         self._release = release
+        if isinstance(connection, socket.socket):
+            # The asyncio fast path: the worker's own protocol reads into a reused buffer and
+            # runs the module (and sync handlers) in its callbacks, with no task switch.
+            self._sock: socket.socket | None = connection
+            self._stream: anyio.abc.ByteStream | None = None
+            peer_raw: Any = _sockname(connection.getpeername)
+            local_raw: Any = _sockname(connection.getsockname)
+        else:
+            self._sock = None
+            self._stream = connection
+            peer_raw = connection.extra(anyio.abc.SocketAttribute.remote_address, None)
+            local_raw = connection.extra(anyio.abc.SocketAttribute.local_address, None)
+        self._transport: asyncio.Transport | None = None
+        self._queue: deque[Effect] = deque()
+        self._backlog: deque[Any] = deque()
+        self._busy = False
+        self._reading_paused = False
+        self._eof_seen = False
+        self._timer_handles: dict[str, asyncio.TimerHandle] = {}
+        self._wake: asyncio.Event | None = None
+        self._writable: asyncio.Event | None = None
         self._mailbox_send, self._mailbox_receive = anyio.create_memory_object_stream[Action](options.mailbox_size)
         self._write_lock = anyio.Lock(fast_acquire=True)
         self._timers: dict[str, float] = {}
@@ -135,9 +165,7 @@ class Worker:
         #: Unique within the process; appears in every log line of the connection.
         self.connection_id = next(_connection_ids)
         self.connection = ConnectionInfo(
-            peer=_address(stream.extra(anyio.abc.SocketAttribute.remote_address, None)),
-            local=_address(stream.extra(anyio.abc.SocketAttribute.local_address, None)),
-            connection_id=self.connection_id,
+            peer=_address(peer_raw), local=_address(local_raw), connection_id=self.connection_id
         )
         peer = self.connection.peer
         self.log = ConnectionLogger(
@@ -272,8 +300,13 @@ class Worker:
         async with anyio.create_task_group() as tg:
             self._serve_scope = tg.cancel_scope
             tg.start_soon(self._mailbox_loop)
-            await self._apply(self._module.start(b"", {}))
-            await self._reader_loop()
+            if self._sock is not None:
+                await self._open_protocol()
+                self._feed(self._module.start(b"", {}))
+                await self._continue()
+            else:
+                await self._apply(self._module.start(b"", {}))
+                await self._reader_loop()
             tg.cancel_scope.cancel()
 
     async def _drain(self) -> None:
@@ -282,8 +315,15 @@ class Worker:
             return
         self.state = WorkerState.DRAINING
         self.log.debug("draining")
-        await self._apply(self._module.action(GoingAway()))
-        await self._reader_loop()
+        if self._sock is not None:
+            self._busy = False  # a handler call in progress was cancelled with the worker
+            self._queue.clear()
+            self._feed(self._module.action(GoingAway()))
+            self._resume_reading()
+            await self._continue()
+        else:
+            await self._apply(self._module.action(GoingAway()))
+            await self._reader_loop()
 
     async def _finish(self) -> None:
         draining = self.state is WorkerState.DRAINING
@@ -291,12 +331,20 @@ class Worker:
         self._mailbox_send.close()
         self._mailbox_receive.close()
         self.state = WorkerState.DONE
+        for handle in self._timer_handles.values():
+            handle.cancel()
+        self._timer_handles.clear()
         try:
             with anyio.CancelScope(shield=True):
                 if not self._socket_closed:
                     self._socket_closed = True
-                    with anyio.move_on_after(1):
-                        await self._stream.aclose()
+                    if self._transport is not None:
+                        self._transport.abort()
+                    elif self._sock is not None:
+                        self._sock.close()
+                    elif self._stream is not None:
+                        with anyio.move_on_after(1):
+                            await self._stream.aclose()
                 if self._opened and not self._told_close:
                     if self._aborted is not None:
                         notice = self._aborted
@@ -312,8 +360,11 @@ class Worker:
                 release()
             self.log.debug("done")
 
+    # ------------------------------------------------- stream I/O (any backend)
+
     async def _reader_loop(self) -> None:
         stream = self._stream
+        assert stream is not None
         while not self._stopped and not self._socket_closed:
             if self._timers:
                 deadline = min(self._timers.values())
@@ -334,6 +385,156 @@ class Worker:
                     return
             await self._apply(self._module.data_received(data))
 
+    # ------------------------------------------------ protocol I/O (asyncio)
+
+    async def _open_protocol(self) -> None:
+        assert self._sock is not None
+        loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self._writable = asyncio.Event()
+        self._writable.set()
+        await loop.connect_accepted_socket(lambda: _WorkerProtocol(self), self._sock)
+
+    def _feed(self, effects: list[Effect]) -> None:
+        """Queue effects and carry out all that need no task; a call to an async handler wakes the task."""
+        self._queue.extend(effects)
+        self._run_queue()
+
+    def _run_queue(self) -> None:
+        queue = self._queue
+        while queue and not self._busy and not self._stopped:
+            effect = queue.popleft()
+            if type(effect) is Deliver:
+                if self._needs_task(effect.message):
+                    queue.appendleft(effect)
+                    self._busy = True
+                    self._pause_reading()
+                    self._wake_task()
+                    return
+                queue.extendleft(reversed(_run_sync(self._deliver_steps(effect.message))))
+            else:
+                more = self._execute(effect)
+                if more:
+                    queue.extendleft(reversed(more))
+
+    def _execute(self, effect: Effect) -> list[Effect] | None:
+        """Carry out one effect other than Deliver, synchronously (protocol mode)."""
+        kind = type(effect)
+        if kind is Write:
+            if not self._socket_closed and self._transport is not None:
+                self._transport.write(effect.data)  # type: ignore[union-attr]
+        elif kind is SetTimer:
+            name: str = effect.name  # type: ignore[union-attr]
+            old = self._timer_handles.pop(name, None)
+            if old is not None:
+                old.cancel()
+            seconds = effect.seconds  # type: ignore[union-attr]
+            if seconds is not None:
+                loop = asyncio.get_running_loop()
+                self._timer_handles[name] = loop.call_later(seconds, self._on_timer, name)
+        elif kind is CloseSocket:
+            if not self._socket_closed:
+                self._socket_closed = True
+                if self._transport is not None:
+                    self._transport.close()
+        elif kind is Stop:
+            self._stopped = True
+            self._queue.clear()
+            self.log.debug("stopping: %s", effect.reason)  # type: ignore[union-attr]
+            self._wake_task()
+        elif kind is Switch:
+            return self._switch(effect)  # type: ignore[arg-type]
+        else:
+            raise TypeError(f"{type(self._module).__name__} returned an unknown effect {effect!r}")
+        return None
+
+    def _wake_task(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    async def _continue(self) -> None:
+        """The worker task's part in protocol mode: async handler calls and leftover input."""
+        wake = self._wake
+        assert wake is not None
+        while not self._stopped and not (self._socket_closed and not self._busy and not self._backlog):
+            if self._busy:
+                effect = self._queue.popleft()
+                assert type(effect) is Deliver
+                more = await _run_async(self._deliver_steps(effect.message))
+                self._busy = False
+                self._queue.extendleft(reversed(more))
+                self._run_queue()
+                self._resume_reading()
+            if self._backlog and not self._busy:
+                self._take_backlog()
+                continue
+            if not self._busy:
+                wake.clear()
+                if self._stopped or self._socket_closed:
+                    break
+                await wake.wait()
+
+    def _take_backlog(self) -> None:
+        backlog = self._backlog
+        while backlog and not self._busy and not self._stopped:
+            kind, value = backlog.popleft()
+            if kind == "data":
+                self._feed(self._module.data_received(value))
+            elif kind == "eof":
+                self._feed(self._module.eof_received())
+            else:
+                self._feed(self._module.timer_expired(value))
+        if not backlog:
+            self._resume_reading()
+
+    def _input(self, kind: str, value: Any) -> None:
+        """Input from the protocol or a timer: handled now, or queued while the task is busy."""
+        if self._stopped:
+            return
+        if self._busy or self._backlog:
+            self._backlog.append((kind, value))
+            self._pause_reading()
+            self._wake_task()
+            return
+        if kind == "data":
+            self._feed(self._module.data_received(value))
+        elif kind == "eof":
+            self._feed(self._module.eof_received())
+        else:
+            self._feed(self._module.timer_expired(value))
+
+    def _on_timer(self, name: str) -> None:
+        self._timer_handles.pop(name, None)
+        self._input("timer", name)
+
+    def _on_eof(self) -> None:
+        if not self._eof_seen:
+            self._eof_seen = True
+            self._input("eof", None)
+
+    def _on_lost(self) -> None:
+        self._socket_closed = True
+        self._on_eof()
+        self._wake_task()
+
+    def _pause_reading(self) -> None:
+        if not self._reading_paused and self._transport is not None and not self._socket_closed:
+            self._reading_paused = True
+            self._transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if (
+            self._reading_paused
+            and not self._busy
+            and not self._backlog
+            and self._writable is not None
+            and self._writable.is_set()
+            and self._transport is not None
+            and not self._socket_closed
+        ):
+            self._reading_paused = False
+            self._transport.resume_reading()
+
     async def _expire_timers(self) -> None:
         now = anyio.current_time()
         for name, deadline in list(self._timers.items()):
@@ -343,9 +544,23 @@ class Worker:
 
     async def _mailbox_loop(self) -> None:
         async for action in self._mailbox_receive:
-            await self._apply(self._module.action(action), from_mailbox=True)
+            effects = self._module.action(action)
+            if self._sock is not None:
+                for effect in effects:
+                    if type(effect) is Deliver:
+                        raise RuntimeError(f"{type(self._module).__name__}.action() returned Deliver, which it may not")
+                    self._feed_one(effect)
+                assert self._writable is not None
+                await self._writable.wait()  # the peer reads too slowly: wait before writing more
+            else:
+                await self._apply(effects, from_mailbox=True)
             if self._stopped:
                 return
+
+    def _feed_one(self, effect: Effect) -> None:
+        more = self._execute(effect)
+        if more:
+            self._feed(more)
 
     # --------------------------------------------------------------- effects
 
@@ -359,7 +574,7 @@ class Worker:
             elif kind is Deliver:
                 if from_mailbox:
                     raise RuntimeError(f"{type(self._module).__name__}.action() returned Deliver, which it may not")
-                more = await self._deliver(effect.message)  # type: ignore[union-attr]
+                more = await _run_async(self._deliver_steps(effect.message))  # type: ignore[union-attr]
                 queue.extendleft(reversed(more))
             elif kind is SetTimer:
                 seconds = effect.seconds  # type: ignore[union-attr]
@@ -391,7 +606,7 @@ class Worker:
         return self._module.start(switch.data, switch.context)
 
     async def _write(self, data: bytes) -> None:
-        if self._socket_closed:
+        if self._socket_closed or self._stream is None:
             return
         try:
             async with self._write_lock:
@@ -400,7 +615,7 @@ class Worker:
             self._socket_closed = True
 
     async def _close_socket(self) -> None:
-        if self._socket_closed:
+        if self._socket_closed or self._stream is None:
             return
         self._socket_closed = True
         with anyio.CancelScope(shield=True), anyio.move_on_after(1):
@@ -408,17 +623,54 @@ class Worker:
 
     # --------------------------------------------------------------- handler
 
-    async def _deliver(self, message: Any) -> list[Effect]:
+    def _needs_task(self, message: Any) -> bool:
+        """Whether delivering ``message`` calls an ``async`` callback (so a task must run it)."""
+        if isinstance(message, Opened):
+            handler = self._module_config.handler
+            return handler is not None and handler.async_init
+        if self._handler is None or not self._opened:
+            return False
+        if isinstance(message, ConnectionClose) and self._told_close:
+            return False
+        return self._handler.async_handle
+
+    def _deliver_steps(self, message: Any) -> Steps:
+        """Deliver ``message`` to the handler: yields each call to make, returns the module's next effects.
+
+        Written once, run synchronously in protocol callbacks (sync handlers) or
+        awaited by a task (async handlers, and every handler in stream mode).
+        """
         module = self._module
         if isinstance(message, Opened):
-            return await self._open(message)
+            handler = self._module_config.handler
+            if handler is None:
+                return module.handler_failed(RuntimeError("no handler_module configured"))
+            self._handler = handler
+            options: dict[str, Any] = dict(getattr(self._module_config.options, "handler_options", None) or {})
+            options.update(message.info)
+            options["worker"] = self
+            try:
+                self._handler_object = handler.for_connection()
+                self._handler_state = yield (self._handler_object.init, (options,))
+            except Exception as error:
+                self._report("raised in init", error)
+                return module.handler_failed(error)
+            self._opened = True
+            self.log.debug("established")
+            return module.handler_returned(None)
         if isinstance(message, ConnectionClose):
-            await self._notify_closed(message)
+            groups.leave_all(self)  # a closed connection is no longer reachable through its groups
+            if self._opened and not self._told_close:
+                self._told_close = True
+                try:
+                    yield (self._handler_object.handle, (message, self._handler_state))
+                except Exception as error:
+                    self._report("raised in handle(connection_close)", error)
             return module.handler_returned(None)
         if not self._opened:
             return module.handler_failed(RuntimeError("message before init"))
         try:
-            raw = await call(self._handler_object.handle, message, self._handler_state)
+            raw = yield (self._handler_object.handle, (message, self._handler_state))
         except Exception as error:
             self._report(f"raised in handle({message!r:.80})", error)
             return module.handler_failed(error)
@@ -434,34 +686,8 @@ class Worker:
     def _handler_name(self) -> str:
         return self._handler.name if self._handler is not None else "?"
 
-    async def _open(self, message: Opened) -> list[Effect]:
-        module = self._module
-        handler = self._module_config.handler
-        if handler is None:
-            return module.handler_failed(RuntimeError("no handler_module configured"))
-        self._handler = handler
-        options: dict[str, Any] = dict(getattr(self._module_config.options, "handler_options", None) or {})
-        options.update(message.info)
-        options["worker"] = self
-        try:
-            self._handler_object = handler.for_connection()
-            self._handler_state = await call(self._handler_object.init, options)
-        except Exception as error:
-            self._report("raised in init", error)
-            return module.handler_failed(error)
-        self._opened = True
-        self.log.debug("established")
-        return module.handler_returned(None)
-
     async def _notify_closed(self, message: ConnectionClose) -> None:
-        groups.leave_all(self)  # a closed connection is no longer reachable through its groups
-        if not self._opened or self._told_close:
-            return
-        self._told_close = True
-        try:
-            await call(self._handler_object.handle, message, self._handler_state)
-        except Exception as error:
-            self._report("raised in handle(connection_close)", error)
+        await _run_async(self._deliver_steps(message))
 
     def _report(self, what: str, error: BaseException) -> None:
         self.log.error(
@@ -471,6 +697,81 @@ class Worker:
             error,
             "".join(traceback.format_exception(error)).rstrip(),
         )
+
+
+Steps = Generator[tuple[Callable[..., Any], tuple[Any, ...]], Any, list[Effect]]
+
+
+def _run_sync(steps: Steps) -> list[Effect]:
+    """Run handler steps whose callbacks are plain functions."""
+    try:
+        function, args = next(steps)
+        while True:
+            try:
+                result = function(*args)
+                if inspect.isawaitable(result):
+                    close = getattr(result, "close", None)
+                    if close is not None:
+                        close()
+                    raise TypeError(f"{function!r} returned an awaitable; declare it 'async def'")
+            except Exception as error:
+                function, args = steps.throw(error)
+            else:
+                function, args = steps.send(result)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+
+
+async def _run_async(steps: Steps) -> list[Effect]:
+    """Run handler steps, awaiting callbacks that are ``async``."""
+    try:
+        function, args = next(steps)
+        while True:
+            try:
+                result = await call(function, *args)
+            except Exception as error:
+                function, args = steps.throw(error)
+            else:
+                function, args = steps.send(result)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+
+
+class _WorkerProtocol(asyncio.BufferedProtocol):
+    """Reads into one reused buffer (no allocation per read) and hands the bytes to the worker."""
+
+    def __init__(self, worker: Worker) -> None:
+        self._worker = worker
+        self._buffer = bytearray(65536)
+        self._view = memoryview(self._buffer)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._worker._transport = transport  # type: ignore[assignment]
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._worker._input("data", bytes(self._view[:nbytes]))
+
+    def eof_received(self) -> bool:
+        self._worker._on_eof()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._worker._on_lost()
+
+    def pause_writing(self) -> None:
+        writable = self._worker._writable
+        if writable is not None:
+            writable.clear()
+        self._worker._pause_reading()
+
+    def resume_writing(self) -> None:
+        writable = self._worker._writable
+        if writable is not None:
+            writable.set()
+        self._worker._resume_reading()
 
 
 async def send(worker: Worker, data: str | bytes) -> None:

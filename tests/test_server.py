@@ -360,11 +360,10 @@ async def test_crashes_faster_than_the_intensity_allows_stop_the_server_and_reac
             client = await RawClient.connect(server.port)
             await recorder.wait_for(lambda: recorder.open_now == 1)
 
-            async def broken_accept() -> object:
+            async def broken_accept(listener: object) -> object:
                 raise RuntimeError("accept is broken for good")
 
-            for listener in server._listeners:
-                monkeypatch.setattr(listener, "accept", broken_accept)
+            monkeypatch.setattr(server, "_accept", broken_accept)
             await server.acceptor_supervisor.terminate_child(("acceptor", 0))
             await server.acceptor_supervisor.restart_child(("acceptor", 0))
             await anyio.sleep_forever()

@@ -141,16 +141,15 @@ async def test_an_acceptor_that_crashes_is_restarted_and_the_server_keeps_accept
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     async with start_link(server_options(number_of_workers=1)) as server:
-        listener = server._listeners[0]
-        original = listener.accept
+        original = server._accept
         faults = [RuntimeError("injected accept fault")]
 
-        async def faulty_accept() -> Any:
+        async def faulty_accept(listener: Any) -> Any:
             if faults:
                 raise faults.pop()
-            return await original()
+            return await original(listener)
 
-        monkeypatch.setattr(listener, "accept", faulty_accept)
+        monkeypatch.setattr(server, "_accept", faulty_accept)
         await server.acceptor_supervisor.terminate_child(("acceptor", 0))
         await server.acceptor_supervisor.restart_child(("acceptor", 0))  # the new acceptor meets the fault
 
@@ -167,16 +166,15 @@ async def test_too_many_open_files_slows_accepting_without_a_crash(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     async with start_link(server_options(number_of_workers=1)) as server:
-        listener = server._listeners[0]
-        original = listener.accept
+        original = server._accept
         faults = [OSError(errno.EMFILE, "Too many open files")]
 
-        async def exhausted_accept() -> Any:
+        async def exhausted_accept(listener: Any) -> Any:
             if faults:
                 raise faults.pop()
-            return await original()
+            return await original(listener)
 
-        monkeypatch.setattr(listener, "accept", exhausted_accept)
+        monkeypatch.setattr(server, "_accept", exhausted_accept)
         await server.acceptor_supervisor.terminate_child(("acceptor", 0))
         await server.acceptor_supervisor.restart_child(("acceptor", 0))
 

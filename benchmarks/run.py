@@ -1,0 +1,239 @@
+"""Run the benchmark suite: every server, the same scenarios, the same C load generator, one run.
+
+    pip install -e '.[bench]'
+    python benchmarks/run.py                  # everything (about 10 minutes)
+    python benchmarks/run.py --quick          # 2 s per scenario, one run each
+    python benchmarks/run.py --servers pywsserver websockets --scenarios small broadcast
+
+The load generator (``loadgen.c``) is built with the system compiler. The server runs pinned to CPU 0
+and the load generator to CPU 1 (``taskset``). A raw TCP echo server (no WebSocket framing) runs the
+small and pipelined scenarios first: it shows how far the generator goes, far above any WebSocket
+server. Results go to the terminal and to ``benchmarks/results/latest.md`` and ``latest.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+BUILD = HERE / "build"
+RESULTS = HERE / "results"
+REFERENCE = "websockets"
+
+SERVERS = [
+    "pywsserver",
+    "pywsserver-uvloop",
+    "pywsserver-trio",
+    "websockets",
+    "websockets-uvloop",
+    "aiohttp",
+    "picows",
+    "naive-anyio-wsproto",
+]
+
+# name: (load generator arguments, how many runs to take the median of, unit)
+SCENARIOS: dict[str, tuple[list[str], int, str]] = {
+    "small": (["echo", "--conns", "100", "--depth", "1", "--size", "64"], 3, "msgs/s"),
+    "pipelined": (["echo", "--conns", "100", "--depth", "16", "--size", "64"], 3, "msgs/s"),
+    "large": (["echo", "--conns", "10", "--depth", "1", "--size", "65536", "--binary"], 1, "msgs/s"),
+    "churn": (["churn", "--parallel", "50"], 1, "handshakes/s"),
+    "idle": (["idle", "--conns", "10000"], 1, "KiB/conn"),
+    "broadcast": (["broadcast", "--conns", "2000", "--count", "50", "--size", "64"], 3, "deliveries/s"),
+}
+
+
+def pin(cpu: int) -> list[str]:
+    return ["taskset", "-c", str(cpu)] if shutil.which("taskset") and (os.cpu_count() or 1) > 1 else []
+
+
+def build(name: str) -> Path:
+    BUILD.mkdir(exist_ok=True)
+    binary = BUILD / name
+    source = HERE / f"{name}.c"
+    if not binary.exists() or binary.stat().st_mtime < source.stat().st_mtime:
+        compiler = os.environ.get("CC", "cc")
+        subprocess.run([compiler, "-O2", "-o", str(binary), str(source)], check=True)
+    return binary
+
+
+def rss_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def parse(line: str) -> dict[str, float]:
+    return {k: float(v) for k, v in (item.split("=") for item in line.split() if "=" in item)}
+
+
+class Server:
+    def __init__(self, name: str, command: list[str] | None = None) -> None:
+        self.name = name
+        self.process = subprocess.Popen(
+            [*pin(0), *(command or [sys.executable, str(HERE / "servers.py"), name, "0"])],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        if not line.startswith("ready"):
+            self.process.kill()
+            raise RuntimeError(f"{name} did not start")
+        self.port = int(line.split()[1])
+
+    def stop(self) -> None:
+        self.process.kill()
+        self.process.wait()
+
+
+def run_loadgen(loadgen: Path, port: int, arguments: list[str], duration: float, raw: bool = False) -> dict[str, float]:
+    mode, *rest = arguments
+    command = [*pin(1), str(loadgen), mode, str(port), *rest, "--duration", str(duration)]
+    if raw:
+        command.append("--raw")
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    if result.returncode != 0:
+        raise RuntimeError(result.stderr.strip() or f"loadgen exited with {result.returncode}")
+    return parse(result.stdout)
+
+
+def idle_per_connection(loadgen: Path, server: Server, arguments: list[str]) -> dict[str, float]:
+    before = rss_kib(server.process.pid, "VmRSS")
+    mode, *rest = arguments
+    generator = subprocess.Popen(
+        [*pin(1), str(loadgen), mode, str(server.port), *rest],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert generator.stdout is not None and generator.stdin is not None
+    line = generator.stdout.readline()
+    opened = parse(line).get("opened", 0)
+    wanted = int(rest[rest.index("--conns") + 1])
+    if opened < wanted:
+        generator.kill()
+        raise RuntimeError(f"only {opened:.0f} of {wanted} connections opened")
+    time.sleep(1.0)  # let the server finish the handshakes it has read
+    after = rss_kib(server.process.pid, "VmRSS")
+    generator.stdin.close()
+    generator.wait(timeout=60)
+    return {"rate": (after - before) / max(opened, 1), "opened": opened}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    loadgen = build("loadgen")
+    results: dict[str, Any] = {"machine": machine(), "command": " ".join(sys.argv), "scenarios": {}, "baseline": {}}
+    duration = args.duration
+    # The generator's own ceiling: a C TCP echo server, no WebSocket framing. And the same with a
+    # Python asyncio Protocol echo, the floor under every asyncio server.
+    for label, command in (
+        ("C TCP echo (generator ceiling)", [str(build("echoserver")), "0"]),
+        ("Python asyncio TCP echo", None),
+    ):
+        server = Server("raw-tcp-echo", command)
+        try:
+            for scenario in ("small", "pipelined"):
+                arguments, _, _ = SCENARIOS[scenario]
+                row = run_loadgen(loadgen, server.port, arguments, duration, raw=True)
+                results["baseline"].setdefault(scenario, {})[label] = row
+                print(f"baseline {label} {scenario}: {row['rate']:,.0f} msgs/s", flush=True)
+        finally:
+            server.stop()
+    for name in args.servers:
+        for scenario in args.scenarios:
+            arguments, repeats, unit = SCENARIOS[scenario]
+            repeats = 1 if args.quick else repeats
+            server = Server(name)  # a fresh server per scenario: peak RSS and state belong to it
+            try:
+                if scenario == "idle":
+                    runs = [idle_per_connection(loadgen, server, arguments)]
+                else:
+                    runs = [run_loadgen(loadgen, server.port, arguments, duration) for _ in range(repeats)]
+                rates = [r["rate"] for r in runs]
+                median = statistics.median(rates)
+                best = min(runs, key=lambda r: abs(r["rate"] - median))
+                row = {**best, "rate": median, "runs": rates, "peak_rss_kib": rss_kib(server.process.pid, "VmHWM")}
+            except Exception as error:  # a peer that fails is reported, not fatal
+                row = {"error": str(error)}
+            finally:
+                server.stop()
+            results["scenarios"].setdefault(scenario, {})[name] = row
+            shown = f"{row['rate']:,.1f} {unit}" if "rate" in row else f"failed: {row['error']}"
+            print(f"{name:22} {scenario:10} {shown}", flush=True)
+    return results
+
+
+def machine() -> dict[str, Any]:
+    model = "unknown"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version(), "system": platform.platform()}
+
+
+def table(results: dict[str, Any]) -> str:
+    lines = [
+        f"Machine: {results['machine']['cpu']}, {results['machine']['cores']} cores, "
+        f"Python {results['machine']['python']}. Command: `{results['command']}`",
+        "",
+    ]
+    for scenario, rows in results["scenarios"].items():
+        _, _, unit = SCENARIOS[scenario]
+        reference = rows.get(REFERENCE, {}).get("rate")
+        lower_is_better = scenario == "idle"
+        lines += [f"### {scenario} ({unit})", ""]
+        lines += ["| server | result | p50 ms | p99 ms | peak RSS MiB | vs websockets |", "|---|---:|---:|---:|---:|---:|"]
+        for name, row in rows.items():
+            if "rate" not in row:
+                lines.append(f"| {name} | failed | | | | |")
+                continue
+            ratio = ""
+            if reference:
+                ratio = f"{(reference / row['rate'] if lower_is_better else row['rate'] / reference):.2f}x"
+            p50 = f"{row['p50_ms']:.2f}" if "p50_ms" in row else ""
+            p99 = f"{row['p99_ms']:.2f}" if "p99_ms" in row else ""
+            lines.append(
+                f"| {name} | {row['rate']:,.1f} | {p50} | {p99} | {row['peak_rss_kib'] / 1024:.1f} | {ratio} |"
+            )
+        for label, row in results["baseline"].get(scenario, {}).items():
+            lines.append(f"| *{label}* | {row['rate']:,.0f} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f} | | |")
+        lines.append("")
+    lines.append("Ratios: higher is better, except idle memory where the ratio is websockets' KiB / ours.")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--servers", nargs="+", default=SERVERS, choices=SERVERS)
+    parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per measured run (default 5)")
+    parser.add_argument("--quick", action="store_true", help="2 s per run, one run per scenario")
+    args = parser.parse_args()
+    if args.quick:
+        args.duration = 2.0
+    results = run(args)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "latest.json").write_text(json.dumps(results, indent=2))
+    report = table(results)
+    (RESULTS / "latest.md").write_text(report + "\n")
+    print()
+    print(report)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,297 @@
+"""The servers the benchmark runs, each the same echo + broadcast service on 127.0.0.1.
+
+``python benchmarks/servers.py NAME [PORT]`` starts one and prints ``ready PORT`` once it listens.
+Every server echoes text as text and binary as binary; a text message ``go:COUNT:SIZE`` makes it
+broadcast COUNT text messages of SIZE bytes to every connection (the sender included), the way
+the server's own broadcast facility does it. Compression is off everywhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from typing import Any
+
+MAX_SIZE = 16 * 1024 * 1024
+
+
+def parse_go(message: str) -> tuple[int, str] | None:
+    if not message.startswith("go:"):
+        return None
+    _, count, size = message.split(":")
+    return int(count), "b" * int(size)
+
+
+def ready(port: int) -> None:
+    print(f"ready {port}", flush=True)
+
+
+# ----------------------------------------------------------------- pywsserver
+
+
+class BenchHandler:
+    """The benchmark's handler for pywsserver: echo, and broadcast on "go"."""
+
+    def init(self, options: dict[str, Any]) -> None:
+        options["worker"].join("bench")
+
+    def handle(self, message: object, state: None) -> tuple[Any, ...]:
+        if isinstance(message, str):
+            go = parse_go(message)
+            if go is not None:
+                from pywsserver import broadcast
+
+                count, payload = go
+                for _ in range(count):
+                    broadcast("bench", payload)
+                return ("noreply", state)
+            return ("reply", message, state)
+        if isinstance(message, bytes):
+            return ("reply", message, state)
+        return ("noreply", state)
+
+
+def run_pywsserver(port: int, backend: str, uvloop: bool) -> None:
+    import anyio
+
+    import pywsserver
+
+    options = [
+        ("port", port),
+        ("max_connections", 100_000),
+        ("backlog", 4096),
+        (
+            "worker_options",
+            [
+                ("mailbox_size", 256),
+                (
+                    "protocol_modules",
+                    [
+                        (
+                            "websocket",
+                            [
+                                ("handler_module", BenchHandler),
+                                ("max_message_size", MAX_SIZE),
+                                ("control_messages", False),
+                            ],
+                        )
+                    ],
+                ),
+            ],
+        ),
+    ]
+
+    async def main() -> None:
+        async with pywsserver.start_link(options) as server:
+            ready(server.port)
+            await anyio.sleep_forever()
+
+    backend_options = {"use_uvloop": True} if uvloop else {}
+    anyio.run(main, backend=backend, backend_options=backend_options)
+
+
+# ------------------------------------------------------------------ websockets
+
+
+def run_websockets(port: int, uvloop: bool) -> None:
+    from websockets.asyncio.server import broadcast, serve
+
+    async def handler(ws: Any) -> None:
+        async for message in ws:
+            go = parse_go(message) if isinstance(message, str) else None
+            if go is not None:
+                count, payload = go
+                for _ in range(count):
+                    broadcast(server.connections, payload)
+            else:
+                await ws.send(message)
+
+    async def main() -> None:
+        nonlocal server
+        async with serve(handler, "127.0.0.1", port, compression=None, max_size=MAX_SIZE, backlog=4096) as server:
+            ready(server.sockets[0].getsockname()[1])
+            await asyncio.Future()
+
+    server: Any = None
+    if uvloop:
+        import uvloop as uv
+
+        uv.run(main())
+    else:
+        asyncio.run(main())
+
+
+# --------------------------------------------------------------------- aiohttp
+
+
+def run_aiohttp(port: int) -> None:
+    from aiohttp import WSMsgType, web
+
+    sockets: set[Any] = set()
+
+    async def handler(request: Any) -> Any:
+        ws = web.WebSocketResponse(compress=False, max_msg_size=MAX_SIZE, autoping=True)
+        await ws.prepare(request)
+        sockets.add(ws)
+        try:
+            async for message in ws:
+                if message.type == WSMsgType.TEXT:
+                    go = parse_go(message.data)
+                    if go is not None:
+                        count, payload = go
+                        for _ in range(count):
+                            for other in list(sockets):
+                                other.send_str(payload)  # type: ignore[unused-coroutine]  # fire and forget
+                    else:
+                        await ws.send_str(message.data)
+                elif message.type == WSMsgType.BINARY:
+                    await ws.send_bytes(message.data)
+        finally:
+            sockets.discard(ws)
+        return ws
+
+    async def main() -> None:
+        app = web.Application()
+        app.router.add_get("/", handler)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", port, backlog=4096)
+        await site.start()
+        ready(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
+        await asyncio.Future()
+
+    asyncio.run(main())
+
+
+# ---------------------------------------------------------------------- picows
+
+
+def run_picows(port: int) -> None:
+    from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_create_server
+
+    transports: set[Any] = set()
+
+    class Echo(WSListener):  # type: ignore[misc]
+        def on_ws_connected(self, transport: WSTransport) -> None:
+            transports.add(transport)
+
+        def on_ws_disconnected(self, transport: WSTransport) -> None:
+            transports.discard(transport)
+
+        def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+            if frame.msg_type == WSMsgType.TEXT:
+                text = frame.get_payload_as_ascii_text()
+                go = parse_go(text)
+                if go is not None:
+                    count, payload = go
+                    data = payload.encode()
+                    for _ in range(count):
+                        for other in transports:
+                            other.send(WSMsgType.TEXT, data)
+                    return
+                transport.send(WSMsgType.TEXT, frame.get_payload_as_bytes())
+            elif frame.msg_type == WSMsgType.BINARY:
+                transport.send(WSMsgType.BINARY, frame.get_payload_as_bytes())
+            elif frame.msg_type == WSMsgType.PING:
+                transport.send_pong(frame.get_payload_as_bytes())
+            elif frame.msg_type == WSMsgType.CLOSE:
+                transport.send_close(frame.get_close_code())
+                transport.disconnect()
+
+    async def main() -> None:
+        server = await ws_create_server(lambda _: Echo(), "127.0.0.1", port, max_frame_size=MAX_SIZE)
+        ready(server.sockets[0].getsockname()[1])
+        await asyncio.Future()
+
+    asyncio.run(main())
+
+
+# ------------------------------------------------------------ naive anyio+wsproto
+
+
+def run_naive(port: int) -> None:
+    import anyio
+    from wsproto import ConnectionType, WSConnection
+    from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Ping, Request, TextMessage
+
+    connections: set[Any] = set()
+
+    async def serve(stream: Any) -> None:
+        ws = WSConnection(ConnectionType.SERVER)
+        try:
+            while True:
+                data = await stream.receive()
+                ws.receive_data(data)
+                out = b""
+                for event in ws.events():
+                    if isinstance(event, Request):
+                        out += ws.send(AcceptConnection())
+                        connections.add((ws, stream))
+                    elif isinstance(event, TextMessage):
+                        go = parse_go(event.data)
+                        if go is not None:
+                            count, payload = go
+                            for _ in range(count):
+                                for other_ws, other in list(connections):
+                                    await other.send(other_ws.send(TextMessage(data=payload)))
+                        else:
+                            out += ws.send(TextMessage(data=event.data))
+                    elif isinstance(event, BytesMessage):
+                        out += ws.send(BytesMessage(data=event.data))
+                    elif isinstance(event, Ping):
+                        out += ws.send(event.response())
+                    elif isinstance(event, CloseConnection):
+                        await stream.send(out + ws.send(event.response()))
+                        return
+                if out:
+                    await stream.send(out)
+        except (anyio.EndOfStream, anyio.BrokenResourceError):
+            pass
+        finally:
+            connections.discard((ws, stream))
+            await stream.aclose()
+
+    async def main() -> None:
+        listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=port, backlog=4096)
+        ready(listener.extra(anyio.abc.SocketAttribute.local_port))  # type: ignore[attr-defined]
+        await listener.serve(serve)
+
+    import anyio.abc
+
+    anyio.run(main)
+
+
+# ------------------------------------------------------------- raw TCP echo
+
+
+def run_raw_echo(port: int) -> None:
+    class Echo(asyncio.Protocol):
+        def connection_made(self, transport: Any) -> None:
+            self.transport = transport
+
+        def data_received(self, data: bytes) -> None:
+            self.transport.write(data)
+
+    async def main() -> None:
+        server = await asyncio.get_running_loop().create_server(Echo, "127.0.0.1", port, backlog=4096)
+        ready(server.sockets[0].getsockname()[1])
+        await asyncio.Future()
+
+    asyncio.run(main())
+
+
+SERVERS = {
+    "pywsserver": lambda port: run_pywsserver(port, "asyncio", False),
+    "pywsserver-uvloop": lambda port: run_pywsserver(port, "asyncio", True),
+    "pywsserver-trio": lambda port: run_pywsserver(port, "trio", False),
+    "websockets": lambda port: run_websockets(port, False),
+    "websockets-uvloop": lambda port: run_websockets(port, True),
+    "aiohttp": run_aiohttp,
+    "picows": run_picows,
+    "naive-anyio-wsproto": run_naive,
+    "raw-tcp-echo": run_raw_echo,
+}
+
+if __name__ == "__main__":
+    name = sys.argv[1]
+    SERVERS[name](int(sys.argv[2]) if len(sys.argv) > 2 else 0)
