@@ -206,6 +206,8 @@ class Worker:
             raise TypeError(f"send_nowait() takes str or bytes, got {type(data).__name__}")
         if not self.alive:
             raise ConnectionClosed(f"{self!r} is closed")
+        if self._act_now(SendAction(data)):
+            return
         try:
             self._mailbox_send.send_nowait(SendAction(data))
         except anyio.WouldBlock:
@@ -237,12 +239,34 @@ class Worker:
         """Queue ``action`` without waiting; ``False`` when the mailbox is full."""
         if not self.alive:
             raise ConnectionClosed(f"{self!r} is closed")
+        if self._act_now(action):
+            return True
         try:
             self._mailbox_send.send_nowait(action)
         except anyio.WouldBlock:
             return False
         except (anyio.ClosedResourceError, anyio.BrokenResourceError):
             raise ConnectionClosed(f"{self!r} is closed") from None
+        return True
+
+    def _act_now(self, action: Action) -> bool:
+        """Protocol mode: carry ``action`` out at once when nothing is queued before it and the peer reads.
+
+        This keeps the order of the mailbox (it must be empty) and its bound
+        (a peer that does not read makes actions queue), without a task switch.
+        """
+        writable = self._writable
+        if (
+            self._transport is None
+            or writable is None
+            or not writable.is_set()
+            or self._mailbox_send.statistics().current_buffer_used
+        ):
+            return False
+        for effect in self._module.action(action):
+            if type(effect) is Deliver:
+                raise RuntimeError(f"{type(self._module).__name__}.action() returned Deliver, which it may not")
+            self._feed_one(effect)
         return True
 
     def _abort(self, code: int, reason: str) -> None:
@@ -277,6 +301,9 @@ class Worker:
     async def _put(self, action: Action) -> None:
         if not self.alive:
             raise ConnectionClosed(f"{self!r} is closed")
+        if self._act_now(action):
+            await anyio.lowlevel.checkpoint()
+            return
         try:
             await self._mailbox_send.send(action)
         except (anyio.ClosedResourceError, anyio.BrokenResourceError):
