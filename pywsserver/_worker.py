@@ -140,6 +140,7 @@ class Worker:
             local_raw = connection.extra(anyio.abc.SocketAttribute.local_address, None)
         self._transport: asyncio.Transport | None = None
         self._queue: deque[Effect] = deque()
+        self._out: list[bytes] = []
         self._backlog: deque[Any] = deque()
         self._busy = False
         self._reading_paused = False
@@ -426,6 +427,16 @@ class Worker:
         """Queue effects and carry out all that need no task; a call to an async handler wakes the task."""
         self._queue.extend(effects)
         self._run_queue()
+        self._flush()
+
+    def _flush(self) -> None:
+        """Write what the effects produced in one call: one system call for a batch of replies."""
+        out = self._out
+        if out:
+            data = out[0] if len(out) == 1 else b"".join(out)
+            out.clear()
+            if not self._socket_closed and self._transport is not None:
+                self._transport.write(data)
 
     def _run_queue(self) -> None:
         queue = self._queue
@@ -448,8 +459,8 @@ class Worker:
         """Carry out one effect other than Deliver, synchronously (protocol mode)."""
         kind = type(effect)
         if kind is Write:
-            if not self._socket_closed and self._transport is not None:
-                self._transport.write(effect.data)  # type: ignore[union-attr]
+            if not self._socket_closed:
+                self._out.append(effect.data)  # type: ignore[union-attr]  # written together by _flush
         elif kind is SetTimer:
             name: str = effect.name  # type: ignore[union-attr]
             old = self._timer_handles.pop(name, None)
@@ -461,10 +472,12 @@ class Worker:
                 self._timer_handles[name] = loop.call_later(seconds, self._on_timer, name)
         elif kind is CloseSocket:
             if not self._socket_closed:
+                self._flush()
                 self._socket_closed = True
                 if self._transport is not None:
                     self._transport.close()
         elif kind is Stop:
+            self._flush()
             self._stopped = True
             self._queue.clear()
             self.log.debug("stopping: %s", effect.reason)  # type: ignore[union-attr]
@@ -491,6 +504,7 @@ class Worker:
                 self._busy = False
                 self._queue.extendleft(reversed(more))
                 self._run_queue()
+                self._flush()
                 self._resume_reading()
             if self._backlog and not self._busy:
                 self._take_backlog()
@@ -588,6 +602,7 @@ class Worker:
         more = self._execute(effect)
         if more:
             self._feed(more)
+        self._flush()
 
     # --------------------------------------------------------------- effects
 
@@ -764,13 +779,18 @@ async def _run_async(steps: Steps) -> list[Effect]:
         return done.value  # type: ignore[no-any-return]
 
 
+_READ_BUFFER = memoryview(bytearray(262144))
+"""One read buffer for every connection: asyncio calls ``get_buffer``, reads, then ``buffer_updated``
+in one go, and the bytes are copied out at once, so connections can share it (no allocation per read,
+no page faults, no 64 KiB per idle connection)."""
+
+
 class _WorkerProtocol(asyncio.BufferedProtocol):
-    """Reads into one reused buffer (no allocation per read) and hands the bytes to the worker."""
+    """Reads into the shared buffer and hands a copy of the bytes to the worker."""
 
     def __init__(self, worker: Worker) -> None:
         self._worker = worker
-        self._buffer = bytearray(65536)
-        self._view = memoryview(self._buffer)
+        self._view = _READ_BUFFER
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._worker._transport = transport  # type: ignore[assignment]
