@@ -207,14 +207,8 @@ class Worker:
             raise TypeError(f"send_nowait() takes str or bytes, got {type(data).__name__}")
         if not self.alive:
             raise ConnectionClosed(f"{self!r} is closed")
-        if self._act_now(SendAction(data)):
-            return
-        try:
-            self._mailbox_send.send_nowait(SendAction(data))
-        except anyio.WouldBlock:
-            raise MailboxFull(f"the mailbox of {self!r} is full") from None
-        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-            raise ConnectionClosed(f"{self!r} is closed") from None
+        if not self._offer(SendAction(data)):
+            raise MailboxFull(f"the mailbox of {self!r} is full")
 
     async def ping(self, data: bytes = b"") -> None:
         """Queue a ping carrying ``data`` (at most 125 bytes)."""
@@ -248,6 +242,7 @@ class Worker:
             return False
         except (anyio.ClosedResourceError, anyio.BrokenResourceError):
             raise ConnectionClosed(f"{self!r} is closed") from None
+        self._wake_task()
         return True
 
     def _act_now(self, action: Action) -> bool:
@@ -306,9 +301,18 @@ class Worker:
             await anyio.lowlevel.checkpoint()
             return
         try:
-            await self._mailbox_send.send(action)
+            self._mailbox_send.send_nowait(action)
+        except anyio.WouldBlock:
+            self._wake_task()
+            try:
+                await self._mailbox_send.send(action)
+            except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+                raise ConnectionClosed(f"{self!r} is closed") from None
         except (anyio.ClosedResourceError, anyio.BrokenResourceError):
             raise ConnectionClosed(f"{self!r} is closed") from None
+        else:
+            await anyio.lowlevel.checkpoint()
+        self._wake_task()
 
     # --------------------------------------------------------------- running
 
@@ -327,12 +331,13 @@ class Worker:
     async def _serve(self) -> None:
         async with anyio.create_task_group() as tg:
             self._serve_scope = tg.cancel_scope
-            tg.start_soon(self._mailbox_loop)
             if self._sock is not None:
+                # One task: callbacks do the reading, this task the async handler calls and the mailbox.
                 await self._open_protocol()
                 self._feed(self._module.start(b"", {}))
                 await self._continue()
             else:
+                tg.start_soon(self._mailbox_loop)
                 await self._apply(self._module.start(b"", {}))
                 await self._reader_loop()
             tg.cancel_scope.cancel()
@@ -497,6 +502,7 @@ class Worker:
         wake = self._wake
         assert wake is not None
         while not self._stopped and not (self._socket_closed and not self._busy and not self._backlog):
+            self._take_mailbox()
             if self._busy:
                 effect = self._queue.popleft()
                 assert type(effect) is Deliver
@@ -514,6 +520,19 @@ class Worker:
                 if self._stopped or self._socket_closed:
                     break
                 await wake.wait()
+
+    def _take_mailbox(self) -> None:
+        """Carry out queued actions while the peer reads (protocol mode has no mailbox task)."""
+        writable = self._writable
+        while not self._stopped and writable is not None and writable.is_set():
+            try:
+                action = self._mailbox_receive.receive_nowait()
+            except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+                return
+            for effect in self._module.action(action):
+                if type(effect) is Deliver:
+                    raise RuntimeError(f"{type(self._module).__name__}.action() returned Deliver, which it may not")
+                self._feed_one(effect)
 
     def _take_backlog(self) -> None:
         backlog = self._backlog
@@ -819,6 +838,7 @@ class _WorkerProtocol(asyncio.BufferedProtocol):
         if writable is not None:
             writable.set()
         self._worker._resume_reading()
+        self._worker._wake_task()  # queued actions can be written again
 
 
 async def send(worker: Worker, data: str | bytes) -> None:

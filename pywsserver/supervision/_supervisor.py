@@ -455,6 +455,8 @@ class Supervisor:
         try:
             with anyio.CancelScope() as scope:
                 instance.scope = scope
+                if instance.stopping:
+                    scope.cancel()
                 try:
                     await child.spec.start(*child.args, task_status=proxy)
                 except Exception as exc:
@@ -499,8 +501,8 @@ class Supervisor:
         instance.handled = True
         if not instance.done.is_set():
             instance.context.stop_deadline = anyio.current_time() + child.spec.shutdown_seconds
-            assert instance.scope is not None
-            instance.scope.cancel()
+            if instance.scope is not None:  # else the child is still being started: it cancels itself
+                instance.scope.cancel()
 
     async def _terminate(self, child: _Child) -> None:
         instance = child.instance
@@ -512,14 +514,17 @@ class Supervisor:
             child.instance = None
 
     async def _terminate_all(self) -> None:
-        children = list(self._children.values())
-        if self.strategy is Strategy.SIMPLE_ONE_FOR_ONE:
-            # As in OTP, the children of a dynamic supervisor are all asked at
-            # once, then waited for: their order means nothing.
-            for child in children:
-                self._ask_to_stop(child)
-        for child in reversed(children):
-            await self._terminate(child)
+        while True:  # again, for instances started concurrently by start_child
+            children = [child for child in self._children.values() if child.instance is not None]
+            if not children:
+                return
+            if self.strategy is Strategy.SIMPLE_ONE_FOR_ONE:
+                # As in OTP, the children of a dynamic supervisor are all asked at
+                # once, then waited for: their order means nothing.
+                for child in children:
+                    self._ask_to_stop(child)
+            for child in reversed(children):
+                await self._terminate(child)
 
     # ------------------------------------------------------------- restarts
 
@@ -635,6 +640,11 @@ class Supervisor:
         :class:`ChildAlreadyStarted`, :class:`ChildAlreadyPresent` or
         :class:`ChildStartError`.
         """
+        if self.strategy is Strategy.SIMPLE_ONE_FOR_ONE and self._running and self._children_tg is not None:
+            # Starting one more instance of the template touches no other child: it runs in the
+            # caller's task, sparing the hop through the supervisor's mailbox (the server starts a
+            # worker per connection this way).
+            return await self._start_child(args)
         return await self._request(self._start_child, args)
 
     async def terminate_child(self, child_id: object) -> None:
