@@ -67,6 +67,7 @@ def run_pywsserver(port: int, backend: str, uvloop: bool) -> None:
                 (
                     "protocol_modules",
                     [
+                        ("http", [("handshake_timeout", 60)]),  # 10,000 clients connect at once (idle)
                         (
                             "websocket",
                             [
