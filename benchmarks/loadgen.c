@@ -27,6 +27,7 @@
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <poll.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -101,7 +102,15 @@ static void send_all(int fd, const unsigned char *data, size_t len) {
     while (len) {
         ssize_t w = send(fd, data, len, MSG_NOSIGNAL);
         if (w < 0) {
-            if (errno == EAGAIN || errno == EINTR) continue; /* rare for small frames */
+            if (errno == EINTR) continue;
+            if (errno == EAGAIN) { /* the server does not read: wait, but not forever */
+                struct pollfd p = {.fd = fd, .events = POLLOUT};
+                if (poll(&p, 1, 10000) <= 0) {
+                    fprintf(stderr, "the server stopped reading\n");
+                    exit(3);
+                }
+                continue;
+            }
             return;
         }
         data += w;

@@ -151,8 +151,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 print(f"baseline {label} {scenario}: {row['rate']:,.0f} msgs/s", flush=True)
         finally:
             server.stop()
-    for name in args.servers:
-        for scenario in args.scenarios:
+    # Scenario by scenario, every server in turn: the figures compared in a table are measured
+    # minutes apart at most, as this machine's speed drifts over longer spans.
+    for scenario in args.scenarios:
+        for name in args.servers:
             arguments, repeats, unit = SCENARIOS[scenario]
             repeats = 1 if args.quick else repeats
             server = Server(name)  # a fresh server per scenario: peak RSS and state belong to it
@@ -197,7 +199,10 @@ def table(results: dict[str, Any]) -> str:
         reference = rows.get(REFERENCE, {}).get("rate")
         lower_is_better = scenario == "idle"
         lines += [f"### {scenario} ({unit})", ""]
-        lines += ["| server | result | p50 ms | p99 ms | peak RSS MiB | vs websockets |", "|---|---:|---:|---:|---:|---:|"]
+        lines += [
+            "| server | result | p50 ms | p99 ms | peak RSS MiB | vs websockets |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
         for name, row in rows.items():
             if "rate" not in row:
                 lines.append(f"| {name} | failed | | | | |")

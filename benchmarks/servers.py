@@ -75,7 +75,7 @@ def run_pywsserver(port: int, backend: str, uvloop: bool) -> None:
                                 ("max_message_size", MAX_SIZE),
                                 ("control_messages", False),
                             ],
-                        )
+                        ),
                     ],
                 ),
             ],
@@ -140,9 +140,9 @@ def run_aiohttp(port: int) -> None:
                     go = parse_go(message.data)
                     if go is not None:
                         count, payload = go
-                        for _ in range(count):
+                        for _ in range(count):  # aiohttp has no broadcast: send to each in turn
                             for other in list(sockets):
-                                other.send_str(payload)  # type: ignore[unused-coroutine]  # fire and forget
+                                await other.send_str(payload)
                     else:
                         await ws.send_str(message.data)
                 elif message.type == WSMsgType.BINARY:

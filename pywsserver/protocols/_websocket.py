@@ -41,10 +41,8 @@ from typing import Any, ClassVar
 import attrs
 from wsproto.connection import Connection, ConnectionState, ConnectionType
 from wsproto.events import (
-    BytesMessage,
     CloseConnection,
     Message,
-    TextMessage,
 )
 from wsproto.events import (
     Ping as WsPing,
@@ -263,9 +261,8 @@ class WebSocketProtocol:
         return self.state is State.OPEN and self._ws.state is ConnectionState.OPEN
 
     def _frame(self, data: str | bytes) -> bytes:
-        if isinstance(data, str):
-            return self._ws.send(TextMessage(data=data))
-        return self._ws.send(BytesMessage(data=data))
+        # Whole, unfragmented messages leave wsproto's sending state untouched: encode them directly.
+        return encode_message(data)
 
     def _receive(self, data: bytes) -> list[Effect]:
         ws = self._ws

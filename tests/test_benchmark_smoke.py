@@ -1,0 +1,57 @@
+"""The benchmark suite runs: its load generator builds and measures a pywsserver server briefly.
+
+Only that it runs is checked here; speed is measured by ``benchmarks/run.py``, never asserted in tests.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler to build the load generator")
+
+
+def test_the_load_generator_builds_and_measures_a_server() -> None:
+    import run as bench
+
+    loadgen = bench.build("loadgen")
+    server = bench.Server("pywsserver")
+    try:
+        echo = bench.run_loadgen(loadgen, server.port, ["echo", "--conns", "4", "--size", "64"], 0.5)
+        assert echo["messages"] > 0
+        assert echo["p99_ms"] >= echo["p50_ms"] > 0
+        churn = bench.run_loadgen(loadgen, server.port, ["churn", "--parallel", "4"], 0.5)
+        assert churn["handshakes"] > 0
+        fanout = bench.run_loadgen(loadgen, server.port, ["broadcast", "--conns", "20", "--count", "5"], 1)
+        assert fanout["deliveries"] == fanout["expected"] == 5 * 21
+    finally:
+        server.stop()
+
+
+def test_the_report_has_a_row_per_server_and_a_ratio_to_websockets() -> None:
+    import run as bench
+
+    results = {
+        "machine": {"cpu": "test", "cores": 2, "python": "3"},
+        "command": "run.py",
+        "baseline": {},
+        "scenarios": {
+            "small": {
+                "pywsserver": {"rate": 300.0, "p50_ms": 1.0, "p99_ms": 2.0, "peak_rss_kib": 2048},
+                "websockets": {"rate": 200.0, "p50_ms": 1.0, "p99_ms": 2.0, "peak_rss_kib": 2048},
+            }
+        },
+    }
+    report = bench.table(results)
+    assert "| pywsserver | 300.0 | 1.00 | 2.00 | 2.0 | 1.50x |" in report
+    assert (
+        subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--help"], capture_output=True).returncode
+        == 0
+    )
