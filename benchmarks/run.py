@@ -118,7 +118,8 @@ def idle_per_connection(loadgen: Path, server: Server, arguments: list[str]) -> 
         stdout=subprocess.PIPE,
         text=True,
     )
-    assert generator.stdout is not None and generator.stdin is not None
+    assert generator.stdout is not None
+    assert generator.stdin is not None
     line = generator.stdout.readline()
     opened = parse(line).get("opened", 0)
     wanted = int(rest[rest.index("--conns") + 1])
