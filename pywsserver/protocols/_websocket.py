@@ -130,6 +130,18 @@ class _PeerClosed:
         self.reason = reason
 
 
+_FAST_OPCODES = frozenset((1, 2, 9, 10))
+
+
+def _unmask(payload: bytes | bytearray, mask: bytes | bytearray) -> bytes:
+    """XOR the payload with the 4-byte masking key, as whole integers (fast in CPython)."""
+    length = len(payload)
+    if not length:
+        return b""
+    key = (mask * (length // 4 + 1))[:length]
+    return (int.from_bytes(payload, "little") ^ int.from_bytes(key, "little")).to_bytes(length, "little")
+
+
 def _text_size(text: str) -> int:
     return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
 
@@ -175,6 +187,8 @@ class WebSocketProtocol:
         self._close_code = 1006
         self._close_reason = ""
         self._notified = False
+        self._fast = True  # see _receive_fast
+        self._carry = bytearray()
 
     # ------------------------------------------------------------- inputs
 
@@ -265,6 +279,83 @@ class WebSocketProtocol:
         return encode_message(data)
 
     def _receive(self, data: bytes) -> list[Effect]:
+        if self._fast:
+            return self._receive_fast(data)
+        return self._receive_wsproto(data)
+
+    def _receive_fast(self, data: bytes) -> list[Effect]:
+        """Parse whole, unfragmented data frames and pings/pongs here; hand anything else to wsproto.
+
+        wsproto stays the authority: at the first frame this path does not take (a fragment, a close
+        frame, reserved bits or opcodes, an unmasked frame, a frame over the size limit) the bytes from
+        that frame on, and every byte after, go to wsproto, which has seen nothing until then.
+        """
+        if self._carry:
+            self._carry += data  # a bytearray: a large frame arriving in parts is not copied again and again
+            buffer: bytes | bytearray = self._carry
+            self._carry = bytearray()
+        else:
+            buffer = data
+        size, position = len(buffer), 0
+        effects: list[Effect] = []
+        limit = self.options.max_message_size
+        inbox = self._inbox
+        while size - position >= 2:
+            first, second = buffer[position], buffer[position + 1]
+            opcode = first & 0x0F
+            if first & 0x70 or not first & 0x80 or not second & 0x80 or opcode not in _FAST_OPCODES:
+                break  # reserved bits, a fragment, an unmasked frame, a close or reserved opcode
+            length, header = second & 0x7F, 2
+            if length == 126:
+                if size - position < 4:
+                    self._keep(buffer, position)
+                    return effects
+                length, header = int.from_bytes(buffer[position + 2 : position + 4], "big"), 4
+            elif length == 127:
+                if size - position < 10:
+                    self._keep(buffer, position)
+                    return effects
+                length, header = int.from_bytes(buffer[position + 2 : position + 10], "big"), 10
+            if length > limit or (opcode > 2 and length > 125):
+                break
+            end = position + header + 4 + length
+            if end > size:  # a frame not complete yet, within the size limit: keep it
+                self._keep(buffer, position)
+                return effects
+            mask = buffer[position + header : position + header + 4]
+            payload = _unmask(buffer[position + header + 4 : end], mask)
+            position = end
+            if opcode == 1:
+                try:
+                    inbox.append(payload.decode("utf-8"))
+                except UnicodeDecodeError as error:
+                    return effects + self._fail(1007, str(error))
+            elif opcode == 2:
+                inbox.append(payload)
+            elif opcode == 9:
+                if self._can_send():
+                    effects.append(Write(bytes((0x8A, length)) + payload))
+                if self.options.control_messages:
+                    inbox.append(Ping(payload))
+            elif self.options.control_messages:  # 10: a pong
+                inbox.append(Pong(payload))
+        if position < size:
+            if size - position >= 2:  # a frame this path does not take: wsproto from here on
+                self._fast = False
+                return effects + self._receive_wsproto(bytes(buffer[position:]))
+            self._keep(buffer, position)
+        return effects
+
+    def _keep(self, buffer: bytes | bytearray, position: int) -> None:
+        self._carry = buffer if position == 0 and isinstance(buffer, bytearray) else bytearray(buffer[position:])
+
+    def _leave_fast_path(self) -> list[Effect]:
+        """From now on wsproto parses everything (for instance once we have sent a close frame)."""
+        self._fast = False
+        carry, self._carry = self._carry, bytearray()
+        return self._receive_wsproto(bytes(carry)) if carry else []
+
+    def _receive_wsproto(self, data: bytes) -> list[Effect]:
         ws = self._ws
         try:
             ws.receive_data(data)
@@ -323,10 +414,9 @@ class WebSocketProtocol:
     def _start_closing(self, code: int, reason: str) -> list[Effect]:
         self.state = State.LOCAL_CLOSING
         self._close_code, self._close_reason = code, reason
-        return [
-            Write(self._ws.send(CloseConnection(code=code, reason=reason))),
-            SetTimer("close", self.options.close_timeout),
-        ]
+        write = Write(self._ws.send(CloseConnection(code=code, reason=reason)))
+        # The peer's answer moves wsproto's closing state: wsproto parses from now on.
+        return [write, SetTimer("close", self.options.close_timeout), *self._leave_fast_path()]
 
     def _fail(self, code: int, reason: str) -> list[Effect]:
         effects: list[Effect] = []
