@@ -149,7 +149,7 @@ class Worker:
         self._wake: asyncio.Event | None = None
         self._writable: asyncio.Event | None = None
         self._mailbox_send, self._mailbox_receive = anyio.create_memory_object_stream[Action](options.mailbox_size)
-        self._write_lock = anyio.Lock(fast_acquire=True)
+        self._write_lock = anyio.Lock(fast_acquire=True) if self._stream is not None else None
         self._timers: dict[str, float] = {}
         self._socket_closed = False
         self._stopped = False
@@ -329,17 +329,19 @@ class Worker:
             await self._finish()
 
     async def _serve(self) -> None:
-        async with anyio.create_task_group() as tg:
-            self._serve_scope = tg.cancel_scope
-            if self._sock is not None:
-                # One task: callbacks do the reading, this task the async handler calls and the mailbox.
+        if self._sock is not None:
+            # One task: callbacks do the reading, this task the async handler calls and the mailbox.
+            with anyio.CancelScope() as scope:
+                self._serve_scope = scope
                 await self._open_protocol()
                 self._feed(self._module.start(b"", {}))
                 await self._continue()
-            else:
-                tg.start_soon(self._mailbox_loop)
-                await self._apply(self._module.start(b"", {}))
-                await self._reader_loop()
+            return
+        async with anyio.create_task_group() as tg:
+            self._serve_scope = tg.cancel_scope
+            tg.start_soon(self._mailbox_loop)
+            await self._apply(self._module.start(b"", {}))
+            await self._reader_loop()
             tg.cancel_scope.cancel()
 
     async def _drain(self) -> None:
@@ -669,6 +671,7 @@ class Worker:
     async def _write(self, data: bytes) -> None:
         if self._socket_closed or self._stream is None:
             return
+        assert self._write_lock is not None
         try:
             async with self._write_lock:
                 await self._stream.send(data)

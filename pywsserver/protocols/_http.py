@@ -25,6 +25,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import re
 from collections.abc import Mapping
 from typing import Any, ClassVar
 from urllib.parse import unquote
@@ -61,7 +62,7 @@ _REASONS = {
     500: "Internal Server Error",
     503: "Service Unavailable",
 }
-_TOKEN_CHARS = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-zA-Z]+")
 
 
 @attrs.frozen
@@ -97,7 +98,7 @@ def parse_request_head(head: bytes) -> Request:
     if len(parts) != 3:
         raise BadRequest("malformed request line")
     method, target, version_text = parts
-    if not method or not set(method) <= _TOKEN_CHARS:
+    if not _TOKEN.fullmatch(method):
         raise BadRequest("malformed method")
     if not version_text.startswith("HTTP/") or len(version_text) != 8 or version_text[6] != ".":
         raise BadRequest("malformed HTTP version")
@@ -110,7 +111,7 @@ def parse_request_head(head: bytes) -> Request:
     raw: list[tuple[str, str]] = []
     for line in lines[1:]:
         name, colon, value = line.partition(":")
-        if not colon or not name or not set(name) <= _TOKEN_CHARS:
+        if not colon or not _TOKEN.fullmatch(name):
             raise BadRequest(f"malformed header line {line[:40]!r}")
         raw.append((name, value.strip(" \t")))
     raw_path, _, query = target.partition("?")
