@@ -259,10 +259,7 @@ class Worker:
             or self._mailbox_send.statistics().current_buffer_used
         ):
             return False
-        for effect in self._module.action(action):
-            if type(effect) is Deliver:
-                raise RuntimeError(f"{type(self._module).__name__}.action() returned Deliver, which it may not")
-            self._feed_one(effect)
+        self._act(action)
         return True
 
     def _abort(self, code: int, reason: str) -> None:
@@ -531,21 +528,19 @@ class Worker:
                 action = self._mailbox_receive.receive_nowait()
             except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
                 return
-            for effect in self._module.action(action):
-                if type(effect) is Deliver:
-                    raise RuntimeError(f"{type(self._module).__name__}.action() returned Deliver, which it may not")
-                self._feed_one(effect)
+            self._act(action)
+
+    def _act(self, action: Action) -> None:
+        """Carry out an action's effects at once (protocol mode); actions never call the handler."""
+        for effect in self._module.action(action):
+            if type(effect) is Deliver:
+                raise RuntimeError(f"{type(self._module).__name__}.action() returned Deliver, which it may not")
+            self._feed_one(effect)
 
     def _take_backlog(self) -> None:
         backlog = self._backlog
         while backlog and not self._busy and not self._stopped:
-            kind, value = backlog.popleft()
-            if kind == "data":
-                self._feed(self._module.data_received(value))
-            elif kind == "eof":
-                self._feed(self._module.eof_received())
-            else:
-                self._feed(self._module.timer_expired(value))
+            self._dispatch(*backlog.popleft())
         if not backlog:
             self._resume_reading()
 
@@ -558,6 +553,9 @@ class Worker:
             self._pause_reading()
             self._wake_task()
             return
+        self._dispatch(kind, value)
+
+    def _dispatch(self, kind: str, value: Any) -> None:
         if kind == "data":
             self._feed(self._module.data_received(value))
         elif kind == "eof":
@@ -606,16 +604,7 @@ class Worker:
 
     async def _mailbox_loop(self) -> None:
         async for action in self._mailbox_receive:
-            effects = self._module.action(action)
-            if self._sock is not None:
-                for effect in effects:
-                    if type(effect) is Deliver:
-                        raise RuntimeError(f"{type(self._module).__name__}.action() returned Deliver, which it may not")
-                    self._feed_one(effect)
-                assert self._writable is not None
-                await self._writable.wait()  # the peer reads too slowly: wait before writing more
-            else:
-                await self._apply(effects, from_mailbox=True)
+            await self._apply(self._module.action(action), from_mailbox=True)
             if self._stopped:
                 return
 
