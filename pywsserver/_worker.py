@@ -37,6 +37,7 @@ import inspect
 import itertools
 import logging
 import socket
+import threading
 import traceback
 from collections import deque
 from collections.abc import Callable, Generator
@@ -790,10 +791,22 @@ async def _run_async(steps: Steps) -> list[Effect]:
         return done.value  # type: ignore[no-any-return]
 
 
-_READ_BUFFER = memoryview(bytearray(262144))
-"""One read buffer for every connection: asyncio calls ``get_buffer``, reads, then ``buffer_updated``
-in one go, and the bytes are copied out at once, so connections can share it (no allocation per read,
-no page faults, no 64 KiB per idle connection)."""
+_buffers = threading.local()
+
+
+def _read_buffer() -> memoryview:
+    """One read buffer for every connection of the calling thread's event loop.
+
+    asyncio calls ``get_buffer``, reads, then ``buffer_updated`` in one go,
+    and the bytes are copied out at once, so the connections of one loop can
+    share it: no allocation per read, no page faults, no 64 KiB per idle
+    connection. Event loops in other threads get their own (a read releases
+    the GIL).
+    """
+    view: memoryview | None = getattr(_buffers, "view", None)
+    if view is None:
+        view = _buffers.view = memoryview(bytearray(262144))
+    return view
 
 
 class _WorkerProtocol(asyncio.BufferedProtocol):
@@ -801,7 +814,7 @@ class _WorkerProtocol(asyncio.BufferedProtocol):
 
     def __init__(self, worker: Worker) -> None:
         self._worker = worker
-        self._view = _READ_BUFFER
+        self._view = _read_buffer()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._worker._transport = transport  # type: ignore[assignment]
