@@ -36,9 +36,11 @@ class HandlerModule:
 
     __slots__ = ("_per_connection", "async_handle", "async_init", "name", "target")
 
+    target: Any
+
     def __init__(self, target: Any, path: str) -> None:
         if isinstance(target, HandlerModule):
-            target = target._resolved()
+            target = target.target
         if isinstance(target, str):
             target = resolve_object(target, path)
         description = _describe(target)
@@ -61,9 +63,6 @@ class HandlerModule:
 
     def __repr__(self) -> str:
         return f"<HandlerModule {self.name}>"
-
-    def _resolved(self) -> Any:
-        return self.target
 
     def for_connection(self) -> Any:
         """The object whose callbacks serve one connection."""

@@ -130,7 +130,7 @@ async def test_membership_follows_connections_through_every_kind_of_close() -> N
 async def test_broadcast_reaches_everyone_exactly_once_and_in_order() -> None:
     recorder = Recorder()
     members, messages = 30, 50
-    connected, done = threading.Event(), threading.Event()
+    connected = threading.Event()
     async with start_link(group_server(recorder, "in-order")) as server:
 
         async def clients() -> list[list[Any]]:
@@ -154,7 +154,6 @@ async def test_broadcast_reaches_everyone_exactly_once_and_in_order() -> None:
                 assert (result.delivered, result.dropped) == (members, 0)
         expected = [f"message {i}" for i in range(messages)]
         assert results[0] == [expected] * members
-    _ = done
 
 
 async def _receive(ws: Any, count: int) -> list[Any]:
