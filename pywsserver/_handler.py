@@ -1,6 +1,8 @@
 """Handler modules: resolving the user's handler and calling it, sync or async.
 
-A handler module provides ``init(options)`` and ``handle(message, state)``.
+A handler module provides ``init(options)`` and ``handle(message, state)``,
+and optionally ``handshake(info)``, which decides whether to accept a
+connection before the server answers its opening handshake.
 It may be given as:
 
 * a Python module (its functions are called),
@@ -34,7 +36,7 @@ def _describe(target: Any) -> str:
 class HandlerModule:
     """A resolved, checked handler module."""
 
-    __slots__ = ("_per_connection", "async_handle", "async_init", "name", "target")
+    __slots__ = ("_per_connection", "async_handle", "async_handshake", "async_init", "has_handshake", "name", "target")
 
     target: Any
 
@@ -60,6 +62,12 @@ class HandlerModule:
         #: Whether ``init`` / ``handle`` are ``async def`` (then a task runs them).
         self.async_init = inspect.iscoroutinefunction(target.init)
         self.async_handle = inspect.iscoroutinefunction(target.handle)
+        hook = getattr(target, "handshake", None)
+        if hook is not None and not callable(hook):
+            raise OptionError(path, f"{description} has a 'handshake' attribute that is not callable")
+        #: Whether the handler has the optional ``handshake(info)`` hook, and whether it is ``async def``.
+        self.has_handshake = hook is not None
+        self.async_handshake = inspect.iscoroutinefunction(hook)
 
     def __repr__(self) -> str:
         return f"<HandlerModule {self.name}>"

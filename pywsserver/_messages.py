@@ -31,17 +31,21 @@ from typing import Any, TypeAlias
 import attrs
 
 __all__ = [
+    "Accept",
     "Close",
     "ConnectionClose",
     "HandlerResult",
+    "Handshake",
     "InvalidHandlerResult",
     "NoReply",
     "Opened",
     "Ping",
     "Pong",
+    "Reject",
     "Reply",
     "SendPing",
     "SendPong",
+    "normalize_decision",
     "normalize_result",
     "valid_close_code",
 ]
@@ -78,9 +82,99 @@ class ConnectionClose:
 
 @attrs.frozen
 class Opened:
-    """Asks the worker to run the handler's ``init`` with ``info`` (the connection's details)."""
+    """Asks the worker to run the handler's ``init`` with ``info`` (the connection's details).
+
+    ``handler`` is the handler module to use (a route's); ``None`` means the
+    one configured for the protocol module.
+    """
 
     info: dict[str, Any]
+    handler: Any = None
+
+
+@attrs.frozen
+class Handshake:
+    """Asks the worker to run the handler's optional ``handshake`` hook with ``info``, before the 101 answer.
+
+    The worker answers the module with an :class:`Accept` or a
+    :class:`Reject` (an :class:`Accept` when the handler has no hook).
+    """
+
+    info: dict[str, Any]
+    handler: Any
+
+
+# ---------------------------------------------------- handshake decisions
+
+
+@attrs.frozen
+class Accept:
+    """The ``handshake`` hook's "yes": optionally choose the subprotocol and add response headers.
+
+    ``subprotocol`` must be one the client asked for (``None`` keeps the
+    server's negotiated choice); ``headers`` are added to the 101 response.
+    """
+
+    subprotocol: str | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+@attrs.frozen
+class Reject:
+    """The ``handshake`` hook's "no": the client gets this HTTP response instead of the upgrade.
+
+    Example: ``Reject(401, "log in first", [("WWW-Authenticate", "Bearer")])``.
+    """
+
+    status: int = 403
+    body: str | bytes = b""
+    headers: tuple[tuple[str, str], ...] = ()
+
+    def __attrs_post_init__(self) -> None:
+        if not isinstance(self.status, int) or not 300 <= self.status <= 599:
+            raise InvalidHandlerResult(f"a rejection's status must be an int from 300 to 599, got {self.status!r}")
+
+
+def _header_pairs(headers: Any, what: str) -> tuple[tuple[str, str], ...]:
+    if isinstance(headers, dict):
+        headers = list(headers.items())
+    try:
+        pairs = tuple((str(name), str(value)) for name, value in headers)
+    except (TypeError, ValueError):
+        raise InvalidHandlerResult(f"{what} headers must be (name, value) pairs, got {headers!r}") from None
+    for name, value in pairs:
+        if not name or any(c in name for c in " :\r\n") or any(c in value for c in "\r\n"):
+            raise InvalidHandlerResult(f"invalid {what} header {name!r}: {value!r}")
+    return pairs
+
+
+def normalize_decision(value: object) -> Accept | Reject:
+    """The :class:`Accept` or :class:`Reject` for a ``handshake`` hook's return value.
+
+    ``None`` and ``True`` accept; ``False`` rejects with 403; ``("accept",)``,
+    ``("accept", Subprotocol)``, ``("reject", Status)`` and ``("reject",
+    Status, Body)`` read like the original's terms.
+    """
+    if value is None or value is True:
+        return Accept()
+    if value is False:
+        return Reject(403, b"")
+    if isinstance(value, tuple) and value and value[0] == "accept" and len(value) <= 2:
+        value = Accept(value[1] if len(value) == 2 else None)
+    elif isinstance(value, tuple) and value and value[0] == "reject" and len(value) in (2, 3):
+        value = Reject(value[1], value[2] if len(value) == 3 else b"")
+    if isinstance(value, Accept):
+        if value.subprotocol is not None and not isinstance(value.subprotocol, str):
+            raise InvalidHandlerResult(f"the subprotocol must be a str, got {value.subprotocol!r}")
+        return attrs.evolve(value, headers=_header_pairs(value.headers, "response"))
+    if isinstance(value, Reject):
+        if not isinstance(value.body, str | bytes):
+            raise InvalidHandlerResult(f"a rejection's body must be str or bytes, got {value.body!r}")
+        return attrs.evolve(value, headers=_header_pairs(value.headers, "rejection"))
+    raise InvalidHandlerResult(
+        "handshake() must return None, True, False, Accept(...), Reject(...), ('accept', ...) or ('reject', ...),"
+        f" got {value!r}"
+    )
 
 
 # ----------------------------------------------------------------- results

@@ -9,6 +9,9 @@ function 'handle'``. Nothing here touches a socket.
 from __future__ import annotations
 
 import inspect
+import os
+import socket
+import ssl
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,7 +19,7 @@ import attrs
 
 from ._handler import HandlerModule
 from ._optionkit import OptionError, as_mapping, check_int, check_number, join, resolve_object
-from .protocols import BUILTIN_MODULES, HTTPProtocol
+from .protocols import BUILTIN_MODULES, HTTPOptions, HTTPProtocol, WebSocketOptions
 
 __all__ = ["ModuleConfig", "ServerOptions", "WorkerOptions", "parse_options"]
 
@@ -55,6 +58,9 @@ class WorkerOptions:
     initial_module: str = "http"
     #: How many actions (send/ping/close) may wait in a worker's mailbox.
     mailbox_size: int = 64
+    #: Bytes of outgoing data a connection may buffer before the worker stops taking more: it stops
+    #: reading from the peer, ``await send`` waits and ``send_nowait`` raises ``MailboxFull``.
+    write_buffer_size: int = 65536
 
 
 @attrs.frozen
@@ -77,6 +83,12 @@ class ServerOptions:
     register: str | None = None
     #: Seconds connections get to finish their closing handshake when the server stops.
     drain_timeout: float = 10.0
+    #: The TLS context for ``wss://`` (``None``: plain ``ws://``); see the ``tls`` option.
+    tls: ssl.SSLContext | None = attrs.field(default=None, eq=False)
+    #: Seconds a client has to complete its TLS handshake; it runs in the connection's worker, not an acceptor.
+    tls_handshake_timeout: float = 10.0
+    #: Listen on this Unix socket path instead of TCP (behind a reverse proxy); ``host``/``port`` are then unused.
+    unix_path: str | None = None
 
 
 _TOP_LEVEL = (
@@ -88,8 +100,12 @@ _TOP_LEVEL = (
     "register",
     "drain_timeout",
     "worker_options",
+    "tls",
+    "tls_handshake_timeout",
+    "unix_path",
 )
-_WORKER_LEVEL = ("protocol_modules", "protocol_modules_options", "initial_module", "mailbox_size")
+_TLS_LEVEL = ("certfile", "keyfile", "password", "client_ca", "verify_client", "minimum_version", "alpn_protocols")
+_WORKER_LEVEL = ("protocol_modules", "protocol_modules_options", "initial_module", "mailbox_size", "write_buffer_size")
 
 
 def _resolve_module(key: Any, path: str) -> Any:
@@ -168,8 +184,19 @@ def _parse_worker(raw: Any, path: str) -> WorkerOptions:
                     "required: configure ('websocket', [('handler_module', your_handler)])",
                 )
             raise OptionError(join(join(modules_path, name), "upgrade_to"), f"no protocol module named {target!r}")
+    for name, config in list(modules.items()):
+        # The handshake decides what the WebSocket endpoint serves: give it the endpoint's options.
+        if isinstance(config.options, HTTPOptions):
+            target = modules[config.options.upgrade_to].options
+            if isinstance(target, WebSocketOptions):
+                modules[name] = attrs.evolve(config, options=attrs.evolve(config.options, endpoint=target))
     mailbox_size = check_int(options.get("mailbox_size", 64), join(path, "mailbox_size"), minimum=1)
-    return WorkerOptions(modules=modules, initial_module=initial, mailbox_size=mailbox_size)
+    write_buffer_size = check_int(
+        options.get("write_buffer_size", 65536), join(path, "write_buffer_size"), minimum=1024
+    )
+    return WorkerOptions(
+        modules=modules, initial_module=initial, mailbox_size=mailbox_size, write_buffer_size=write_buffer_size
+    )
 
 
 def parse_options(raw: Any) -> ServerOptions:
@@ -202,4 +229,60 @@ def parse_options(raw: Any) -> ServerOptions:
         fields["register"] = name
     if "drain_timeout" in options:
         fields["drain_timeout"] = check_number(options["drain_timeout"], "drain_timeout")
+    if options.get("tls") is not None:
+        fields["tls"] = _parse_tls(options["tls"], "tls")
+    if "tls_handshake_timeout" in options:
+        fields["tls_handshake_timeout"] = check_number(
+            options["tls_handshake_timeout"], "tls_handshake_timeout", minimum=0.001
+        )
+    if options.get("unix_path") is not None:
+        unix_path = options["unix_path"]
+        if not isinstance(unix_path, str | os.PathLike) or not str(unix_path):
+            raise OptionError("unix_path", f"expected a file system path for a Unix socket, got {unix_path!r}")
+        if not hasattr(socket, "AF_UNIX"):
+            raise OptionError("unix_path", "Unix sockets are not available on this platform")
+        fields["unix_path"] = os.fspath(unix_path)
     return ServerOptions(**fields)
+
+
+_VERIFY = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
+_VERSIONS = {"TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
+
+
+def _parse_tls(raw: Any, path: str) -> ssl.SSLContext:
+    """An ``ssl.SSLContext`` as given, or one built from certificate and key files."""
+    if isinstance(raw, ssl.SSLContext):
+        return raw
+    options = as_mapping(raw, path, allowed=_TLS_LEVEL)
+    if "certfile" not in options:
+        raise OptionError(join(path, "certfile"), "required: the server's certificate chain (PEM file)")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    minimum = options.get("minimum_version", "TLSv1.2")
+    if minimum not in _VERSIONS:
+        raise OptionError(join(path, "minimum_version"), f"expected one of {', '.join(_VERSIONS)}, got {minimum!r}")
+    context.minimum_version = _VERSIONS[minimum]
+    for name in ("certfile", "keyfile", "client_ca"):
+        value = options.get(name)
+        if value is not None and not isinstance(value, str | os.PathLike):
+            raise OptionError(join(path, name), f"expected a file path, got {value!r}")
+    try:
+        context.load_cert_chain(options["certfile"], options.get("keyfile"), options.get("password"))
+    except (OSError, ssl.SSLError) as error:
+        raise OptionError(join(path, "certfile"), f"cannot load the certificate and key: {error}") from None
+    verify = options.get("verify_client", "required" if options.get("client_ca") else "none")
+    if verify not in _VERIFY:
+        raise OptionError(join(path, "verify_client"), f"expected one of {', '.join(_VERIFY)}, got {verify!r}")
+    if options.get("client_ca") is not None:
+        try:
+            context.load_verify_locations(cafile=options["client_ca"])
+        except (OSError, ssl.SSLError) as error:
+            raise OptionError(join(path, "client_ca"), f"cannot load the CA certificates: {error}") from None
+    elif verify != "none":
+        raise OptionError(join(path, "client_ca"), f"required with verify_client={verify!r}: the CAs to check against")
+    context.verify_mode = _VERIFY[verify]
+    protocols = options.get("alpn_protocols", ["http/1.1"])
+    if not isinstance(protocols, list | tuple) or not all(isinstance(p, str) for p in protocols):
+        raise OptionError(join(path, "alpn_protocols"), f"expected a list of protocol names, got {protocols!r}")
+    if protocols:
+        context.set_alpn_protocols(list(protocols))
+    return context

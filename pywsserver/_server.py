@@ -21,8 +21,10 @@ import asyncio
 import contextlib
 import errno
 import logging
+import os
 import signal
 import socket
+import stat
 from collections.abc import AsyncIterator, Hashable
 from typing import Any
 
@@ -140,35 +142,79 @@ async def _run_worker(
     *,
     task_status: anyio.abc.TaskStatus[Worker],
 ) -> None:
-    worker = Worker(server.options.worker, connection, server._slots.release)
+    options = server.options
+    worker = Worker(
+        options.worker,
+        connection,
+        server._slots.release,
+        tls=options.tls,
+        tls_handshake_timeout=options.tls_handshake_timeout,
+    )
     await worker.run(task_status=task_status)
 
 
 async def _listener(server: Server, *, task_status: anyio.abc.TaskStatus[None]) -> None:
     options = server.options
-    host = options.host
-    if host in ("0.0.0.0", "::", ""):
-        host = None if host == "" else host
+    multi: anyio.abc.Listener[Any]
+    if options.unix_path is not None:
+        _remove_stale_socket(options.unix_path)
+        try:
+            unix = await anyio.create_unix_listener(options.unix_path, backlog=options.backlog)
+        except OSError as error:
+            raise ServerStartError(f"cannot listen on {options.unix_path}: {error.strerror or error}") from error
+        multi, listeners = unix, [unix]
+    else:
+        host = options.host
+        if host in ("0.0.0.0", "::", ""):
+            host = None if host == "" else host
+        try:
+            tcp = await anyio.create_tcp_listener(local_host=host, local_port=server.port, backlog=options.backlog)
+        except OSError as error:
+            raise ServerStartError(
+                f"cannot listen on {options.host or '*'}:{server.port}: {error.strerror or error}"
+            ) from error
+        multi, listeners = tcp, list(tcp.listeners)  # type: ignore[arg-type]
     try:
-        multi = await anyio.create_tcp_listener(local_host=host, local_port=server.port, backlog=options.backlog)
-    except OSError as error:
-        raise ServerStartError(
-            f"cannot listen on {options.host or '*'}:{server.port}: {error.strerror or error}"
-        ) from error
-    listeners = list(multi.listeners)
-    try:
-        server._listeners = listeners  # type: ignore[assignment]
+        server._listeners = listeners
         server._accept_locks = [anyio.Lock() for _ in listeners]
         server._listener_broken = anyio.Event()
-        server.addresses = [_address(listener.extra(anyio.abc.SocketAttribute.local_address)) for listener in listeners]
-        server.port = server.addresses[0][1]
-        logger.info("listening on %s", ", ".join(f"{h}:{p}" for h, p in server.addresses))
+        if options.unix_path is not None:
+            server.addresses = []
+            where = options.unix_path
+        else:
+            server.addresses = [
+                _address(listener.extra(anyio.abc.SocketAttribute.local_address)) for listener in listeners
+            ]
+            server.port = server.addresses[0][1]
+            where = ", ".join(f"{h}:{p}" for h, p in server.addresses)
+        logger.info("listening on %s%s", where, " (TLS)" if options.tls is not None else "")
         task_status.started()
         await server._listener_broken.wait()
         raise ListenerFailed("the listening socket failed")
     finally:
         with anyio.CancelScope(shield=True):
             await multi.aclose()
+        if options.unix_path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(options.unix_path)
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Remove a Unix socket left by a server that died: never another kind of file, nor a live server's socket."""
+    try:
+        if not stat.S_ISSOCK(os.stat(path).st_mode):
+            return
+    except FileNotFoundError:
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)  # nobody listens: a leftover
+    except OSError:
+        pass
+    finally:
+        probe.close()
 
 
 def _address(raw: Any) -> tuple[str, int]:
@@ -199,7 +245,8 @@ async def accept(listener: SocketListener) -> anyio.abc.ByteStream | socket.sock
         with contextlib.suppress(ValueError, NotImplementedError, OSError):
             loop.remove_reader(raw)
         raise
-    client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if client.family != getattr(socket, "AF_UNIX", None):
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return client
 
 

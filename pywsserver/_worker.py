@@ -37,6 +37,7 @@ import inspect
 import itertools
 import logging
 import socket
+import ssl
 import threading
 import traceback
 from collections import deque
@@ -47,10 +48,20 @@ import anyio
 import anyio.abc
 import anyio.from_thread
 import anyio.lowlevel
+import attrs
+from anyio.streams.tls import TLSAttribute, TLSStream
 
 from ._errors import ConnectionClosed
 from ._handler import HandlerModule, call
-from ._messages import ConnectionClose, Opened, normalize_result, valid_close_code
+from ._messages import (
+    ConnectionClose,
+    Handshake,
+    Opened,
+    Reject,
+    normalize_decision,
+    normalize_result,
+    valid_close_code,
+)
 from ._options import WorkerOptions
 from .protocols import (
     Action,
@@ -66,6 +77,7 @@ from .protocols import (
     SetTimer,
     Stop,
     Switch,
+    TLSInfo,
     Write,
 )
 from .supervision import MailboxFull, cleanup_scope
@@ -124,9 +136,14 @@ class Worker:
         options: WorkerOptions,
         connection: anyio.abc.ByteStream | socket.socket,
         release: Callable[[], None] | None = None,
+        *,
+        tls: ssl.SSLContext | None = None,
+        tls_handshake_timeout: float = 10.0,
     ) -> None:
         self._options = options
         self._release = release
+        self._tls = tls
+        self._tls_handshake_timeout = tls_handshake_timeout
         if isinstance(connection, socket.socket):
             # The asyncio fast path: the worker's own protocol reads into a reused buffer and
             # runs the module (and sync handlers) in its callbacks, with no task switch.
@@ -147,6 +164,7 @@ class Worker:
         self._reading_paused = False
         self._eof_seen = False
         self._timer_handles: dict[str, asyncio.TimerHandle] = {}
+        self._deadlines: dict[str, float] = {}
         self._wake: asyncio.Event | None = None
         self._writable: asyncio.Event | None = None
         self._mailbox_send, self._mailbox_receive = anyio.create_memory_object_stream[Action](options.mailbox_size)
@@ -331,9 +349,12 @@ class Worker:
             # One task: callbacks do the reading, this task the async handler calls and the mailbox.
             with anyio.CancelScope() as scope:
                 self._serve_scope = scope
-                await self._open_protocol()
+                if not await self._open_protocol():
+                    return
                 self._feed(self._module.start(b"", {}))
                 await self._continue()
+            return
+        if self._tls is not None and not await self._start_tls_stream():
             return
         async with anyio.create_task_group() as tg:
             self._serve_scope = tg.cancel_scope
@@ -367,6 +388,7 @@ class Worker:
         for handle in self._timer_handles.values():
             handle.cancel()
         self._timer_handles.clear()
+        self._deadlines.clear()
         try:
             with anyio.CancelScope(shield=True):
                 if not self._socket_closed:
@@ -420,13 +442,66 @@ class Worker:
 
     # ------------------------------------------------ protocol I/O (asyncio)
 
-    async def _open_protocol(self) -> None:
+    async def _open_protocol(self) -> bool:
+        """Wrap the socket in the worker's protocol (after the TLS handshake, for ``wss``); ``False`` if it failed."""
         assert self._sock is not None
         loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         self._writable = asyncio.Event()
         self._writable.set()
-        await loop.connect_accepted_socket(lambda: _WorkerProtocol(self), self._sock)
+        if self._tls is None:
+            await loop.connect_accepted_socket(lambda: _WorkerProtocol(self), self._sock)
+            return True
+        try:
+            transport, _ = await loop.connect_accepted_socket(
+                lambda: _WorkerProtocol(self),
+                self._sock,
+                ssl=self._tls,
+                ssl_handshake_timeout=self._tls_handshake_timeout,
+            )
+        except (OSError, ssl.SSLError, TimeoutError) as error:
+            self._tls_failed(error)
+            return False
+        self._connection_secured(transport.get_extra_info("ssl_object"))
+        return True
+
+    async def _start_tls_stream(self) -> bool:
+        """Stream mode: the TLS handshake, bounded by ``tls_handshake_timeout``; ``False`` if it failed."""
+        assert self._stream is not None
+        assert self._tls is not None
+        try:
+            with anyio.fail_after(self._tls_handshake_timeout):
+                self._stream = await TLSStream.wrap(
+                    self._stream, server_side=True, ssl_context=self._tls, standard_compatible=False
+                )
+        except (OSError, ssl.SSLError, TimeoutError, anyio.BrokenResourceError, anyio.EndOfStream) as error:
+            self._tls_failed(error)
+            return False
+        self._connection_secured(self._stream.extra(TLSAttribute.ssl_object))
+        return True
+
+    def _tls_failed(self, error: BaseException) -> None:
+        # Scanners and stalled clients fail here all the time: not worth more than a debug line.
+        self.log.debug("TLS handshake failed: %r", error)
+        self._socket_closed = True
+        if self._transport is not None:
+            self._transport.abort()
+        if self._sock is not None:
+            self._sock.close()
+        self._stopped = True
+
+    def _connection_secured(self, ssl_object: Any) -> None:
+        """Record the TLS session in the connection info, before any protocol module sees it."""
+        cipher = ssl_object.cipher() if ssl_object is not None else None
+        certificate = ssl_object.getpeercert() if ssl_object is not None else None
+        info = TLSInfo(
+            version=ssl_object.version() if ssl_object is not None else None,
+            cipher=cipher[0] if cipher else None,
+            peer_certificate=certificate or None,
+            server_name=getattr(ssl_object, "server_hostname", None),
+        )
+        self.connection = attrs.evolve(self.connection, tls=info)
+        self._module = self._module_config.module(self._module_config.options, self.connection)
 
     def _feed(self, effects: list[Effect]) -> None:
         """Queue effects and carry out all that need no task; a call to an async handler wakes the task."""
@@ -467,14 +542,7 @@ class Worker:
             if not self._socket_closed:
                 self._out.append(effect.data)  # type: ignore[union-attr]  # written together by _flush
         elif kind is SetTimer:
-            name: str = effect.name  # type: ignore[union-attr]
-            old = self._timer_handles.pop(name, None)
-            if old is not None:
-                old.cancel()
-            seconds = effect.seconds  # type: ignore[union-attr]
-            if seconds is not None:
-                loop = asyncio.get_running_loop()
-                self._timer_handles[name] = loop.call_later(seconds, self._on_timer, name)
+            self._set_timer(effect.name, effect.seconds)  # type: ignore[union-attr]
         elif kind is CloseSocket:
             if not self._socket_closed:
                 self._flush()
@@ -564,8 +632,37 @@ class Worker:
         else:
             self._feed(self._module.timer_expired(value))
 
+    def _set_timer(self, name: str, seconds: float | None) -> None:
+        """Protocol mode: (re)start a timer. Restarting one that runs later costs no new event-loop handle.
+
+        A timer restarted on every read (``idle_timeout``) only moves its
+        deadline; the handle, when it fires early, sleeps again until then.
+        """
+        if seconds is None:
+            self._deadlines.pop(name, None)
+            handle = self._timer_handles.pop(name, None)
+            if handle is not None:
+                handle.cancel()
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        self._deadlines[name] = deadline
+        handle = self._timer_handles.get(name)
+        if handle is None or handle.when() > deadline:
+            if handle is not None:
+                handle.cancel()
+            self._timer_handles[name] = loop.call_at(deadline, self._on_timer, name)
+
     def _on_timer(self, name: str) -> None:
         self._timer_handles.pop(name, None)
+        deadline = self._deadlines.get(name)
+        if deadline is None:
+            return
+        loop = asyncio.get_running_loop()
+        if deadline > loop.time() + 0.001:  # moved later since the handle was made
+            self._timer_handles[name] = loop.call_at(deadline, self._on_timer, name)
+            return
+        del self._deadlines[name]
         self._input("timer", name)
 
     def _on_eof(self) -> None:
@@ -651,6 +748,8 @@ class Worker:
         if config is None:
             raise RuntimeError(f"{type(self._module).__name__} switched to unknown protocol module {switch.module!r}")
         self._timers.clear()
+        for name in list(self._timer_handles):
+            self._set_timer(name, None)
         self._module_config = config
         self._module = config.module(config.options, self.connection)
         if not getattr(config.module, "handshake", False) and self.state is WorkerState.HANDSHAKING:
@@ -680,8 +779,10 @@ class Worker:
     def _needs_task(self, message: Any) -> bool:
         """Whether delivering ``message`` calls an ``async`` callback (so a task must run it)."""
         if isinstance(message, Opened):
-            handler = self._module_config.handler
+            handler = message.handler or self._module_config.handler
             return handler is not None and handler.async_init
+        if isinstance(message, Handshake):
+            return bool(message.handler.async_handshake)
         if self._handler is None or not self._opened:
             return False
         if isinstance(message, ConnectionClose) and self._told_close:
@@ -695,16 +796,22 @@ class Worker:
         awaited by a task (async handlers, and every handler in stream mode).
         """
         module = self._module
+        if isinstance(message, Handshake):
+            return (yield from self._handshake_steps(message))
         if isinstance(message, Opened):
-            handler = self._module_config.handler
+            handler = message.handler or self._module_config.handler
             if handler is None:
                 return module.handler_failed(RuntimeError("no handler_module configured"))
-            self._handler = handler
-            options: dict[str, Any] = dict(getattr(self._module_config.options, "handler_options", None) or {})
-            options.update(message.info)
+            if message.handler is not None:
+                options: dict[str, Any] = dict(message.info)
+            else:
+                options = dict(getattr(self._module_config.options, "handler_options", None) or {})
+                options.update(message.info)
             options["worker"] = self
             try:
-                self._handler_object = handler.for_connection()
+                if self._handler is not handler or self._handler_object is None:
+                    self._handler_object = handler.for_connection()
+                self._handler = handler
                 self._handler_state = yield (self._handler_object.init, (options,))
             except Exception as error:
                 self._report("raised in init", error)
@@ -735,6 +842,28 @@ class Worker:
             return module.handler_failed(error)
         self._handler_state = result.state
         return module.handler_returned(result)
+
+    def _handshake_steps(self, message: Handshake) -> Steps:
+        """Run the handler's ``handshake`` hook; the module gets an :class:`Accept` or a :class:`Reject`."""
+        module = self._module
+        handler = message.handler
+        self._handler = handler
+        info = dict(message.info)
+        info["worker"] = self
+        try:
+            self._handler_object = handler.for_connection()  # the same object then serves the connection
+            raw = yield (self._handler_object.handshake, (info,))
+        except Exception as error:
+            self._report("raised in handshake", error)
+            return module.handler_failed(error)
+        try:
+            decision = normalize_decision(raw)
+        except TypeError as error:
+            self.log.error("handler %s returned an invalid handshake decision: %s", self._handler_name, error)
+            return module.handler_failed(error)
+        if isinstance(decision, Reject):
+            self.log.debug("handshake rejected by %s with %d", self._handler_name, decision.status)
+        return module.handler_returned(decision)
 
     @property
     def _handler_name(self) -> str:
@@ -817,7 +946,10 @@ class _WorkerProtocol(asyncio.BufferedProtocol):
         self._view = _read_buffer()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._worker._transport = transport  # type: ignore[assignment]
+        worker = self._worker
+        worker._transport = transport  # type: ignore[assignment]
+        limit = worker._options.write_buffer_size
+        transport.set_write_buffer_limits(high=limit, low=limit // 4)  # type: ignore[attr-defined]
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self._view

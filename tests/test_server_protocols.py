@@ -48,7 +48,8 @@ async def test_init_gets_the_worker_peer_path_query_and_headers() -> None:
     [
         (HANDSHAKE.format(version=8).encode(), b"426", b"Sec-WebSocket-Version: 13"),
         (b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n", b"426", b"Upgrade: websocket"),
-        (b"POST / HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n", b"405", b"Allow: GET"),
+        (b"POST / HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n", b"426", b"Upgrade: websocket"),
+        (b"POST / HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n\r\n", b"405", b"Allow: GET"),
         (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n", b"400", b"Connection: close"),
     ],
 )

@@ -48,7 +48,8 @@ class Peer:
 
 
 def opened(**options: Any) -> WebSocketProtocol:
-    raw = [("handler_module", "pywsserver.echo"), *options.items()]
+    merged = {"ping_interval": None, **options}  # keepalive has tests of its own
+    raw = [("handler_module", "pywsserver.echo"), *merged.items()]
     module = WebSocketProtocol(WebSocketProtocol.parse_options(raw, "websocket"), CONNECTION)
     effects = module.start(b"", {})
     assert len(effects) == 1

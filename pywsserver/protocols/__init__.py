@@ -24,6 +24,7 @@ from ._contract import (
     SetTimer,
     Stop,
     Switch,
+    TLSInfo,
     Write,
 )
 from ._http import HTTPOptions, HTTPProtocol, Request, accept_key, parse_request_head
@@ -53,6 +54,7 @@ __all__ = [
     "SetTimer",
     "Stop",
     "Switch",
+    "TLSInfo",
     "WebSocketOptions",
     "WebSocketProtocol",
     "Write",

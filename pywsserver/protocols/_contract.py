@@ -56,6 +56,7 @@ __all__ = [
     "SetTimer",
     "Stop",
     "Switch",
+    "TLSInfo",
     "Write",
 ]
 
@@ -201,6 +202,20 @@ class Headers(Mapping[str, str]):
 
 
 @attrs.frozen
+class TLSInfo:
+    """The TLS session of a ``wss://`` connection."""
+
+    #: The protocol version, e.g. ``"TLSv1.3"``.
+    version: str | None
+    #: The cipher's name, e.g. ``"TLS_AES_256_GCM_SHA384"``.
+    cipher: str | None
+    #: The client's certificate as :meth:`ssl.SSLSocket.getpeercert` gives it, or ``None`` when it sent none.
+    peer_certificate: Mapping[str, Any] | None = None
+    #: The server name the client asked for (SNI), when known.
+    server_name: str | None = None
+
+
+@attrs.frozen
 class ConnectionInfo:
     """What the worker knows about its connection before any protocol runs."""
 
@@ -210,6 +225,8 @@ class ConnectionInfo:
     local: tuple[str, int] | None
     #: A number identifying the connection in logs, unique within the process.
     connection_id: int
+    #: The TLS session, for ``wss://`` connections.
+    tls: TLSInfo | None = None
 
 
 # --------------------------------------------------------------- behaviour

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import enum
 import hashlib
 import re
 from collections.abc import Mapping
@@ -32,11 +33,13 @@ from urllib.parse import unquote
 
 import attrs
 
+from .._messages import Accept, Handshake, Reject
 from .._optionkit import OptionError, as_mapping, check_int, check_number, join
 from ._contract import (
     Action,
     CloseSocket,
     ConnectionInfo,
+    Deliver,
     Effect,
     GoingAway,
     Headers,
@@ -45,6 +48,8 @@ from ._contract import (
     Switch,
     Write,
 )
+from ._deflate import DeflateParameters, negotiate
+from ._endpoint import WebSocketOptions, origin_allowed
 
 __all__ = ["HTTPOptions", "HTTPProtocol", "Request", "accept_key", "parse_request_head"]
 
@@ -148,6 +153,17 @@ class HTTPOptions:
     max_request_size: int = 16384
     #: The module the worker switches to after a successful handshake.
     upgrade_to: str = "websocket"
+    #: A path answered ``200 OK`` to plain ``GET``/``HEAD`` requests, for load balancers (``None``: none).
+    health_check_path: str | None = None
+    #: The options of the ``upgrade_to`` module when it is the WebSocket module (set at ``start_link``):
+    #: its resources, origins, subprotocols and compression are decided here, before the 101 answer.
+    endpoint: WebSocketOptions | None = attrs.field(default=None, eq=False, repr=False)
+
+
+class _Phase(enum.Enum):
+    READING = "reading"
+    DECIDING = "deciding"  # the handler's handshake hook is running
+    DONE = "done"
 
 
 class HTTPProtocol:
@@ -158,8 +174,10 @@ class HTTPProtocol:
 
     @classmethod
     def parse_options(cls, raw: Any, path: str) -> HTTPOptions:
-        """Check ``handshake_timeout``, ``max_request_size`` and ``upgrade_to``."""
-        options = as_mapping(raw, path, allowed=("handshake_timeout", "max_request_size", "upgrade_to"))
+        """Check ``handshake_timeout``, ``max_request_size``, ``upgrade_to`` and ``health_check_path``."""
+        options = as_mapping(
+            raw, path, allowed=("handshake_timeout", "max_request_size", "upgrade_to", "health_check_path")
+        )
         result = HTTPOptions()
         if "handshake_timeout" in options:
             timeout = check_number(options["handshake_timeout"], join(path, "handshake_timeout"), minimum=0.001)
@@ -173,13 +191,21 @@ class HTTPProtocol:
             if not isinstance(target, str) or not target:
                 raise OptionError(join(path, "upgrade_to"), f"expected a protocol module name, got {target!r}")
             result = attrs.evolve(result, upgrade_to=target)
+        if "health_check_path" in options:
+            health = options["health_check_path"]
+            if health is not None and (not isinstance(health, str) or not health.startswith("/")):
+                raise OptionError(
+                    join(path, "health_check_path"), f"expected a path such as '/healthz', got {health!r}"
+                )
+            result = attrs.evolve(result, health_check_path=health)
         return result
 
     def __init__(self, options: HTTPOptions, connection: ConnectionInfo) -> None:
         self.options = options
         self.connection = connection
         self._buffer = bytearray()
-        self._done = False
+        self._phase = _Phase.READING
+        self._pending: _Pending | None = None
 
     def start(self, data: bytes, context: Mapping[str, Any]) -> list[Effect]:
         """Start the handshake timer and handle any bytes already received."""
@@ -190,7 +216,14 @@ class HTTPProtocol:
 
     def data_received(self, data: bytes) -> list[Effect]:
         """Buffer the request head; answer it once complete."""
-        if self._done:
+        if self._phase is _Phase.DECIDING:
+            # Frames the client sent right after its request: kept for the WebSocket module, within bounds.
+            assert self._pending is not None
+            self._pending.rest += data
+            if len(self._pending.rest) > self.options.max_request_size:
+                return self._fail(400, "data sent before the handshake's answer")
+            return []
+        if self._phase is not _Phase.READING:
             return []
         buffer = self._buffer
         search_from = max(len(buffer) - 3, 0)
@@ -213,14 +246,18 @@ class HTTPProtocol:
 
     def _handshake(self, request: Request, rest: bytes) -> list[Effect]:
         headers = request.headers
+        upgrade = "websocket" in _tokens(headers, "upgrade")
+        health = self.options.health_check_path
+        if not upgrade and health is not None and request.path == health and request.method in ("GET", "HEAD"):
+            return self._respond(200, "OK", head_only=request.method == "HEAD", reason="health check")
+        if not upgrade:
+            return self._fail(426, "this is a WebSocket endpoint", [("Upgrade", "websocket")])
         if request.version < (1, 1):
             return self._fail(400, "WebSocket requires HTTP/1.1")
         if request.method != "GET":
             return self._fail(405, "WebSocket handshakes use GET", [("Allow", "GET")])
         if "host" not in headers:
             return self._fail(400, "missing Host header")
-        if "websocket" not in _tokens(headers, "upgrade"):
-            return self._fail(426, "this is a WebSocket endpoint", [("Upgrade", "websocket")])
         if "upgrade" not in _tokens(headers, "connection"):
             return self._fail(400, "the Connection header must contain 'upgrade'")
         versions = headers.get_all("sec-websocket-version")
@@ -229,19 +266,89 @@ class HTTPProtocol:
         keys = headers.get_all("sec-websocket-key")
         if len(keys) != 1 or not _valid_key(keys[0]):
             return self._fail(400, "missing or invalid Sec-WebSocket-Key")
-        response = http_response(
-            101,
-            [("Upgrade", "websocket"), ("Connection", "Upgrade"), ("Sec-WebSocket-Accept", accept_key(keys[0]))],
-        )
-        self._done = True
+        requested = [token for value in headers.get_all("sec-websocket-protocol") for token in _token_list(value)]
+        info: dict[str, Any] = {
+            "peer": self.connection.peer,
+            "local": self.connection.local,
+            "connection_id": self.connection.connection_id,
+            "path": request.path,
+            "query": request.query,
+            "headers": headers,
+            "request": request,
+            "params": {},
+            "subprotocols": requested,
+            "subprotocol": None,
+            "extensions": [],
+            "tls": self.connection.tls,
+            "secure": self.connection.tls is not None,
+        }
+        pending = _Pending(request, keys[0], info, rest)
+        endpoint = self.options.endpoint
+        if endpoint is None:  # another module than ours: it gets the request, nothing is negotiated here
+            return self._upgrade(pending, None)
+        match = endpoint.router.match(request.path)
+        if match is None:
+            return self._fail(404, "no WebSocket resource at this path")
+        origins = headers.get_all("origin")
+        if len(origins) > 1 or not origin_allowed(origins[0] if origins else None, endpoint):
+            return self._fail(403, "origin not allowed")
+        route = match.route
+        offered = route.subprotocols if route.subprotocols is not None else endpoint.subprotocols
+        info["subprotocol"] = next((name for name in offered if name in requested), None)
+        info["params"] = dict(match.params)
+        if endpoint.compression is not None:
+            pending.deflate = negotiate(headers.get_all("sec-websocket-extensions"), endpoint.compression)
+            if pending.deflate is not None:
+                info["extensions"] = [pending.deflate.response]
+        pending.handler = route.handler
+        info.update({key: value for key, value in route.handler_options.items() if key not in info})
+        if getattr(route.handler, "has_handshake", False):
+            self._phase = _Phase.DECIDING
+            self._pending = pending
+            return [SetTimer("handshake", None), Deliver(Handshake(info, route.handler))]
+        return self._upgrade(pending, None)
+
+    def _upgrade(self, pending: _Pending, decision: Accept | None) -> list[Effect]:
+        info = pending.info
+        extra: tuple[tuple[str, str], ...] = ()
+        if decision is not None:
+            if decision.subprotocol is not None:
+                if decision.subprotocol not in info["subprotocols"]:
+                    return self._fail(
+                        500, f"the handshake hook chose {decision.subprotocol!r}, which the client did not ask for"
+                    )
+                info["subprotocol"] = decision.subprotocol
+            extra = decision.headers
+        headers = [
+            ("Upgrade", "websocket"),
+            ("Connection", "Upgrade"),
+            ("Sec-WebSocket-Accept", accept_key(pending.key)),
+        ]
+        if info["subprotocol"] is not None:
+            headers.append(("Sec-WebSocket-Protocol", info["subprotocol"]))
+        if pending.deflate is not None:
+            headers.append(("Sec-WebSocket-Extensions", pending.deflate.response))
+        headers.extend(extra)
+        self._phase = _Phase.DONE
+        self._pending = None
+        context = {"request": pending.request, "info": info, "handler": pending.handler, "deflate": pending.deflate}
         return [
             SetTimer("handshake", None),
-            Write(response),
-            Switch(self.options.upgrade_to, rest, {"request": request}),
+            Write(http_response(101, headers)),
+            Switch(self.options.upgrade_to, bytes(pending.rest), context),
         ]
 
+    def _respond(self, status: int, message: str, *, head_only: bool = False, reason: str = "") -> list[Effect]:
+        body = (message + "\n").encode()
+        self._phase = _Phase.DONE
+        response = http_response(status, [("Content-Type", "text/plain; charset=utf-8")], body)
+        if head_only:
+            response = response[: len(response) - len(body)]
+        return [SetTimer("handshake", None), Write(response), CloseSocket(), Stop(reason or f"answered {status}")]
+
     def _fail(self, status: int, message: str, headers: list[tuple[str, str]] | None = None) -> list[Effect]:
-        self._done = True
+        self._phase = _Phase.DONE
+        self._pending = None
         body = (message + "\n").encode()
         all_headers = [("Content-Type", "text/plain; charset=utf-8"), *(headers or [])]
         return [
@@ -253,27 +360,64 @@ class HTTPProtocol:
 
     def eof_received(self) -> list[Effect]:
         """The client left during the handshake."""
-        self._done = True
+        self._phase = _Phase.DONE
         return [Stop("client left during the handshake")]
 
     def action(self, action: Action) -> list[Effect]:
         """Actions before the connection is established: only going away matters."""
-        if isinstance(action, GoingAway):
+        if isinstance(action, GoingAway) and self._phase is not _Phase.DONE:
             return self._fail(503, "server shutting down")
         return []
 
     def timer_expired(self, name: str) -> list[Effect]:
         """The handshake took too long: close without answering."""
-        self._done = True
+        if self._phase is not _Phase.READING:
+            return []
+        self._phase = _Phase.DONE
         return [CloseSocket(), Stop("opening handshake timed out")]
 
     def handler_returned(self, result: Any) -> list[Effect]:
-        """The HTTP module calls no handler."""
-        return []
+        """The handshake hook decided: answer 101 or the rejection."""
+        pending = self._pending
+        if self._phase is not _Phase.DECIDING or pending is None:
+            return []
+        if isinstance(result, Reject):
+            self._phase = _Phase.DONE
+            self._pending = None
+            body = result.body.encode() if isinstance(result.body, str) else result.body
+            headers = list(result.headers)
+            if body and not any(name.lower() == "content-type" for name, _ in headers):
+                headers.insert(0, ("Content-Type", "text/plain; charset=utf-8"))
+            return [
+                Write(http_response(result.status, headers, body)),
+                CloseSocket(),
+                Stop(f"rejected: {result.status}"),
+            ]
+        return self._upgrade(pending, result if isinstance(result, Accept) else None)
 
     def handler_failed(self, error: BaseException) -> list[Effect]:
-        """The HTTP module calls no handler."""
-        return []
+        """The handshake hook raised or returned nonsense: answer 500."""
+        if self._phase is not _Phase.DECIDING:
+            return []
+        return self._fail(500, "internal error")
+
+
+class _Pending:
+    """A valid upgrade request waiting for its answer."""
+
+    __slots__ = ("deflate", "handler", "info", "key", "request", "rest")
+
+    def __init__(self, request: Request, key: str, info: dict[str, Any], rest: bytes) -> None:
+        self.request = request
+        self.key = key
+        self.info = info
+        self.rest = bytearray(rest)
+        self.deflate: DeflateParameters | None = None
+        self.handler: Any = None
+
+
+def _token_list(value: str) -> list[str]:
+    return [token.strip() for token in value.split(",") if token.strip()]
 
 
 def _valid_key(key: str) -> bool:

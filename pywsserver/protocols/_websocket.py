@@ -38,11 +38,12 @@ from collections import deque
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-import attrs
 from wsproto.connection import Connection, ConnectionState, ConnectionType
 from wsproto.events import (
+    BytesMessage,
     CloseConnection,
     Message,
+    TextMessage,
 )
 from wsproto.events import (
     Ping as WsPing,
@@ -62,7 +63,6 @@ from .._messages import (
     SendPing,
     SendPong,
 )
-from .._optionkit import OptionError, as_mapping, check_bool, check_int, check_number, join
 from ._contract import (
     Action,
     BroadcastAction,
@@ -78,8 +78,15 @@ from ._contract import (
     Stop,
     Write,
 )
+from ._deflate import BoundedDeflate
+from ._endpoint import WebSocketOptions, parse_websocket_options
 
 __all__ = ["WebSocketOptions", "WebSocketProtocol", "encode_message"]
+
+
+def _message_event(data: str | bytes) -> Message[Any]:
+    """The wsproto event sending ``data`` as one message."""
+    return TextMessage(data=data) if isinstance(data, str) else BytesMessage(data=data)
 
 
 def encode_message(data: str | bytes) -> bytes:
@@ -104,22 +111,6 @@ class State(enum.Enum):
     OPEN = "open"
     LOCAL_CLOSING = "local_closing"
     CLOSED = "closed"
-
-
-@attrs.frozen
-class WebSocketOptions:
-    """Options of the WebSocket module (``protocol_modules.websocket``)."""
-
-    #: The handler module (resolved at ``start_link``).
-    handler_module: Any
-    #: Extra entries for the ``init`` options mapping.
-    handler_options: Mapping[str, Any] = attrs.field(factory=dict)
-    #: The largest message accepted, in bytes, after reassembly (1009 beyond).
-    max_message_size: int = 1024 * 1024
-    #: Seconds to wait for the peer's close frame after sending ours.
-    close_timeout: float = 10.0
-    #: Whether pings and pongs from the peer reach ``handle`` as ``Ping``/``Pong``.
-    control_messages: bool = True
 
 
 class _PeerClosed:
@@ -154,26 +145,8 @@ class WebSocketProtocol:
 
     @classmethod
     def parse_options(cls, raw: Any, path: str) -> WebSocketOptions:
-        """Check the module's options; ``handler_module`` is resolved by the caller."""
-        options = as_mapping(
-            raw,
-            path,
-            allowed=("handler_module", "handler_options", "max_message_size", "close_timeout", "control_messages"),
-        )
-        if "handler_module" not in options:
-            raise OptionError(join(path, "handler_module"), "required: the module, class or instance handling messages")
-        fields: dict[str, Any] = {"handler_module": options["handler_module"]}
-        if "handler_options" in options:
-            fields["handler_options"] = as_mapping(options["handler_options"], join(path, "handler_options"))
-        if "max_message_size" in options:
-            fields["max_message_size"] = check_int(
-                options["max_message_size"], join(path, "max_message_size"), minimum=1
-            )
-        if "close_timeout" in options:
-            fields["close_timeout"] = check_number(options["close_timeout"], join(path, "close_timeout"))
-        if "control_messages" in options:
-            fields["control_messages"] = check_bool(options["control_messages"], join(path, "control_messages"))
-        return WebSocketOptions(**fields)
+        """Check the module's options (see :class:`~pywsserver.protocols.WebSocketOptions`)."""
+        return parse_websocket_options(raw, path)
 
     def __init__(self, options: WebSocketOptions, connection: ConnectionInfo) -> None:
         self.options = options
@@ -189,21 +162,38 @@ class WebSocketProtocol:
         self._notified = False
         self._fast = True  # see _receive_fast
         self._carry = bytearray()
+        self._deflate = False
+        self._ping_payload: bytes | None = None  # the keepalive ping waiting for its pong
+        self._pings_sent = 0
+        self._idle_timer = SetTimer("idle", options.idle_timeout) if options.idle_timeout is not None else None
 
     # ------------------------------------------------------------- inputs
 
     def start(self, data: bytes, context: Mapping[str, Any]) -> list[Effect]:
         """The handshake is done: have the handler's ``init`` run, then handle ``data``."""
-        request = context.get("request")
-        info: dict[str, Any] = {
-            "peer": self.connection.peer,
-            "local": self.connection.local,
-            "connection_id": self.connection.connection_id,
-        }
-        if request is not None:
-            info.update(path=request.path, query=request.query, headers=request.headers, request=request)
-        self._inbox.append(Opened(info))
+        info = context.get("info")
+        if info is None:
+            request = context.get("request")
+            info = {
+                "peer": self.connection.peer,
+                "local": self.connection.local,
+                "connection_id": self.connection.connection_id,
+                "tls": self.connection.tls,
+                "secure": self.connection.tls is not None,
+            }
+            if request is not None:
+                info.update(path=request.path, query=request.query, headers=request.headers, request=request)
+        parameters = context.get("deflate")
+        if parameters is not None and self.options.compression is not None:
+            extension = BoundedDeflate(parameters, self.options.compression, self.options.max_message_size)
+            self._ws = Connection(ConnectionType.SERVER, extensions=[extension])
+            self._deflate = True
+        self._inbox.append(Opened(info, context.get("handler")))
         effects: list[Effect] = []
+        if self.options.ping_interval is not None:
+            effects.append(SetTimer("keepalive", self.options.ping_interval))
+        if self._idle_timer is not None:
+            effects.append(self._idle_timer)
         if data:
             effects = self._receive(data)
         return effects + self._pump()
@@ -212,6 +202,8 @@ class WebSocketProtocol:
         """Parse frames; queue complete messages for the handler."""
         if self.state is State.CLOSED:
             return []
+        if self._idle_timer is not None:
+            return [self._idle_timer, *self._receive(data), *self._pump()]
         return self._receive(data) + self._pump()
 
     def eof_received(self) -> list[Effect]:
@@ -225,7 +217,7 @@ class WebSocketProtocol:
         if not self._can_send():
             return []
         if isinstance(action, BroadcastAction):
-            return [Write(action.frame)]
+            return [Write(self._frame(action.data) if self._deflate else action.frame)]
         if isinstance(action, SendAction):
             return [Write(self._frame(action.data))]
         if isinstance(action, PingAction):
@@ -237,9 +229,35 @@ class WebSocketProtocol:
         return []
 
     def timer_expired(self, name: str) -> list[Effect]:
-        """The peer did not answer our close frame in time."""
+        """Keepalive, idle and closing-handshake timers."""
         if name == "close" and self.state is State.LOCAL_CLOSING:
             return self._closed(self._close_code, self._close_reason)
+        if self.state is not State.OPEN:
+            return []
+        if name == "keepalive":
+            return self._keepalive()
+        if name == "pong" and self._ping_payload is not None:
+            # No pong in time: the peer or the path to it is gone; do not wait for a closing handshake.
+            return self._fail(1011, "keepalive ping timeout")
+        if name == "idle":
+            return self._start_closing(1001, "idle timeout")
+        return []
+
+    def _keepalive(self) -> list[Effect]:
+        assert self.options.ping_interval is not None
+        effects: list[Effect] = [SetTimer("keepalive", self.options.ping_interval)]
+        if self._ping_payload is None and self._can_send():
+            self._pings_sent += 1
+            self._ping_payload = self._pings_sent.to_bytes(4, "big")
+            effects.append(Write(self._ws.send(WsPing(payload=self._ping_payload))))
+            if self.options.ping_timeout is not None:
+                effects.append(SetTimer("pong", self.options.ping_timeout))
+        return effects
+
+    def _pong_received(self, payload: bytes) -> list[Effect]:
+        if self._ping_payload is not None and payload == self._ping_payload:
+            self._ping_payload = None
+            return [SetTimer("pong", None)]
         return []
 
     def handler_returned(self, result: Any) -> list[Effect]:
@@ -275,6 +293,8 @@ class WebSocketProtocol:
         return self.state is State.OPEN and self._ws.state is ConnectionState.OPEN
 
     def _frame(self, data: str | bytes) -> bytes:
+        if self._deflate:
+            return self._ws.send(_message_event(data))  # compressed by the extension
         # Whole, unfragmented messages leave wsproto's sending state untouched: encode them directly.
         return encode_message(data)
 
@@ -337,8 +357,11 @@ class WebSocketProtocol:
                     effects.append(Write(bytes((0x8A, length)) + payload))
                 if self.options.control_messages:
                     inbox.append(Ping(payload))
-            elif self.options.control_messages:  # 10: a pong
-                inbox.append(Pong(payload))
+            else:  # 10: a pong
+                if self._ping_payload is not None:
+                    effects += self._pong_received(payload)
+                if self.options.control_messages:
+                    inbox.append(Pong(payload))
         if position < size:
             if size - position >= 2:  # a frame this path does not take: wsproto from here on
                 self._fast = False
@@ -385,6 +408,8 @@ class WebSocketProtocol:
                 if self.options.control_messages:
                     self._inbox.append(Ping(bytes(event.payload)))
             elif isinstance(event, WsPong):
+                if self._ping_payload is not None:
+                    effects += self._pong_received(bytes(event.payload))
                 if self.options.control_messages:
                     self._inbox.append(Pong(bytes(event.payload)))
             elif isinstance(event, CloseConnection):
@@ -428,7 +453,13 @@ class WebSocketProtocol:
         self.state = State.CLOSED
         self._parts, self._size = [], 0
         self._inbox.clear()
-        effects: list[Effect] = [SetTimer("close", None), CloseSocket()]
+        effects: list[Effect] = [
+            SetTimer("close", None),
+            SetTimer("keepalive", None),
+            SetTimer("pong", None),
+            SetTimer("idle", None),
+            CloseSocket(),
+        ]
         if not self._notified:
             self._notified = True
             self._inbox.append(ConnectionClose(code, reason))
