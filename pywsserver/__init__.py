@@ -10,6 +10,7 @@ from . import groups
 from ._broadcast import BroadcastResult, broadcast, broadcast_threadsafe
 from ._errors import ConnectionClosed, OptionError, ServerStartError
 from ._messages import (
+    Accept,
     Close,
     ConnectionClose,
     HandlerResult,
@@ -17,14 +18,16 @@ from ._messages import (
     NoReply,
     Ping,
     Pong,
+    Reject,
     Reply,
     SendPing,
     SendPong,
+    normalize_decision,
     normalize_result,
 )
 from ._server import Server, run, serve, server_child_spec, start_link, stop
 from ._worker import Worker, WorkerState, close, ping, send
-from .protocols import ConnectionInfo, Headers
+from .protocols import ConnectionInfo, Headers, TLSInfo
 from .supervision import (
     BRUTAL_KILL,
     INFINITY,
@@ -62,6 +65,7 @@ from .supervision import (
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "Accept",
     "BroadcastResult",
     "broadcast",
     "broadcast_threadsafe",
@@ -77,14 +81,17 @@ __all__ = [
     "OptionError",
     "Ping",
     "Pong",
+    "Reject",
     "Reply",
     "SendPing",
     "SendPong",
     "Server",
     "ServerStartError",
+    "TLSInfo",
     "Worker",
     "WorkerState",
     "close",
+    "normalize_decision",
     "normalize_result",
     "ping",
     "run",

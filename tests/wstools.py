@@ -90,4 +90,18 @@ async def raw_http(port: int, request: bytes) -> bytes:
     return b"".join(chunks)
 
 
-__all__ = ["RawClient", "RejectConnection", "RejectData", "in_client_thread", "raw_http", "url"]
+async def response_head(port: int, request: bytes) -> bytes:
+    """Send raw bytes and read the server's response head (an upgrade's 101 leaves the connection open)."""
+    async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+        await stream.send(request)
+        received = b""
+        with anyio.fail_after(10):
+            while b"\r\n\r\n" not in received:
+                try:
+                    received += await stream.receive()
+                except (anyio.EndOfStream, anyio.BrokenResourceError):
+                    break
+    return received.partition(b"\r\n\r\n")[0] + b"\r\n\r\n"
+
+
+__all__ = ["RawClient", "RejectConnection", "RejectData", "in_client_thread", "raw_http", "response_head", "url"]
