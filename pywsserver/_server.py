@@ -159,7 +159,7 @@ async def _listener(server: Server, *, task_status: anyio.abc.TaskStatus[None]) 
     if options.unix_path is not None:
         _remove_stale_socket(options.unix_path)
         try:
-            unix = await anyio.create_unix_listener(options.unix_path, backlog=options.backlog)
+            unix = await _unix_listener(options.unix_path, options.backlog)
         except OSError as error:
             raise ServerStartError(f"cannot listen on {options.unix_path}: {error.strerror or error}") from error
         multi, listeners = unix, [unix]
@@ -197,6 +197,19 @@ async def _listener(server: Server, *, task_status: anyio.abc.TaskStatus[None]) 
         if options.unix_path is not None:
             with contextlib.suppress(OSError):
                 os.unlink(options.unix_path)
+
+
+async def _unix_listener(path: str, backlog: int) -> SocketListener:
+    """Bind and listen on ``path``; an existing file (a live server's socket) makes this fail."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return await SocketListener.from_socket(sock)
 
 
 def _remove_stale_socket(path: str) -> None:

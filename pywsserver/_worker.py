@@ -349,8 +349,10 @@ class Worker:
             # One task: callbacks do the reading, this task the async handler calls and the mailbox.
             with anyio.CancelScope() as scope:
                 self._serve_scope = scope
+                self._busy = True  # bytes arriving before the module has started wait in the backlog
                 if not await self._open_protocol():
                     return
+                self._busy = False
                 self._feed(self._module.start(b"", {}))
                 await self._continue()
             return
@@ -475,6 +477,7 @@ class Worker:
                     self._stream, server_side=True, ssl_context=self._tls, standard_compatible=False
                 )
         except (OSError, ssl.SSLError, TimeoutError, anyio.BrokenResourceError, anyio.EndOfStream) as error:
+            await anyio.aclose_forcefully(self._stream)
             self._tls_failed(error)
             return False
         self._connection_secured(self._stream.extra(TLSAttribute.ssl_object))

@@ -76,7 +76,9 @@ async def test_each_resource_gets_its_handler_options_and_path_parameters() -> N
         assert recorder.inits[-1]["tag"] == "files"
 
 
-@pytest.mark.parametrize("path", ["/", "/chat/", "/chatroom", "/rooms/7/users", "/rooms//users/ann", "/rooms/7/users/a/b"])
+@pytest.mark.parametrize(
+    "path", ["/", "/chat/", "/chatroom", "/rooms/7/users", "/rooms//users/ann", "/rooms/7/users/a/b"]
+)
 async def test_a_path_that_is_not_a_resource_gets_404_and_the_server_serves_on(path: str) -> None:
     recorder = Recorder()
     async with start_link(routed(recorder)) as server:
