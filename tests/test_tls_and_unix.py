@@ -16,7 +16,7 @@ from websockets.asyncio.client import connect, unix_connect
 from pywsserver import OptionError, start_link
 
 from .recorder import Recorder, server_options
-from .wstools import in_client_thread
+from .wstools import in_client_thread, no_connections
 
 pytestmark = pytest.mark.anyio
 
@@ -123,21 +123,18 @@ async def test_a_stalled_tls_handshake_is_timed_out_and_holds_no_acceptor(
                 with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
                     await stream.receive()
                 await stream.aclose()
-        with anyio.fail_after(5):
-            while server.connections:
-                await anyio.sleep(0.01)
+        assert await no_connections(server)
 
 
 async def test_plain_http_bytes_on_a_tls_port_close_the_connection(server_context: ssl.SSLContext) -> None:
     async with start_link(server_options(tls=server_context)) as server:
-        async with await anyio.connect_tcp("127.0.0.1", server.port) as stream:
+        stream = await anyio.connect_tcp("127.0.0.1", server.port)
+        async with stream:
             await stream.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-            with anyio.fail_after(5):
-                try:
-                    while await stream.receive():
-                        pass
-                except (anyio.EndOfStream, anyio.BrokenResourceError):
+            with anyio.fail_after(5), pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
+                while await stream.receive():
                     pass
+        assert await no_connections(server)
 
 
 # ------------------------------------------------------------------ Unix socket
@@ -157,7 +154,7 @@ async def test_serving_on_a_unix_socket(tmp_path: Path) -> None:
         assert await in_client_thread(client) == "over unix"
         assert recorder.inits[0]["path"] == "/chat"
         assert recorder.inits[0]["peer"] is None
-    assert not Path(path).exists()  # removed when the server stops
+    assert not await anyio.Path(path).exists()  # removed when the server stops
 
 
 async def test_a_stale_unix_socket_is_replaced_but_a_live_one_is_not(tmp_path: Path) -> None:
@@ -168,7 +165,7 @@ async def test_a_stale_unix_socket_is_replaced_but_a_live_one_is_not(tmp_path: P
     async with start_link(server_options(unix_path=path)):
         from pywsserver import ServerStartError
 
-        with pytest.raises(ServerStartError, match="ws.sock"):
+        with pytest.raises(ServerStartError, match=r"ws\.sock"):
             async with start_link(server_options(unix_path=path)):
                 pass
     regular = tmp_path / "file"

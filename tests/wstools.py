@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Event, RejectConnection, RejectData, Request
 
@@ -90,6 +91,14 @@ async def raw_http(port: int, request: bytes) -> bytes:
     return b"".join(chunks)
 
 
+async def no_connections(server: Any, timeout: float = 5) -> bool:
+    """Wait until the server's worker supervisor has no live worker (each exit is reported to it)."""
+    with anyio.fail_after(timeout):
+        while server.connections:
+            await anyio.lowlevel.checkpoint()
+    return True
+
+
 async def response_head(port: int, request: bytes) -> bytes:
     """Send raw bytes and read the server's response head (an upgrade's 101 leaves the connection open)."""
     async with await anyio.connect_tcp("127.0.0.1", port) as stream:
@@ -104,4 +113,13 @@ async def response_head(port: int, request: bytes) -> bytes:
     return received.partition(b"\r\n\r\n")[0] + b"\r\n\r\n"
 
 
-__all__ = ["RawClient", "RejectConnection", "RejectData", "in_client_thread", "raw_http", "response_head", "url"]
+__all__ = [
+    "RawClient",
+    "no_connections",
+    "RejectConnection",
+    "RejectData",
+    "in_client_thread",
+    "raw_http",
+    "response_head",
+    "url",
+]
