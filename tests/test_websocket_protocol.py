@@ -116,16 +116,20 @@ def test_the_limit_holds_across_fragments_and_counts_utf8_bytes() -> None:
     assert delivered(effects) == [ConnectionClose(1009, "message larger than 10 bytes")]
 
 
-def test_a_frame_announcing_a_huge_length_is_refused_as_it_arrives() -> None:
+def test_a_frame_announcing_a_huge_length_is_refused_at_its_header() -> None:
     module = opened(max_message_size=1024)
     header = bytes([0x82, 0xFF]) + struct.pack("!Q", 2**40) + b"mask"
     effects = module.data_received(header)
-    assert delivered(effects) == []
-    effects = module.data_received(b"\x00" * 1000)
-    assert delivered(effects) == []
-    effects = module.data_received(b"\x00" * 1000)
     assert delivered(effects) == [ConnectionClose(1009, "message larger than 1024 bytes")]
-    assert module._parts == []  # nothing buffered is kept
+
+
+def test_fragments_over_the_limit_are_refused_as_they_arrive() -> None:
+    module = opened(max_message_size=1024)
+    header = bytes([0x02, 0xFE]) + struct.pack("!H", 1000) + b"mask"  # a first fragment of 1000 bytes
+    effects = module.data_received(header + b"\x00" * 1000)
+    assert delivered(effects) == []
+    effects = module.data_received(bytes([0x80, 0xFE]) + struct.pack("!H", 1000) + b"mask" + b"\x00" * 100)
+    assert delivered(effects) == [ConnectionClose(1009, "message larger than 1024 bytes")]
 
 
 def test_invalid_utf8_closes_1007() -> None:

@@ -51,6 +51,8 @@ from wsproto.events import (
 from wsproto.events import (
     Pong as WsPong,
 )
+from wsproto.extensions import Extension
+from wsproto.frame_protocol import CloseReason, FrameDecoder, FrameProtocol, Opcode, RsvBits
 
 from .._messages import (
     Close,
@@ -113,6 +115,29 @@ class State(enum.Enum):
     CLOSED = "closed"
 
 
+class _SizeGuard(Extension):
+    """Not a negotiated extension: wsproto shows every frame header to its extensions, and this one
+    refuses a data frame announcing more than the size limit before any of its payload is read."""
+
+    name = "pywsserver-size-guard"
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+
+    def enabled(self) -> bool:
+        return True
+
+    def offer(self) -> bool:
+        return False
+
+    def frame_inbound_header(
+        self, proto: FrameDecoder | FrameProtocol, opcode: Opcode, rsv: RsvBits, payload_length: int
+    ) -> CloseReason | RsvBits:
+        if payload_length > self.limit and not opcode.iscontrol():
+            return CloseReason.MESSAGE_TOO_BIG
+        return RsvBits(False, False, False)
+
+
 class _PeerClosed:
     __slots__ = ("code", "reason")
 
@@ -152,7 +177,8 @@ class WebSocketProtocol:
         self.options = options
         self.connection = connection
         self.state = State.OPEN
-        self._ws = Connection(ConnectionType.SERVER)
+        self._guard = _SizeGuard(options.max_message_size)
+        self._ws = Connection(ConnectionType.SERVER, extensions=[self._guard])
         self._inbox: deque[Any] = deque()
         self._awaiting: Any = None  # the message whose handler call is outstanding
         self._parts: list[Any] = []
@@ -186,7 +212,7 @@ class WebSocketProtocol:
         parameters = context.get("deflate")
         if parameters is not None and self.options.compression is not None:
             extension = BoundedDeflate(parameters, self.options.compression, self.options.max_message_size)
-            self._ws = Connection(ConnectionType.SERVER, extensions=[extension])
+            self._ws = Connection(ConnectionType.SERVER, extensions=[self._guard, extension])
             self._deflate = True
         self._inbox.append(Opened(info, context.get("handler")))
         effects: list[Effect] = []
@@ -417,8 +443,11 @@ class WebSocketProtocol:
                     self._inbox.append(_PeerClosed(event.code, event.reason or ""))
                 elif ws.state is ConnectionState.CLOSED:  # the answer to our close frame
                     return effects + self._closed(self._close_code, self._close_reason)
-                else:  # wsproto found a protocol violation (1002, 1007, ...)
-                    return effects + self._fail(event.code, event.reason or "")
+                else:  # wsproto found a protocol violation (1002, 1007, 1009 from the size guard, ...)
+                    reason = event.reason or ""
+                    if event.code == CloseReason.MESSAGE_TOO_BIG:
+                        reason = f"message larger than {limit} bytes"
+                    return effects + self._fail(event.code, reason)
         return effects
 
     def _pump(self) -> list[Effect]:
