@@ -63,6 +63,7 @@ from ._messages import (
     valid_close_code,
 )
 from ._options import WorkerOptions
+from ._throttle import ThrottledReport
 from .protocols import (
     Action,
     CloseAction,
@@ -86,6 +87,8 @@ from .supervision import _groups as groups
 __all__ = ["Worker", "WorkerState", "close", "ping", "send"]
 
 logger = logging.getLogger("pywsserver.worker")
+#: Reports of clients that send bad input: at most one line per kind every 10 s (see ``_throttle``).
+bad_input = ThrottledReport(logging.getLogger("pywsserver.bad_input"))
 _connection_ids = itertools.count(1)
 _CLOSED_ERRORS = (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
 
@@ -486,6 +489,7 @@ class Worker:
     def _tls_failed(self, error: BaseException) -> None:
         # Scanners and stalled clients fail here all the time: not worth more than a debug line.
         self.log.debug("TLS handshake failed: %r", error)
+        bad_input("failed TLS handshakes", f"{self._peer_text}: {error!r}")
         self._socket_closed = True
         if self._transport is not None:
             self._transport.abort()
@@ -556,13 +560,25 @@ class Worker:
             self._flush()
             self._stopped = True
             self._queue.clear()
-            self.log.debug("stopping: %s", effect.reason)  # type: ignore[union-attr]
+            self._stopping(effect.reason)  # type: ignore[union-attr]
             self._wake_task()
         elif kind is Switch:
             return self._switch(effect)  # type: ignore[arg-type]
         else:
             raise TypeError(f"{type(self._module).__name__} returned an unknown effect {effect!r}")
         return None
+
+    def _stopping(self, reason: str) -> None:
+        self.log.debug("stopping: %s", reason)
+        if reason.startswith(("handshake refused", "opening handshake timed out")) and not reason.startswith(
+            "handshake refused: 503"
+        ):
+            bad_input("bad handshakes", f"{self._peer_text}: {reason}")
+
+    @property
+    def _peer_text(self) -> str:
+        peer = self.connection.peer
+        return f"{peer[0]}:{peer[1]}" if peer else "unix socket"
 
     def _wake_task(self) -> None:
         if self._wake is not None:
@@ -739,7 +755,7 @@ class Worker:
                 await self._close_socket()
             elif kind is Stop:
                 self._stopped = True
-                self.log.debug("stopping: %s", effect.reason)  # type: ignore[union-attr]
+                self._stopping(effect.reason)  # type: ignore[union-attr]
                 return
             elif kind is Switch:
                 queue.extendleft(reversed(self._switch(effect)))  # type: ignore[arg-type]
@@ -823,6 +839,8 @@ class Worker:
             self.log.debug("established")
             return module.handler_returned(None)
         if isinstance(message, ConnectionClose):
+            if message.code in (1002, 1007, 1009):
+                bad_input("protocol violations", f"{self._peer_text}: closed {message.code} {message.reason}")
             groups.leave_all(self)  # a closed connection is no longer reachable through its groups
             if self._opened and not self._told_close:
                 self._told_close = True
