@@ -6,8 +6,8 @@ import logging
 
 import pytest
 
-from pywsserver import start_link
 from pywsserver import _throttle as throttle_module
+from pywsserver import start_link
 from pywsserver._throttle import ThrottledReport
 from pywsserver._worker import bad_input
 
