@@ -24,7 +24,7 @@ CONNECTION = ConnectionInfo(peer=("127.0.0.1", 5000), local=("127.0.0.1", 8080),
     ("offer", "response"),
     [
         ("permessage-deflate", "permessage-deflate"),
-        ("permessage-deflate; client_max_window_bits", "permessage-deflate; client_max_window_bits=15"),
+        ("permessage-deflate; client_max_window_bits", "permessage-deflate; client_max_window_bits=12"),
         ("permessage-deflate; server_max_window_bits=10", "permessage-deflate; server_max_window_bits=10"),
         ("permessage-deflate; server_max_window_bits=15", "permessage-deflate; server_max_window_bits=12"),
         (

@@ -44,10 +44,21 @@ def test_the_documented_option_tree_is_valid_and_shows_the_defaults() -> None:
     assert documented.max_connections == defaults.max_connections
     assert documented.drain_timeout == defaults.drain_timeout
     assert documented.worker.mailbox_size == defaults.worker.mailbox_size
+    assert documented.worker.write_buffer_size == defaults.worker.write_buffer_size
+    assert documented.tls_handshake_timeout == defaults.tls_handshake_timeout
+    assert (documented.tls, documented.unix_path) == (defaults.tls, defaults.unix_path)
     assert documented.worker.modules["http"].options == defaults.worker.modules["http"].options
     doc_ws, default_ws = documented.worker.modules["websocket"].options, defaults.worker.modules["websocket"].options
-    assert (doc_ws.max_message_size, doc_ws.close_timeout, doc_ws.control_messages) == (
-        default_ws.max_message_size,
-        default_ws.close_timeout,
-        default_ws.control_messages,
+    fields = (
+        "max_message_size",
+        "close_timeout",
+        "control_messages",
+        "compression",
+        "subprotocols",
+        "allowed_origins",
+        "ping_interval",
+        "ping_timeout",
+        "idle_timeout",
     )
+    for name in fields:
+        assert getattr(doc_ws, name) == getattr(default_ws, name), name

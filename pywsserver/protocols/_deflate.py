@@ -39,7 +39,7 @@ class DeflateOptions:
     #: zlib's compression level, 0 to 9 (-1 for zlib's default, 6).
     compression_level: int = 6
     #: Ask clients that allow it to use at most this window, limiting the server's decompressor memory.
-    client_max_window_bits: int = 15
+    client_max_window_bits: int = 12
     #: Start every message with an empty window (less memory held between messages, worse ratio).
     server_no_context_takeover: bool = False
 
