@@ -30,6 +30,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-connections", type=int, default=10000, help="connections served at once (default: 10000)"
     )
+    parser.add_argument("--unix-path", help="listen on this Unix socket instead of TCP")
+    parser.add_argument("--certfile", help="serve wss:// with this certificate chain (PEM)")
+    parser.add_argument("--keyfile", help="the private key of --certfile (PEM), if not in it")
+    parser.add_argument("--health-check-path", help="a path answered 200 OK to plain GET/HEAD, e.g. /healthz")
+    parser.add_argument(
+        "--no-compression", action="store_true", help="do not negotiate permessage-deflate (on by default)"
+    )
     parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"], help="default: info"
     )
@@ -44,13 +51,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=getattr(logging, args.log_level.upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    options = [
+    websocket: list[tuple[str, object]] = [("handler_module", args.handler)]
+    if args.no_compression:
+        websocket.append(("compression", None))
+    modules: list[tuple[str, object]] = [("websocket", websocket)]
+    if args.health_check_path is not None:
+        modules.append(("http", [("health_check_path", args.health_check_path)]))
+    options: list[tuple[str, object]] = [
         ("host", args.host),
         ("port", args.port),
         ("number_of_workers", args.workers),
         ("max_connections", args.max_connections),
-        ("worker_options", [("protocol_modules", [("websocket", [("handler_module", args.handler)])])]),
+        ("unix_path", args.unix_path),
+        ("worker_options", [("protocol_modules", modules)]),
     ]
+    if args.certfile is not None:
+        options.append(("tls", [("certfile", args.certfile), ("keyfile", args.keyfile)]))
+    elif args.keyfile is not None:
+        print("pywsserver: --keyfile needs --certfile", file=sys.stderr)
+        return 2
     try:
         run(options, backend=args.backend)
     except (OptionError, ServerStartError) as error:

@@ -86,6 +86,15 @@ async def test_the_cli_refuses_bad_options_with_their_path() -> None:
     assert b"worker_options.protocol_modules.websocket.handler_module: module 'json' has no function" in result.stderr
 
 
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_the_cli_refuses_a_missing_certificate_with_the_option_path() -> None:
+    result = await anyio.run_process(
+        [sys.executable, "-m", "pywsserver", "--port", "0", "--certfile", "missing.pem"], cwd=ROOT, check=False
+    )
+    assert result.returncode == 2
+    assert b"tls.certfile: cannot load the certificate and key" in result.stderr
+
+
 async def test_the_chat_room_broadcasts_to_everyone() -> None:
     tree = chat_tree(port=0)
     connected, go = threading.Event(), threading.Event()
