@@ -29,19 +29,25 @@ def join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
-def as_mapping(value: Any, path: str, allowed: Iterable[str] | None = None) -> dict[str, Any]:
-    """One level of options as a dict; pairs and dicts are accepted, unknown keys refused."""
+def as_pairs(value: Any, path: str, what: str = "(key, value)") -> list[tuple[Any, Any]]:
+    """A dict or a list of pairs as a list of pairs, in order (keys unchecked, repeats kept)."""
     label = path or "options"
     if isinstance(value, Mapping):
-        items = list(value.items())
-    elif isinstance(value, list | tuple):
+        return list(value.items())
+    if isinstance(value, list | tuple):
         items = []
         for item in value:
             if not (isinstance(item, tuple | list) and len(item) == 2):
-                raise OptionError(label, f"expected (key, value) pairs or a dict, got the item {item!r}")
+                raise OptionError(label, f"expected {what} pairs or a dict, got the item {item!r}")
             items.append((item[0], item[1]))
-    else:
-        raise OptionError(label, f"expected a list of (key, value) pairs or a dict, got {value!r}")
+        return items
+    raise OptionError(label, f"expected a list of {what} pairs or a dict, got {value!r}")
+
+
+def as_mapping(value: Any, path: str, allowed: Iterable[str] | None = None) -> dict[str, Any]:
+    """One level of options as a dict; pairs and dicts are accepted, unknown keys refused."""
+    label = path or "options"
+    items = as_pairs(value, path)
     result: dict[str, Any] = {}
     for key, item in items:
         if not isinstance(key, str):

@@ -25,9 +25,14 @@ OUTGOING: list[str | bytes] = ["hello", "héllo ☃", BIG, *[f"n{i}" for i in ra
 INTEROP = Path(__file__).parent / "interop"
 
 
-def check(replies: list[Any], recorder: Recorder) -> None:
-    assert replies == OUTGOING
+async def echo_with(client: Any) -> Any:
+    """Run an asyncio ``client(url)`` against a fresh server; it must close with 1000."""
+    recorder = Recorder()
+    async with start_link(server_options(recorder)) as server:
+        result = await in_client_thread(client, url(server))
+        await recorder.wait_for(lambda: len(recorder.closes) == 1)
     assert recorder.closes[0][1].code == 1000
+    return result
 
 
 async def test_websockets_client() -> None:
@@ -40,11 +45,8 @@ async def test_websockets_client() -> None:
             replies = [await ws.recv() for _ in OUTGOING]
             return replies, ws.response.headers.get("Sec-WebSocket-Extensions")
 
-    recorder = Recorder()
-    async with start_link(server_options(recorder)) as server:
-        replies, extensions = await in_client_thread(client, url(server))
-        await recorder.wait_for(lambda: len(recorder.closes) == 1)
-    check(replies, recorder)
+    replies, extensions = await echo_with(client)
+    assert replies == OUTGOING
     assert extensions.startswith("permessage-deflate")
 
 
@@ -63,11 +65,8 @@ async def test_aiohttp_client() -> None:
             await ws.close(code=1000)
             return replies, extensions
 
-    recorder = Recorder()
-    async with start_link(server_options(recorder)) as server:
-        replies, extensions = await in_client_thread(client, url(server))
-        await recorder.wait_for(lambda: len(recorder.closes) == 1)
-    check(replies, recorder)
+    replies, extensions = await echo_with(client)
+    assert replies == OUTGOING
     assert extensions.startswith("permessage-deflate")
 
 
@@ -90,7 +89,8 @@ async def test_websocket_client_library() -> None:
     async with start_link(server_options(recorder)) as server:
         replies = await anyio.to_thread.run_sync(client, url(server))
         await recorder.wait_for(lambda: len(recorder.closes) == 1)
-    check(replies, recorder)
+    assert replies == OUTGOING
+    assert recorder.closes[0][1].code == 1000
 
 
 async def test_node_ws_client() -> None:

@@ -103,19 +103,25 @@ async def test_a_peer_that_never_answers_our_close_is_dropped_after_close_timeou
 # --------------------------------------------------------------------- limits
 
 
+def upgraded_socket_that_never_reads(port: int) -> socket.socket:
+    """A blocking socket with a small receive buffer, upgraded (the 101 is left unread)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(
+        b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    return sock
+
+
 async def test_a_peer_that_does_not_read_makes_sends_wait_and_send_nowait_fail() -> None:
     recorder = Recorder()
     options = server_options(recorder)
     options[-1] = ("worker_options", [*options[-1][1], ("mailbox_size", 8), ("write_buffer_size", 65536)])
     async with start_link(options) as server:
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
-        sock.connect(("127.0.0.1", server.port))
+        sock = upgraded_socket_that_never_reads(server.port)
         try:
-            sock.sendall(
-                b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-            )
             await recorder.wait_for(lambda: len(recorder.workers) == 1)
             worker = recorder.workers[0]
             chunk = b"x" * 65536
@@ -143,14 +149,8 @@ async def test_a_peer_that_does_not_read_makes_sends_wait_and_send_nowait_fail()
 async def test_a_peer_that_sends_fast_and_never_reads_is_pushed_back() -> None:
     """The echo server stops reading when its replies cannot be written: the client's sends block."""
     async with start_link(server_options()) as server:
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
-        sock.connect(("127.0.0.1", server.port))
+        sock = upgraded_socket_that_never_reads(server.port)
         try:
-            sock.sendall(
-                b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-            )
             payload = b"y" * 60000
             frame = bytes((0x82, 0xFE)) + len(payload).to_bytes(2, "big") + b"\0\0\0\0" + payload
             sock.setblocking(False)

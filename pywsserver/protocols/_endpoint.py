@@ -16,7 +16,7 @@ from typing import Any
 import attrs
 
 from .._handler import HandlerModule
-from .._optionkit import OptionError, as_mapping, check_bool, check_int, check_number, join
+from .._optionkit import OptionError, as_mapping, as_pairs, check_bool, check_int, check_number, join
 from ._deflate import DeflateOptions
 from ._routing import Route, Router, compile_pattern
 
@@ -149,16 +149,7 @@ def _handler(value: Any, path: str) -> HandlerModule:
 
 
 def _resources(value: Any, path: str, default: HandlerModule | None, default_options: Mapping[str, Any]) -> Router:
-    if isinstance(value, Mapping):
-        entries = list(value.items())
-    elif isinstance(value, list | tuple):
-        entries = []
-        for item in value:
-            if not (isinstance(item, tuple | list) and len(item) == 2):
-                raise OptionError(path, f"expected (path, options) pairs, got the item {item!r}")
-            entries.append((item[0], item[1]))
-    else:
-        raise OptionError(path, f"expected a list of (path, options) pairs or a dict, got {value!r}")
+    entries = as_pairs(value, path, "(path, options)")
     routes: list[Route] = []
     seen: set[str] = set()
     for pattern, raw in entries:
