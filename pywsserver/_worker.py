@@ -894,11 +894,12 @@ class Worker:
         await _run_async(self._deliver_steps(message))
 
     def _report(self, what: str, error: BaseException) -> None:
+        # Text only: a log record kept by a handler must not keep the traceback's frames (and this worker).
         self.log.error(
-            "handler %s %s: %r\n%s",
+            "handler %s %s: %s\n%s",
             self._handler_name,
             what,
-            error,
+            repr(error),
             "".join(traceback.format_exception(error)).rstrip(),
         )
 

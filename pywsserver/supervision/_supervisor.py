@@ -435,6 +435,8 @@ class Supervisor:
                     message.reply.set(value)
             elif isinstance(message, _StopRequest):
                 return
+            # Waiting for the next message must not keep this one (and the exited child) alive.
+            del message
 
     def _fail_pending(self, receive: MemoryObjectReceiveStream[Any]) -> None:
         while True:
