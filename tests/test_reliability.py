@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import random
 import sys
-from typing import Any
 
 import anyio
 import pytest
@@ -92,9 +91,8 @@ async def test_a_user_process_in_the_tree_that_crashes_is_restarted_and_callers_
     async with tree.running():
         room = whereis("chat_room")
         assert await call("chat_room", "said") == 0
-        with anyio.fail_after(5), pytest.raises(Exception) as crashed:  # the room raises ValueError and dies
+        with anyio.fail_after(5), pytest.raises(NotRunning):  # the room raises ValueError and dies
             await call("chat_room", "no such request")
-        assert isinstance(crashed.value, ValueError | NotRunning), crashed.value
         with anyio.fail_after(5):
             while whereis("chat_room") in (None, room):
                 await anyio.lowlevel.checkpoint()
