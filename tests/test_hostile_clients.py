@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 
 import anyio
+import anyio.lowlevel
 import pytest
 from wsproto.events import CloseConnection, TextMessage
 
@@ -155,3 +156,39 @@ async def test_abrupt_resets_mid_message_and_a_storm_of_handshakes() -> None:
         recorder.inits.clear()
         await baseline.assert_restored(server)
         await echo_works(server.port)
+
+
+async def test_the_python_heap_does_not_grow_round_after_round() -> None:
+    """Handshakes, echoes and resets, three rounds: what the server holds (tracemalloc) stays flat."""
+    import gc
+    import tracemalloc
+
+    async with start_link(server_options()) as server:
+
+        async def visit(kind: int) -> None:
+            client = await RawClient.connect(server.port)
+            if kind == 0:
+                await client.send(TextMessage(data="hello"))
+                assert await client.next_event() == TextMessage(data="hello")
+                await client.aclose()
+            else:
+                await client.send_raw(masked_frame(1, b"x" * 1000)[:500])
+                await reset(client.stream)
+
+        async def one_round() -> int:
+            async with anyio.create_task_group() as tg:
+                for number in range(150):
+                    tg.start_soon(visit, number % 2)
+            with anyio.fail_after(10):
+                while server.connections:
+                    await anyio.lowlevel.checkpoint()
+            gc.collect()
+            return tracemalloc.get_traced_memory()[0]
+
+        await one_round()  # warm up: caches, pools and lazily built tables settle
+        tracemalloc.start()
+        try:
+            sizes = [await one_round() for _ in range(3)]
+        finally:
+            tracemalloc.stop()
+    assert sizes[-1] - sizes[0] < 64 * 1024, sizes
