@@ -13,7 +13,7 @@ count and in time, and everything targets 127.0.0.1. Phases:
   fresh client is served.
 
 The server's RSS and descriptor count are read from ``/proc`` (Linux). The results go to the terminal
-and to ``benchmarks/results/stress.md``.
+and to ``benchmarks/results/stress-BACKEND.md``.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ class StressHandler:
         return ("noreply", state)
 
 
-def serve() -> None:
+def serve(backend: str) -> None:
     import logging
 
     import anyio
@@ -79,7 +79,7 @@ def serve() -> None:
             print(f"ready {server.port}", flush=True)
             await anyio.sleep_forever()
 
-    anyio.run(main)
+    anyio.run(main, backend=backend)
 
 
 # ------------------------------------------------------------------ the client
@@ -143,9 +143,11 @@ class Connection:
 class Server:
     """The server process and what /proc says of it."""
 
-    def __init__(self) -> None:
+    def __init__(self, backend: str) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--serve"], stdout=subprocess.PIPE, text=True
+            [sys.executable, str(Path(__file__).resolve()), "--serve", "--backend", backend],
+            stdout=subprocess.PIPE,
+            text=True,
         )
         assert self.process.stdout is not None
         line = self.process.stdout.readline().split()
@@ -301,8 +303,8 @@ async def recovery(server: Server, baseline_fds: int) -> dict[str, Any]:
     }
 
 
-async def ordeal(scale: float, rounds: int) -> list[tuple[str, dict[str, Any]]]:
-    server = Server()
+async def ordeal(scale: float, rounds: int, backend: str) -> list[tuple[str, dict[str, Any]]]:
+    server = Server(backend)
     try:
         warm = await Connection.open(server.port)
         await warm.echo("warm up")
@@ -341,20 +343,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every count (default 1)")
     parser.add_argument("--rounds", type=int, default=2, help="run the ordeal this many times (default 2)")
+    parser.add_argument("--backend", default="asyncio", choices=["asyncio", "trio"], help="the server's backend")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     raise_descriptor_limit()
     if args.serve:
-        serve()
+        serve(args.backend)
         return
-    phases = asyncio.run(ordeal(args.scale, max(1, args.rounds)))
+    phases = asyncio.run(ordeal(args.scale, max(1, args.rounds), args.backend))
     command = "python benchmarks/stress.py" + (f" --scale {args.scale:g}" if args.scale != 1 else "")
     command += f" --rounds {args.rounds}" if args.rounds != 2 else ""
+    command += f" --backend {args.backend}" if args.backend != "asyncio" else ""
     text = report(phases, command)
     print(text)
     results = HERE / "results"
     results.mkdir(exist_ok=True)
-    (results / "stress.md").write_text(text)
+    (results / f"stress-{args.backend}.md").write_text(text)
 
 
 if __name__ == "__main__":
