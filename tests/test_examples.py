@@ -14,7 +14,7 @@ import anyio
 import pytest
 from websockets.asyncio.client import connect
 
-from examples.chat import chat_tree
+from examples.chat import ChatHandler, chat_tree
 from examples.ticker import ticker_tree
 from pywsserver import groups
 from pywsserver.supervision import call
@@ -93,6 +93,17 @@ async def test_the_cli_refuses_a_missing_certificate_with_the_option_path() -> N
     )
     assert result.returncode == 2
     assert b"tls.certfile: cannot load the certificate and key" in result.stderr
+
+
+async def test_the_chat_handler_without_a_room_asks_to_try_again() -> None:
+    from pywsserver import Reply
+    from pywsserver.testing import HandlerDriver
+
+    driver = HandlerDriver(ChatHandler)
+    await driver.open()
+    assert driver.worker.groups == {"chat"}
+    assert await driver.handle("hello") == Reply("the room is busy or restarting, try again", driver.worker)
+    await driver.close()
 
 
 async def test_the_chat_room_broadcasts_to_everyone() -> None:

@@ -12,6 +12,7 @@ import pytest
 from wsproto.events import CloseConnection, TextMessage
 
 from pywsserver import start_link
+from pywsserver.testing import Client
 
 from .recorder import Recorder, server_options
 from .reliability_tools import UPGRADE, Baseline, masked_frame, reset
@@ -21,10 +22,9 @@ pytestmark = pytest.mark.anyio
 
 
 async def echo_works(port: int) -> None:
-    client = await RawClient.connect(port)
-    await client.send(TextMessage(data="still serving"))
-    assert await client.next_event() == TextMessage(data="still serving")
-    await client.aclose()
+    async with await Client.connect(port) as client:
+        await client.send("still serving")
+        assert await client.receive() == "still serving"
 
 
 async def read_until_closed(stream: anyio.abc.SocketStream, timeout: float = 10) -> bytes:
