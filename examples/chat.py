@@ -13,15 +13,18 @@ client that does not keep up misses messages instead of slowing the others.
 If the room crashes it is restarted, and clients that write meanwhile are
 told to try again.
 
-Run it with ``python examples/chat.py`` and connect several clients::
+Run it with ``python examples/chat.py``, then open http://127.0.0.1:8080/ in a few browser tabs
+(the server serves the page ``chat.html`` beside the WebSocket endpoint ``/ws``), or connect
+other clients::
 
-    python -m websockets ws://127.0.0.1:8080/
+    python -m websockets ws://127.0.0.1:8080/ws
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -74,9 +77,21 @@ class ChatHandler:
 
 def chat_tree(port: int = 8080) -> Supervisor:
     """The whole application as one supervision tree."""
+    page = (Path(__file__).with_name("chat.html")).read_bytes()
     server_options = [
         ("port", port),
-        ("worker_options", [("protocol_modules", [("websocket", [("handler_module", ChatHandler)])])]),
+        (
+            "worker_options",
+            [
+                (
+                    "protocol_modules",
+                    [
+                        ("http", [("pages", [("/", page)])]),  # the browser page, beside the endpoint
+                        ("websocket", [("resources", [("/ws", [("handler_module", ChatHandler)])])]),
+                    ],
+                )
+            ],
+        ),
     ]
     return Supervisor(
         [ChatRoom.child_spec("room", name="chat_room"), pywsserver.server_child_spec(server_options, id="server")],

@@ -18,8 +18,9 @@ from examples.chat import ChatHandler, chat_tree
 from examples.ticker import ticker_tree
 from pywsserver import groups
 from pywsserver.supervision import call
+from pywsserver.testing import Client
 
-from .wstools import in_client_thread
+from .wstools import in_client_thread, raw_http
 
 pytestmark = pytest.mark.anyio
 ROOT = Path(__file__).resolve().parent.parent
@@ -106,12 +107,29 @@ async def test_the_chat_handler_without_a_room_asks_to_try_again() -> None:
     await driver.close()
 
 
+async def test_the_chat_page_is_served_beside_the_endpoint_it_talks_to() -> None:
+    tree = chat_tree(port=0)
+    async with tree.running():
+        server = next(row.ref for row in tree.which_children() if row.id == "server")
+        page = await raw_http(server.port, b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        assert page.startswith(b"HTTP/1.1 200 OK\r\n")
+        assert b"Content-Type: text/html; charset=utf-8" in page
+        assert b"new WebSocket(`${scheme}//${location.host}/ws`)" in page
+        # What the page's script does, done by a client: connect to /ws and chat.
+        async with await Client.connect(server, "/ws") as browser:
+            await browser.send("hello from the page")
+            assert await browser.receive() == "hello from the page"
+        # Anything else is not a page: 426 for plain requests, 404 for WebSocket requests elsewhere.
+        other = await raw_http(server.port, b"GET /other HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        assert other.startswith(b"HTTP/1.1 426 ")
+
+
 async def test_the_chat_room_broadcasts_to_everyone() -> None:
     tree = chat_tree(port=0)
     connected, go = threading.Event(), threading.Event()
     async with tree.running():
         server = next(row.ref for row in tree.which_children() if row.id == "server")
-        address = f"ws://127.0.0.1:{server.port}/"
+        address = f"ws://127.0.0.1:{server.port}/ws"
 
         async def clients() -> tuple[object, ...]:
             async with connect(address) as ann, connect(address) as bob:

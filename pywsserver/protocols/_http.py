@@ -34,7 +34,7 @@ from urllib.parse import unquote
 import attrs
 
 from .._messages import Accept, Handshake, Reject
-from .._optionkit import OptionError, as_mapping, check_int, check_number, join
+from .._optionkit import OptionError, as_mapping, as_pairs, check_int, check_number, join
 from ._contract import (
     Action,
     CloseSocket,
@@ -155,6 +155,8 @@ class HTTPOptions:
     upgrade_to: str = "websocket"
     #: A path answered ``200 OK`` to plain ``GET``/``HEAD`` requests, for load balancers (``None``: none).
     health_check_path: str | None = None
+    #: Small static pages served to plain ``GET``/``HEAD`` requests: path -> (content type, body).
+    pages: Mapping[str, tuple[str, bytes]] = attrs.field(factory=dict)
     #: The options of the ``upgrade_to`` module when it is the WebSocket module (set at ``start_link``):
     #: its resources, origins, subprotocols and compression are decided here, before the 101 answer.
     endpoint: WebSocketOptions | None = attrs.field(default=None, eq=False, repr=False)
@@ -176,7 +178,7 @@ class HTTPProtocol:
     def parse_options(cls, raw: Any, path: str) -> HTTPOptions:
         """Check ``handshake_timeout``, ``max_request_size``, ``upgrade_to`` and ``health_check_path``."""
         options = as_mapping(
-            raw, path, allowed=("handshake_timeout", "max_request_size", "upgrade_to", "health_check_path")
+            raw, path, allowed=("handshake_timeout", "max_request_size", "upgrade_to", "health_check_path", "pages")
         )
         result = HTTPOptions()
         if "handshake_timeout" in options:
@@ -198,6 +200,8 @@ class HTTPProtocol:
                     join(path, "health_check_path"), f"expected a path such as '/healthz', got {health!r}"
                 )
             result = attrs.evolve(result, health_check_path=health)
+        if "pages" in options:
+            result = attrs.evolve(result, pages=_parse_pages(options["pages"], join(path, "pages")))
         return result
 
     def __init__(self, options: HTTPOptions, connection: ConnectionInfo) -> None:
@@ -250,6 +254,14 @@ class HTTPProtocol:
         health = self.options.health_check_path
         if not upgrade and health is not None and request.path == health and request.method in ("GET", "HEAD"):
             return self._respond(200, "OK", head_only=request.method == "HEAD", reason="health check")
+        page = self.options.pages.get(request.path) if not upgrade else None
+        if page is not None and request.method in ("GET", "HEAD"):
+            content_type, body = page
+            response = http_response(200, [("Content-Type", content_type), ("Cache-Control", "no-cache")], body)
+            if request.method == "HEAD":
+                response = response[: len(response) - len(body)]
+            self._phase = _Phase.DONE
+            return [SetTimer("handshake", None), Write(response), CloseSocket(), Stop(f"served page {request.path}")]
         if not upgrade:
             return self._fail(426, "this is a WebSocket endpoint", [("Upgrade", "websocket")])
         if request.version < (1, 1):
@@ -414,6 +426,26 @@ class _Pending:
         self.rest = bytearray(rest)
         self.deflate: DeflateParameters | None = None
         self.handler: Any = None
+
+
+def _parse_pages(raw: Any, path: str) -> dict[str, tuple[str, bytes]]:
+    """``[(path, body)]`` or ``[(path, (content_type, body))]``; a ``str`` body is HTML in UTF-8."""
+    pages: dict[str, tuple[str, bytes]] = {}
+    for page_path, page in as_pairs(raw, path, "(path, page)"):
+        where = join(path, str(page_path))
+        if not isinstance(page_path, str) or not page_path.startswith("/"):
+            raise OptionError(path, f"expected page paths such as '/', got {page_path!r}")
+        content_type = "text/html; charset=utf-8"
+        if isinstance(page, tuple) and len(page) == 2:
+            content_type, page = page
+            if not isinstance(content_type, str):
+                raise OptionError(where, f"expected a content type such as 'text/html', got {content_type!r}")
+        if isinstance(page, str):
+            page = page.encode("utf-8")
+        if not isinstance(page, bytes):
+            raise OptionError(where, f"expected the page as str, bytes or (content_type, body), got {page!r}")
+        pages[page_path] = (content_type, page)
+    return pages
 
 
 def _token_list(value: str) -> list[str]:
