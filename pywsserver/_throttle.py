@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Mapping
 
 __all__ = ["ThrottledReport"]
 
@@ -32,8 +33,11 @@ class ThrottledReport:
         with self._lock:
             self._kinds.clear()
 
-    def __call__(self, kind: str, detail: str) -> None:
-        """Report one event of ``kind`` (e.g. ``"bad handshakes"``) with ``detail`` (peer and reason)."""
+    def __call__(self, kind: str, detail: str, extra: Mapping[str, object] | None = None) -> None:
+        """Report one event of ``kind`` (e.g. ``"bad handshakes"``) with ``detail`` (peer and reason).
+
+        ``extra`` becomes attributes of the log record (the connection's id and peer).
+        """
         if not self.logger.isEnabledFor(self.level):
             return
         now = time.monotonic()
@@ -45,4 +49,4 @@ class ThrottledReport:
             held_back = int(entry[1]) if entry is not None else 0
             self._kinds[kind] = [now, 0]
         more = f" (and {held_back} more in the last {self.interval:g}s, not shown)" if held_back else ""
-        self.logger.log(self.level, "%s: %s%s", kind, detail, more)
+        self.logger.log(self.level, "%s: %s%s", kind, detail, more, extra=extra)

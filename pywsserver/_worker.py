@@ -87,6 +87,8 @@ from .supervision import _groups as groups
 __all__ = ["Worker", "WorkerState", "close", "ping", "send"]
 
 logger = logging.getLogger("pywsserver.worker")
+#: Every frame written and message delivered, at DEBUG (checked once per connection: free when off).
+frames_logger = logging.getLogger("pywsserver.frames")
 #: Reports of clients that send bad input: at most one line per kind every 10 s (see ``_throttle``).
 bad_input = ThrottledReport(logging.getLogger("pywsserver.bad_input"))
 _connection_ids = itertools.count(1)
@@ -191,9 +193,11 @@ class Worker:
             peer=_address(peer_raw), local=_address(local_raw), connection_id=self.connection_id
         )
         peer = self.connection.peer
-        self.log = ConnectionLogger(
-            logger, {"connection_id": self.connection_id, "peer": f"{peer[0]}:{peer[1]}" if peer else "?"}
-        )
+        context = {"connection_id": self.connection_id, "peer": f"{peer[0]}:{peer[1]}" if peer else "?"}
+        self.log = ConnectionLogger(logger, context)
+        #: Whether this connection logs its traffic (``pywsserver.frames`` at DEBUG when it was accepted).
+        self._trace = frames_logger.isEnabledFor(logging.DEBUG)
+        self._frames_log = ConnectionLogger(frames_logger, context)
         initial = options.modules[options.initial_module]
         self._module_config = initial
         self._module: ProtocolModule = initial.module(initial.options, self.connection)
@@ -443,6 +447,8 @@ class Worker:
                 except _CLOSED_ERRORS:
                     await self._apply(self._module.eof_received())
                     return
+            if self._trace:
+                self._frames_log.debug("received %d bytes", len(data))
             await self._apply(self._module.data_received(data))
 
     # ------------------------------------------------ protocol I/O (asyncio)
@@ -489,7 +495,7 @@ class Worker:
     def _tls_failed(self, error: BaseException) -> None:
         # Scanners and stalled clients fail here all the time: not worth more than a debug line.
         self.log.debug("TLS handshake failed: %r", error)
-        bad_input("failed TLS handshakes", f"{self._peer_text}: {error!r}")
+        bad_input("failed TLS handshakes", f"{self._peer_text}: {error!r}", self.log.extra)
         self._socket_closed = True
         if self._transport is not None:
             self._transport.abort()
@@ -522,6 +528,8 @@ class Worker:
         if out:
             data = out[0] if len(out) == 1 else b"".join(out)
             out.clear()
+            if self._trace:
+                self._frames_log.debug("sent %s", describe_output(data))
             if not self._socket_closed and self._transport is not None:
                 self._transport.write(data)
 
@@ -573,7 +581,7 @@ class Worker:
         if reason.startswith(("handshake refused", "opening handshake timed out")) and not reason.startswith(
             "handshake refused: 503"
         ):
-            bad_input("bad handshakes", f"{self._peer_text}: {reason}")
+            bad_input("bad handshakes", f"{self._peer_text}: {reason}", self.log.extra)
 
     @property
     def _peer_text(self) -> str:
@@ -644,6 +652,10 @@ class Worker:
         self._dispatch(kind, value)
 
     def _dispatch(self, kind: str, value: Any) -> None:
+        if self._trace:
+            self._frames_log.debug(
+                "received %d bytes" if kind == "data" else "%s", len(value) if kind == "data" else kind
+            )
         if kind == "data":
             self._feed(self._module.data_received(value))
         elif kind == "eof":
@@ -780,6 +792,8 @@ class Worker:
         if self._socket_closed or self._stream is None:
             return
         assert self._write_lock is not None
+        if self._trace:
+            self._frames_log.debug("sent %s", describe_output(data))
         try:
             async with self._write_lock:
                 await self._stream.send(data)
@@ -840,7 +854,9 @@ class Worker:
             return module.handler_returned(None)
         if isinstance(message, ConnectionClose):
             if message.code in (1002, 1007, 1009):
-                bad_input("protocol violations", f"{self._peer_text}: closed {message.code} {message.reason}")
+                bad_input(
+                    "protocol violations", f"{self._peer_text}: closed {message.code} {message.reason}", self.log.extra
+                )
             groups.leave_all(self)  # a closed connection is no longer reachable through its groups
             if self._opened and not self._told_close:
                 self._told_close = True
@@ -851,6 +867,8 @@ class Worker:
             return module.handler_returned(None)
         if not self._opened:
             return module.handler_failed(RuntimeError("message before init"))
+        if self._trace:
+            self._frames_log.debug("handle(%.200r)", message)
         try:
             raw = yield (self._handler_object.handle, (message, self._handler_state))
         except Exception as error:
@@ -902,6 +920,31 @@ class Worker:
             repr(error),
             "".join(traceback.format_exception(error)).rstrip(),
         )
+
+
+_OPCODES = {0: "continuation", 1: "text", 2: "binary", 8: "close", 9: "ping", 10: "pong"}
+
+
+def describe_output(data: bytes) -> str:
+    """What the server wrote, for the frame log: an HTTP response's first line, or its frames."""
+    if data.startswith(b"HTTP/"):
+        return repr(data.split(b"\r\n", 1)[0].decode("latin-1"))
+    parts: list[str] = []
+    position = 0
+    while position + 2 <= len(data) and len(parts) < 20:
+        first, size, header = data[position], data[position + 1] & 0x7F, 2
+        if size == 126:
+            size, header = int.from_bytes(data[position + 2 : position + 4], "big"), 4
+        elif size == 127:
+            size, header = int.from_bytes(data[position + 2 : position + 10], "big"), 10
+        payload = data[position + header : position + header + size]
+        name = _OPCODES.get(first & 0x0F, f"opcode {first & 0x0F}")
+        shown = f" {payload[:60]!r}" if name in ("text", "close", "ping", "pong") else ""
+        parts.append(f"{name}({size}){shown}{'' if first & 0x80 else ' (fragment)'}")
+        position += header + size
+    if position < len(data):
+        parts.append(f"... {len(data) - position} more bytes")
+    return ", ".join(parts)
 
 
 Steps = Generator[tuple[Callable[..., Any], tuple[Any, ...]], Any, list[Effect]]
