@@ -16,13 +16,13 @@ pytestmark = pytest.mark.anyio
 
 async def test_connection_records_carry_the_connection_id_and_peer(caplog: pytest.LogCaptureFixture) -> None:
     recorder = Recorder()
+    scripted = serve_for_test(ScriptedHandler, websocket=[("handler_options", {"recorder": recorder})])
     with caplog.at_level(logging.DEBUG, "pywsserver"):
-        async with serve_for_test(ScriptedHandler, websocket=[("handler_options", {"recorder": recorder})]) as server:
-            async with await Client.connect(server) as client:
-                await client.send("raise")  # an ERROR record, with the traceback
-                with pytest.raises(ConnectionClosed):  # closed with 1011
-                    await client.receive()
-                assert client.close_code == (1011, "internal error")
+        async with scripted as server, await Client.connect(server) as client:
+            await client.send("raise")  # an ERROR record, with the traceback
+            with pytest.raises(ConnectionClosed):  # closed with 1011
+                await client.receive()
+            assert client.close_code == (1011, "internal error")
     worker_records = [r for r in caplog.records if r.name in ("pywsserver.worker", "pywsserver.bad_input")]
     assert any(r.levelno == logging.ERROR for r in worker_records)
     for record in worker_records:
