@@ -30,6 +30,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-connections", type=int, default=10000, help="connections served at once (default: 10000)"
     )
+    parser.add_argument(
+        "--processes", type=int, default=1, help="server processes sharing the port, under a supervising parent"
+    )
     parser.add_argument("--unix-path", help="listen on this Unix socket instead of TCP")
     parser.add_argument("--certfile", help="serve wss:// with this certificate chain (PEM)")
     parser.add_argument("--keyfile", help="the private key of --certfile (PEM), if not in it")
@@ -47,9 +50,10 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse the command line, run the server, return the exit status."""
     args = _parser().parse_args(argv)
+    process = " [%(process)d]" if args.processes > 1 else ""
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)s{process} %(name)s: %(message)s",
     )
     websocket: list[tuple[str, object]] = [("handler_module", args.handler)]
     if args.no_compression:
@@ -63,6 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("number_of_workers", args.workers),
         ("max_connections", args.max_connections),
         ("unix_path", args.unix_path),
+        ("processes", args.processes),
         ("worker_options", [("protocol_modules", modules)]),
     ]
     if args.certfile is not None:

@@ -18,7 +18,7 @@ from typing import Any
 import attrs
 
 from ._handler import HandlerModule
-from ._optionkit import OptionError, as_mapping, check_int, check_number, join, resolve_object
+from ._optionkit import OptionError, as_mapping, check_bool, check_int, check_number, join, resolve_object
 from .protocols import BUILTIN_MODULES, HTTPOptions, HTTPProtocol, WebSocketOptions
 
 __all__ = ["ModuleConfig", "ServerOptions", "WorkerOptions", "parse_options"]
@@ -89,6 +89,10 @@ class ServerOptions:
     tls_handshake_timeout: float = 10.0
     #: Listen on this Unix socket path instead of TCP (behind a reverse proxy); ``host``/``port`` are then unused.
     unix_path: str | None = None
+    #: Set ``SO_REUSEPORT`` on the listening socket, so that several processes can share the port.
+    reuse_port: bool = False
+    #: How many server processes :func:`~pywsserver.run` starts, sharing the port, under a supervising parent.
+    processes: int = 1
 
 
 _TOP_LEVEL = (
@@ -103,6 +107,8 @@ _TOP_LEVEL = (
     "tls",
     "tls_handshake_timeout",
     "unix_path",
+    "reuse_port",
+    "processes",
 )
 _TLS_LEVEL = ("certfile", "keyfile", "password", "client_ca", "verify_client", "minimum_version", "alpn_protocols")
 _WORKER_LEVEL = ("protocol_modules", "protocol_modules_options", "initial_module", "mailbox_size", "write_buffer_size")
@@ -242,6 +248,17 @@ def parse_options(raw: Any) -> ServerOptions:
         if not hasattr(socket, "AF_UNIX"):
             raise OptionError("unix_path", "Unix sockets are not available on this platform")
         fields["unix_path"] = os.fspath(unix_path)
+    if "reuse_port" in options:
+        fields["reuse_port"] = check_bool(options["reuse_port"], "reuse_port")
+        if fields["reuse_port"] and not hasattr(socket, "SO_REUSEPORT"):
+            raise OptionError("reuse_port", "SO_REUSEPORT is not available on this platform")
+    if "processes" in options:
+        fields["processes"] = check_int(options["processes"], "processes", minimum=1, maximum=1024)
+        if fields["processes"] > 1:
+            if not hasattr(socket, "SO_REUSEPORT") or not hasattr(os, "fork"):
+                raise OptionError("processes", "several processes need SO_REUSEPORT and fork (Linux, BSD, macOS)")
+            if fields.get("unix_path") is not None:
+                raise OptionError("processes", "several processes cannot share a Unix socket; use one process")
     return ServerOptions(**fields)
 
 

@@ -168,7 +168,9 @@ async def _listener(server: Server, *, task_status: anyio.abc.TaskStatus[None]) 
         if host in ("0.0.0.0", "::", ""):
             host = None if host == "" else host
         try:
-            tcp = await anyio.create_tcp_listener(local_host=host, local_port=server.port, backlog=options.backlog)
+            tcp = await anyio.create_tcp_listener(
+                local_host=host, local_port=server.port, backlog=options.backlog, reuse_port=options.reuse_port
+            )
         except OSError as error:
             raise ServerStartError(
                 f"cannot listen on {options.host or '*'}:{server.port}: {error.strerror or error}"
@@ -399,9 +401,16 @@ async def _run_until_signal(options: ServerOptions) -> None:
 def run(options: Any, *, backend: str = "asyncio") -> None:
     """Run a server until SIGINT or SIGTERM, then stop it gracefully (blocking; for scripts).
 
+    With the ``processes`` option above 1, that many server processes share
+    the port under a supervising parent (see :mod:`pywsserver._processes`).
     Raises :class:`OptionError` for bad options, :class:`ServerStartError`
     when it cannot start, :class:`RestartIntensityExceeded` when its
     supervisor gives up.
     """
     parsed = parse_options(options)
+    if parsed.processes > 1:
+        from ._processes import run_processes
+
+        run_processes(parsed, lambda child: anyio.run(_run_until_signal, child, backend=backend))
+        return
     anyio.run(_run_until_signal, parsed, backend=backend)

@@ -1,0 +1,170 @@
+"""Several server processes sharing one port, under a parent that supervises them the OTP way.
+
+Python serves on one core per process. With the ``processes`` option, :func:`~pywsserver.run`
+becomes this parent: it reserves the port (bound, never listening), forks ``processes`` children
+that each run the whole server tree with ``SO_REUSEPORT`` on that port (the kernel spreads new
+connections across them), and then only watches:
+
+* a child that exits while the parent is not stopping is restarted (forked again), unless more than
+  ``intensity`` restarts happened within ``period`` seconds: then the parent stops the others and
+  :func:`~pywsserver.run` raises :class:`~pywsserver.RestartIntensityExceeded`, as a supervisor
+  would;
+* SIGINT or SIGTERM stops the parent: every child gets SIGTERM and stops gracefully (close 1001,
+  ``drain_timeout``); a child still running ``drain_timeout`` plus 5 seconds later is killed.
+
+The parent runs no event loop and starts no thread, so forking is safe; the children get the parsed
+options (handler classes, SSL contexts and all) by inheritance, nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+
+from ._options import ServerOptions
+from .supervision import RestartIntensityExceeded
+
+__all__ = ["run_processes"]
+
+logger = logging.getLogger("pywsserver.processes")
+
+#: Restarts allowed within ``PERIOD`` seconds before the parent gives up (OTP's intensity and period).
+INTENSITY = 5
+PERIOD = 10.0
+
+
+class _Stop(Exception):
+    """Raised by the signal handler to interrupt the parent's wait."""
+
+
+def _reserve_port(options: ServerOptions) -> tuple[socket.socket, int]:
+    """Bind (without listening) a socket with SO_REUSEPORT: fixes the port, takes no connection."""
+    host = options.host
+    family = socket.AF_INET6 if host is not None and ":" in host else socket.AF_INET
+    address = host if host not in (None, "") else ("::" if family == socket.AF_INET6 else "0.0.0.0")
+    reserved = socket.socket(family, socket.SOCK_STREAM)
+    reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        reserved.bind((address, options.port))
+    except OSError:
+        reserved.close()
+        raise
+    return reserved, reserved.getsockname()[1]
+
+
+def run_processes(options: ServerOptions, serve: Callable[[ServerOptions], Any]) -> None:
+    """Fork ``options.processes`` children running ``serve(child_options)`` and supervise them."""
+    from ._errors import ServerStartError
+
+    try:
+        reserved, port = _reserve_port(options)
+    except OSError as error:
+        raise ServerStartError(f"cannot listen on {options.host or '*'}:{options.port}: {error}") from error
+    child_options = attrs.evolve(options, port=port, reuse_port=True, processes=1)
+    children: dict[int, int] = {}  # pid -> slot
+    restarts: deque[float] = deque()
+    stopping = False
+
+    def spawn(slot: int) -> None:
+        pid = os.fork()
+        if pid == 0:  # the child
+            code = 1
+            try:
+                reserved.close()
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                serve(child_options)
+                code = 0
+            except BaseException:
+                logger.exception("server process %d (slot %d) failed", os.getpid(), slot)
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        children[pid] = slot
+
+    def on_signal(number: int, frame: Any) -> None:
+        raise _Stop(signal.Signals(number).name)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    gave_up: tuple[int, str] | None = None
+    try:
+        try:
+            for slot in range(options.processes):
+                spawn(slot)
+            logger.info("%d server processes share port %d (parent %d)", options.processes, port, os.getpid())
+            while children:
+                pid, status = os.wait()
+                if pid not in children:
+                    continue
+                slot = children.pop(pid)
+                reason = _describe(status)
+                now = time.monotonic()
+                restarts.append(now)
+                while restarts and now - restarts[0] > PERIOD:
+                    restarts.popleft()
+                if len(restarts) > INTENSITY:
+                    gave_up = (slot, reason)
+                    logger.error(
+                        "giving up: server process %d (slot %d) %s, the %d-th exit within %gs",
+                        pid,
+                        slot,
+                        reason,
+                        len(restarts),
+                        PERIOD,
+                    )
+                    break
+                logger.error("server process %d (slot %d) %s; restarting it", pid, slot, reason)
+                spawn(slot)
+        except _Stop as received:
+            logger.info("received %s: stopping %d server processes", received, len(children))
+        stopping = True
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl+C must not leave orphans behind
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        _stop_children(children, options.drain_timeout + 5)
+    finally:
+        if not stopping:  # an unexpected error in the parent itself
+            _stop_children(children, options.drain_timeout + 5)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        reserved.close()
+    if gave_up is not None:
+        slot, reason = gave_up
+        raise RestartIntensityExceeded("of server processes", f"server process {slot}", ChildProcessError(reason))
+
+
+def _describe(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"was killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exited with status {os.WEXITSTATUS(status)}"
+
+
+def _stop_children(children: dict[int, int], grace: float) -> None:
+    """SIGTERM every child, wait up to ``grace`` seconds, then SIGKILL what is left."""
+    for pid in children:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while children and time.monotonic() < deadline:
+        pid, _ = os.waitpid(-1, os.WNOHANG)
+        if pid == 0:
+            time.sleep(0.05)  # children are stopping; nothing to wait on but their exit
+            continue
+        children.pop(pid, None)
+    for pid in list(children):
+        logger.warning("server process %d did not stop within %.0fs: killing it", pid, grace)
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+        children.pop(pid, None)
