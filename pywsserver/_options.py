@@ -95,6 +95,9 @@ class ServerOptions:
     processes: int = 1
 
 
+#: The Erlang original's module names, accepted for the built-in modules (for configurations ported as they are).
+ORIGINAL_MODULE_NAMES = {"wsserver_websocket_protocol": "websocket", "wsserver_http_protocol": "http"}
+
 _TOP_LEVEL = (
     "port",
     "host",
@@ -168,6 +171,8 @@ def _parse_worker(raw: Any, path: str) -> WorkerOptions:
         raise OptionError(modules_path, f"expected a list of (module, options) pairs or a dict, got {raw_modules!r}")
     modules: dict[str, ModuleConfig] = {}
     for module_key, module_options in entries:
+        if isinstance(module_key, str):
+            module_key = ORIGINAL_MODULE_NAMES.get(module_key, module_key)
         label = module_key if isinstance(module_key, str) else getattr(module_key, "name", repr(module_key))
         config = _parse_module(module_key, module_options, join(modules_path, str(label)))
         for name in {config.name, str(label)}:

@@ -47,6 +47,7 @@ def test_the_documented_option_tree_is_valid_and_shows_the_defaults() -> None:
     assert documented.worker.write_buffer_size == defaults.worker.write_buffer_size
     assert documented.tls_handshake_timeout == defaults.tls_handshake_timeout
     assert (documented.tls, documented.unix_path) == (defaults.tls, defaults.unix_path)
+    assert (documented.reuse_port, documented.processes) == (defaults.reuse_port, defaults.processes)
     assert documented.worker.modules["http"].options == defaults.worker.modules["http"].options
     doc_ws, default_ws = documented.worker.modules["websocket"].options, defaults.worker.modules["websocket"].options
     fields = (

@@ -125,3 +125,17 @@ def test_a_handler_as_module_class_instance_or_string(handler: Any, name: str) -
 def test_bad_options_fail_naming_the_full_path_and_what_was_expected(options: Any, message: str) -> None:
     with pytest.raises(OptionError, match=message):
         parse_options(options)
+
+
+def test_the_originals_module_names_are_accepted() -> None:
+    options = parse_options(
+        [
+            ("port", 8080),
+            ("number_of_workers", 10),
+            (
+                "worker_options",
+                [("protocol_modules", [("wsserver_websocket_protocol", [("handler_module", "pywsserver.echo")])])],
+            ),
+        ]
+    )
+    assert options.worker.modules["websocket"].handler is not None
