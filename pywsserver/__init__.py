@@ -2,8 +2,8 @@
 
 This module is the public API: ``start_link(options)`` and its siblings, the
 handler contract's messages and results, ``send``/``ping``/``close``, and the
-supervision API (also available on its own as :mod:`pywsserver.supervision`).
-Protocol modules live in :mod:`pywsserver.protocols`.
+supervision API (also available on its own as `pywsserver.supervision`).
+Protocol modules live in `pywsserver.protocols`.
 """
 
 from . import groups

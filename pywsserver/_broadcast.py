@@ -122,7 +122,7 @@ def broadcast_threadsafe(
     slow: Literal["drop", "close"] = "drop",
     close_code: int = 1013,
 ) -> BroadcastResult:
-    """:func:`broadcast` from a thread that is not running the members' event loop.
+    """`broadcast` from a thread that is not running the members' event loop.
 
     Blocks the calling thread until the message is queued for every member.
     """

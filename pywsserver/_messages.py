@@ -1,8 +1,8 @@
 """The handler contract's values: the messages a handler receives and the results it returns.
 
 ``handle(message, state)`` receives ``str`` (a text message), ``bytes`` (a
-binary message), :class:`Ping`, :class:`Pong` (control frames, when the
-``control_messages`` option is on) or, once, :class:`ConnectionClose`.
+binary message), `Ping`, `Pong` (control frames, when the
+``control_messages`` option is on) or, once, `ConnectionClose`.
 
 It returns one of the shapes of the original wsserver, as a tuple that reads
 like the Erlang term or as one of the small result classes here:
@@ -20,8 +20,8 @@ tuple                              class
 ``("close", Status, Payload, S)``  ``Close(S, Status, Payload)``
 =================================  ===================================
 
-:func:`normalize_result` turns either form into the class, or raises
-:class:`InvalidHandlerResult` saying what was wrong.
+`normalize_result` turns either form into the class, or raises
+`InvalidHandlerResult` saying what was wrong.
 """
 
 from __future__ import annotations
@@ -96,8 +96,8 @@ class Opened:
 class Handshake:
     """Asks the worker to run the handler's optional ``handshake`` hook with ``info``, before the 101 answer.
 
-    The worker answers the module with an :class:`Accept` or a
-    :class:`Reject` (an :class:`Accept` when the handler has no hook).
+    The worker answers the module with an `Accept` or a
+    `Reject` (an `Accept` when the handler has no hook).
     """
 
     info: dict[str, Any]
@@ -149,7 +149,7 @@ def _header_pairs(headers: Any, what: str) -> tuple[tuple[str, str], ...]:
 
 
 def normalize_decision(value: object) -> Accept | Reject:
-    """The :class:`Accept` or :class:`Reject` for a ``handshake`` hook's return value.
+    """The `Accept` or `Reject` for a ``handshake`` hook's return value.
 
     ``None`` and ``True`` accept; ``False`` rejects with 403; ``("accept",)``,
     ``("accept", Subprotocol)``, ``("reject", Status)`` and ``("reject",
@@ -254,7 +254,7 @@ def _control_payload(data: object, value: object) -> bytes:
 
 
 def normalize_result(value: object) -> HandlerResult:
-    """The result class for a handler's return value, or :class:`InvalidHandlerResult`."""
+    """The result class for a handler's return value, or `InvalidHandlerResult`."""
     if isinstance(value, _RESULT_TYPES):
         result = value
     elif isinstance(value, tuple) and value and isinstance(value[0], str):

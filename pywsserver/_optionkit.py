@@ -2,7 +2,7 @@
 
 Options arrive as the original's proplists (lists of ``(key, value)`` pairs)
 or as dicts, nested. These helpers turn one level into a dict and check
-values; :mod:`._options` and each protocol module's ``parse_options`` use them.
+values; `._options` and each protocol module's ``parse_options`` use them.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Server options: the original's nested proplist, parsed once into frozen attrs classes.
 
 ``start_link`` is the only place options are validated. Every error is an
-:class:`OptionError` naming the option's full path and what was expected, e.g.
+`OptionError` naming the option's full path and what was expected, e.g.
 ``worker_options.protocol_modules.websocket.handler_module: module 'x' has no
 function 'handle'``. Nothing here touches a socket.
 """
@@ -65,7 +65,7 @@ class WorkerOptions:
 
 @attrs.frozen
 class ServerOptions:
-    """The whole server's options, as parsed by :func:`parse_options`."""
+    """The whole server's options, as parsed by `parse_options`."""
 
     #: What workers run.
     worker: WorkerOptions
@@ -91,7 +91,7 @@ class ServerOptions:
     unix_path: str | None = None
     #: Set ``SO_REUSEPORT`` on the listening socket, so that several processes can share the port.
     reuse_port: bool = False
-    #: How many server processes :func:`~pywsserver.run` starts, sharing the port, under a supervising parent.
+    #: How many server processes `run` starts, sharing the port, under a supervising parent.
     processes: int = 1
 
 

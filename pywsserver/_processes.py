@@ -1,13 +1,13 @@
 """Several server processes sharing one port, under a parent that supervises them the OTP way.
 
-Python serves on one core per process. With the ``processes`` option, :func:`~pywsserver.run`
+Python serves on one core per process. With the ``processes`` option, `run`
 becomes this parent: it reserves the port (bound, never listening), forks ``processes`` children
 that each run the whole server tree with ``SO_REUSEPORT`` on that port (the kernel spreads new
 connections across them), and then only watches:
 
 * a child that exits while the parent is not stopping is restarted (forked again), unless more than
   ``intensity`` restarts happened within ``period`` seconds: then the parent stops the others and
-  :func:`~pywsserver.run` raises :class:`~pywsserver.RestartIntensityExceeded`, as a supervisor
+  `run` raises `RestartIntensityExceeded`, as a supervisor
   would;
 * SIGINT or SIGTERM stops the parent: every child gets SIGTERM and stops gracefully (close 1001,
   ``drain_timeout``); a child still running ``drain_timeout`` plus 5 seconds later is killed.

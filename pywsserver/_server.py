@@ -129,7 +129,7 @@ class Server:
 
 
 async def stop(server: Server) -> None:
-    """Stop ``server`` (see :meth:`Server.stop`)."""
+    """Stop ``server`` (see `Server.stop`)."""
     await server.stop()
 
 
@@ -307,7 +307,7 @@ async def _acceptor(server: Server, index: int, *, task_status: anyio.abc.TaskSt
 
 
 class _ReportServer:
-    """Passes the :class:`Server` up where the supervisor reports itself."""
+    """Passes the `Server` up where the supervisor reports itself."""
 
     def __init__(self, real: anyio.abc.TaskStatus[Server], server: Server) -> None:
         self._real = real
@@ -318,10 +318,10 @@ class _ReportServer:
 
 
 async def serve(options: Any, *, task_status: anyio.abc.TaskStatus[Server] = anyio.TASK_STATUS_IGNORED) -> None:
-    """Run a server until it is stopped; report its :class:`Server` handle once listening.
+    """Run a server until it is stopped; report its `Server` handle once listening.
 
-    This is the start function of :func:`server_child_spec`. A listener that
-    cannot bind raises :class:`ServerStartError`.
+    This is the start function of `server_child_spec`. A listener that
+    cannot bind raises `ServerStartError`.
     """
     parsed = parse_options(options)
     server = Server(parsed)
@@ -351,9 +351,13 @@ def server_child_spec(
     *,
     restart: Restart | str = Restart.PERMANENT,
 ) -> ChildSpec:
-    """A child spec that runs the server inside your own supervision tree; its ref is the :class:`Server`.
+    """A child spec that runs the server inside your own supervision tree; its ref is the `Server`.
 
-    The options are checked now, so a bad option fails here, not at start.
+    The options are checked now, so a bad option fails here, not at start. Example::
+
+        tree = Supervisor([Room.child_spec("room"), server_child_spec(options, id="server")])
+        async with tree.running():
+            ...
     """
     parsed = parse_options(options)
     return ChildSpec(id, serve, args=(parsed,), restart=restart, type=ChildType.SUPERVISOR, shutdown=INFINITY)
@@ -368,10 +372,10 @@ async def start_link(options: Any) -> AsyncIterator[Server]:
         async with start_link([("port", 0), ("worker_options", [...])]) as server:
             print(server.port)
 
-    Options are checked first (:class:`OptionError` naming the option's
+    Options are checked first (`OptionError` naming the option's
     path). Entering returns once the server listens; leaving stops it. If the
     server's supervisor gives up while the block runs, the block is cancelled
-    and :class:`RestartIntensityExceeded` is raised.
+    and `RestartIntensityExceeded` is raised.
     """
     parsed = parse_options(options)
     try:
@@ -401,10 +405,12 @@ async def _run_until_signal(options: ServerOptions) -> None:
 def run(options: Any, *, backend: str = "asyncio") -> None:
     """Run a server until SIGINT or SIGTERM, then stop it gracefully (blocking; for scripts).
 
+    Example: ``pywsserver.run([("port", 8080), ("worker_options", [...])], backend="trio")``.
+
     With the ``processes`` option above 1, that many server processes share
-    the port under a supervising parent (see :mod:`pywsserver._processes`).
-    Raises :class:`OptionError` for bad options, :class:`ServerStartError`
-    when it cannot start, :class:`RestartIntensityExceeded` when its
+    the port under a supervising parent (see `pywsserver._processes`).
+    Raises `OptionError` for bad options, `ServerStartError`
+    when it cannot start, `RestartIntensityExceeded` when its
     supervisor gives up.
     """
     parsed = parse_options(options)

@@ -3,7 +3,7 @@
 Hostile or broken clients cause the same event again and again (a bad
 handshake, a protocol violation, a failed TLS handshake). Each is worth
 knowing about, but a line per event would let any client fill the disk. A
-:class:`ThrottledReport` logs the first event of a kind, then counts the
+`ThrottledReport` logs the first event of a kind, then counts the
 others during ``interval`` seconds, and its next line says how many were not
 shown.
 """

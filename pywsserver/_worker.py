@@ -21,7 +21,7 @@ Two tasks, both owned by the worker's task group: the *reader* receives
 bytes, runs module timers and calls the handler (so handler calls are never
 concurrent and need no lock); the *mailbox* task turns actions into frames.
 Writes from both go through one lock. Effects returned by the module are
-carried out in order by :meth:`Worker._apply`; a :class:`Deliver` calls the
+carried out in order by `Worker._apply`; a `Deliver` calls the
 handler and feeds the outcome back to the module, whose new effects run next.
 
 Whatever ends the worker, the handler's ``connection_close`` runs exactly once
@@ -133,7 +133,7 @@ class Worker:
     ``init`` receives it as ``options["worker"]``; keep it to talk to the
     connection later, from any task (``await worker.send(data)``) or from
     another thread (``worker.send_threadsafe(data)``). Once the connection
-    is gone these raise :class:`ConnectionClosed`.
+    is gone these raise `ConnectionClosed`.
     """
 
     def __init__(
@@ -220,7 +220,9 @@ class Worker:
     async def send(self, data: str | bytes) -> None:
         """Queue a message (``str`` as text, ``bytes`` as binary); waits while the mailbox is full.
 
-        Raises :class:`ConnectionClosed` when the connection is gone. A message
+        Example: ``await worker.send("tick")`` from any task, with the worker ``init`` received.
+
+        Raises `ConnectionClosed` when the connection is gone. A message
         queued while the connection is closing is dropped.
         """
         if not isinstance(data, str | bytes | bytearray | memoryview):
@@ -228,7 +230,7 @@ class Worker:
         await self._put(SendAction(data if isinstance(data, str | bytes) else bytes(data)))
 
     def send_nowait(self, data: str | bytes) -> None:
-        """Like :meth:`send` but never waits: raises :class:`MailboxFull` when the mailbox is full."""
+        """Like `send` but never waits: raises `MailboxFull` when the mailbox is full."""
         if not isinstance(data, str | bytes):
             raise TypeError(f"send_nowait() takes str or bytes, got {type(data).__name__}")
         if not self.alive:
@@ -249,7 +251,7 @@ class Worker:
         await self._put(CloseAction(code, reason))
 
     def join(self, group: str) -> None:
-        """Join a process group (see :mod:`pywsserver.groups`); left automatically when the connection ends."""
+        """Join a process group (see `pywsserver.groups`); left automatically when the connection ends."""
         groups.join(group, self)
 
     def leave(self, group: str) -> None:
@@ -298,15 +300,15 @@ class Worker:
             self._serve_scope.cancel()
 
     def send_threadsafe(self, data: str | bytes) -> None:
-        """:meth:`send` from another thread (blocks that thread until queued)."""
+        """`send` from another thread (blocks that thread until queued)."""
         self._from_thread(self.send, data)
 
     def ping_threadsafe(self, data: bytes = b"") -> None:
-        """:meth:`ping` from another thread."""
+        """`ping` from another thread."""
         self._from_thread(self.ping, data)
 
     def close_threadsafe(self, code: int = 1000, reason: str = "") -> None:
-        """:meth:`close` from another thread."""
+        """`close` from another thread."""
         self._from_thread(self.close, code, reason)
 
     def _from_thread(self, function: Callable[..., Any], *args: Any) -> None:
@@ -883,7 +885,7 @@ class Worker:
         return module.handler_returned(result)
 
     def _handshake_steps(self, message: Handshake) -> Steps:
-        """Run the handler's ``handshake`` hook; the module gets an :class:`Accept` or a :class:`Reject`."""
+        """Run the handler's ``handshake`` hook; the module gets an `Accept` or a `Reject`."""
         module = self._module
         handler = message.handler
         self._handler = handler
@@ -1044,15 +1046,15 @@ class _WorkerProtocol(asyncio.BufferedProtocol):
 
 
 async def send(worker: Worker, data: str | bytes) -> None:
-    """Send ``data`` on ``worker``'s connection (see :meth:`Worker.send`)."""
+    """Send ``data`` on ``worker``'s connection (see `Worker.send`)."""
     await worker.send(data)
 
 
 async def ping(worker: Worker, data: bytes = b"") -> None:
-    """Ping ``worker``'s peer (see :meth:`Worker.ping`)."""
+    """Ping ``worker``'s peer (see `Worker.ping`)."""
     await worker.ping(data)
 
 
 async def close(worker: Worker, code: int = 1000, reason: str = "") -> None:
-    """Close ``worker``'s connection (see :meth:`Worker.close`)."""
+    """Close ``worker``'s connection (see `Worker.close`)."""
     await worker.close(code, reason)

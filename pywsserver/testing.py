@@ -1,10 +1,10 @@
 """Tools for testing code built on pywsserver: a server on a free port, a small client, a handler driver.
 
-* :func:`serve_for_test` starts a server on ``127.0.0.1`` and a free port for the duration of an
+* `serve_for_test` starts a server on ``127.0.0.1`` and a free port for the duration of an
   ``async with`` block;
-* :class:`Client` is a small WebSocket client on anyio (so it runs on asyncio and trio, in the test's
+* `Client` is a small WebSocket client on anyio (so it runs on asyncio and trio, in the test's
   own event loop) over wsproto;
-* :class:`HandlerDriver` drives a handler module directly, without sockets or a server: ``init``, each
+* `HandlerDriver` drives a handler module directly, without sockets or a server: ``init``, each
   message, the handshake hook and the close notice, with a stand-in worker that records what the
   handler sends.
 
@@ -69,7 +69,7 @@ async def serve_for_test(
     websocket: Sequence[tuple[str, Any]] | Mapping[str, Any] = (),
     **top_level: Any,
 ) -> AsyncIterator[Server]:
-    """Run a server on ``127.0.0.1`` and a free port for the block; yields its :class:`Server`.
+    """Run a server on ``127.0.0.1`` and a free port for the block; yields its `Server`.
 
     Give either ``handler`` (any form ``handler_module`` accepts) with optional ``websocket`` module
     options and top-level options as keywords, or complete ``options`` (their ``port`` and ``host``
@@ -110,8 +110,8 @@ class HandshakeRejected(Exception):
 class Client:
     """A small WebSocket client for tests, in the test's own event loop (asyncio or trio).
 
-    Messages arrive whole; pings from the server are answered. Use :meth:`connect`, then
-    :meth:`send`, :meth:`receive` and :meth:`close`, or ``async with`` to close at the end.
+    Messages arrive whole; pings from the server are answered. Use `connect`, then
+    `send`, `receive` and `close`, or ``async with`` to close at the end.
     """
 
     def __init__(self, stream: anyio.abc.SocketStream, connection: WSConnection) -> None:
@@ -141,9 +141,9 @@ class Client:
         compression: bool = False,
         timeout: float = 10,
     ) -> Client:
-        """Open a connection to ``server`` (a :class:`Server` or a port on 127.0.0.1) at ``path``.
+        """Open a connection to ``server`` (a `Server` or a port on 127.0.0.1) at ``path``.
 
-        Raises :class:`HandshakeRejected` when the server answers with an HTTP error.
+        Raises `HandshakeRejected` when the server answers with an HTTP error.
         """
         port = server if isinstance(server, int) else server.port
         with anyio.fail_after(timeout):
@@ -200,11 +200,11 @@ class Client:
         await self._send(event)
 
     async def ping(self, data: bytes = b"") -> None:
-        """Send a ping; its pong lands in :attr:`pongs`."""
+        """Send a ping; its pong lands in `pongs`."""
         await self._send(Ping(payload=data))
 
     async def receive(self, timeout: float = 10) -> str | bytes:
-        """The next whole message; raises :class:`ConnectionClosed` (with ``close_code`` set) once closed."""
+        """The next whole message; raises `ConnectionClosed` (with ``close_code`` set) once closed."""
         with anyio.fail_after(timeout):
             while True:
                 event = await self._next_event()
@@ -257,7 +257,7 @@ class Client:
 
 
 class RecordingWorker:
-    """Stands in for a :class:`~pywsserver.Worker` under :class:`HandlerDriver`: records what is sent."""
+    """Stands in for a `Worker` under `HandlerDriver`: records what is sent."""
 
     def __init__(self) -> None:
         #: Every ``("send", data)``, ``("ping", data)`` and ``("close", (code, reason))``, in order.
@@ -316,7 +316,7 @@ class HandlerDriver:
         await driver.close()
 
     ``options`` are the handler options; ``init`` receives them with the same keys a server gives
-    (``worker`` is a :class:`RecordingWorker`, ``peer``, ``path``, ``headers``, ...).
+    (``worker`` is a `RecordingWorker`, ``peer``, ``path``, ``headers``, ...).
     """
 
     def __init__(
@@ -365,7 +365,7 @@ class HandlerDriver:
         return self._object
 
     async def handshake(self) -> Accept | Reject:
-        """Run the ``handshake`` hook (an :class:`Accept` when the handler has none)."""
+        """Run the ``handshake`` hook (an `Accept` when the handler has none)."""
         if not self.handler.has_handshake:
             return Accept()
         return normalize_decision(await call(self._target().handshake, dict(self.info)))
@@ -376,9 +376,9 @@ class HandlerDriver:
         return self.state
 
     async def handle(self, message: Any) -> HandlerResult:
-        """Deliver ``message`` (``str``, ``bytes``, :class:`~pywsserver.Ping`, ...); return the normalised result.
+        """Deliver ``message`` (``str``, ``bytes``, `Ping`, ...); return the normalised result.
 
-        The state is kept for the next call; an invalid result raises :class:`InvalidHandlerResult`.
+        The state is kept for the next call; an invalid result raises `InvalidHandlerResult`.
         """
         if self._closed:
             raise ConnectionClosed("the driven connection is closed")
@@ -387,7 +387,7 @@ class HandlerDriver:
         return result
 
     async def ping(self, data: bytes = b"") -> HandlerResult:
-        """Deliver a :class:`~pywsserver.Ping` from the client."""
+        """Deliver a `Ping` from the client."""
         return await self.handle(PingMessage(data))
 
     async def close(self, code: int = 1000, reason: str = "") -> None:

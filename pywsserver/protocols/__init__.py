@@ -1,10 +1,10 @@
 """Protocol modules: sans-I/O state machines a worker runs, one at a time, on its connection.
 
 The contract (what the worker calls, the effects a module returns, the
-actions from the mailbox) is in :mod:`pywsserver.protocols._contract` and
+actions from the mailbox) is in `pywsserver.protocols._contract` and
 documented in ``docs/protocol-modules.md``. The built-in modules are
-:class:`HTTPProtocol` (``"http"``, the opening handshake) and
-:class:`WebSocketProtocol` (``"websocket"``, RFC 6455 on wsproto).
+`HTTPProtocol` (``"http"``, the opening handshake) and
+`WebSocketProtocol` (``"websocket"``, RFC 6455 on wsproto).
 """
 
 from ._contract import (

@@ -9,27 +9,27 @@ with what happened and carries out the *effects* it returns, in order.
 What the worker calls (each returns a list of effects):
 
 * ``start(data, context)``: the module became current, at connection start or
-  after another module's :class:`Switch`; ``data`` is what the previous
+  after another module's `Switch`; ``data`` is what the previous
   module received but did not consume.
 * ``data_received(data)``: bytes from the peer.
 * ``eof_received()``: the peer closed or reset the connection.
-* ``action(action)``: a :class:`SendAction`, :class:`PingAction`,
-  :class:`CloseAction` or :class:`GoingAway` from the worker's mailbox (that
+* ``action(action)``: a `SendAction`, `PingAction`,
+  `CloseAction` or `GoingAway` from the worker's mailbox (that
   is, from ``send``/``ping``/``close`` callers or the server stopping). It
-  must not return :class:`Deliver`.
-* ``timer_expired(name)``: a timer set with :class:`SetTimer` ran out.
+  must not return `Deliver`.
+* ``timer_expired(name)``: a timer set with `SetTimer` ran out.
 * ``handler_returned(result)`` / ``handler_failed(error)``: the outcome of the
-  handler call a :class:`Deliver` asked for.
+  handler call a `Deliver` asked for.
 
 The effects, mirroring the original's responses (``{reply, Bytes}``,
-``{close, Bytes}``, ``{stop, Reason}``, switching modules): :class:`Write`,
-:class:`CloseSocket`, :class:`Stop`, :class:`Switch`, :class:`Deliver` and
-:class:`SetTimer`.
+``{close, Bytes}``, ``{stop, Reason}``, switching modules): `Write`,
+`CloseSocket`, `Stop`, `Switch`, `Deliver` and
+`SetTimer`.
 
 A module type is a class built as ``Module(options, connection)``, where
 ``options`` is what its ``parse_options(raw, path)`` class method returned at
 ``start_link`` (so bad options fail at start with their path) and
-``connection`` the :class:`ConnectionInfo`.
+``connection`` the `ConnectionInfo`.
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ class Switch:
 class Deliver:
     """Call the handler with ``message`` and report the outcome to the module.
 
-    ``message`` is :class:`~pywsserver.Opened` for ``init``, or what goes to
+    ``message`` is `Opened` for ``init``, or what goes to
     ``handle``. The worker answers with ``handler_returned(result)`` (the
     normalised result; ``None`` after ``init`` and after the connection-close
     notice) or ``handler_failed(error)``.
@@ -167,8 +167,8 @@ Action: TypeAlias = SendAction | PingAction | CloseAction | GoingAway | Broadcas
 class Headers(Mapping[str, str]):
     """Request headers: case-insensitive lookup, raw order kept.
 
-    ``headers["host"]`` gives the first value; :meth:`get_all` every value;
-    :attr:`raw` the ``(name, value)`` pairs as received.
+    ``headers["host"]`` gives the first value; `get_all` every value;
+    `raw` the ``(name, value)`` pairs as received.
     """
 
     __slots__ = ("_index", "raw")
@@ -209,7 +209,7 @@ class TLSInfo:
     version: str | None
     #: The cipher's name, e.g. ``"TLS_AES_256_GCM_SHA384"``.
     cipher: str | None
-    #: The client's certificate as :meth:`ssl.SSLSocket.getpeercert` gives it, or ``None`` when it sent none.
+    #: The client's certificate as `ssl.SSLSocket.getpeercert` gives it, or ``None`` when it sent none.
     peer_certificate: Mapping[str, Any] | None = None
     #: The server name the client asked for (SNI), when known.
     server_name: str | None = None
@@ -253,11 +253,11 @@ class ProtocolModule(Protocol):
         ...
 
     def timer_expired(self, name: str) -> list[Effect]:
-        """A timer set by :class:`SetTimer` ran out."""
+        """A timer set by `SetTimer` ran out."""
         ...
 
     def handler_returned(self, result: Any) -> list[Effect]:
-        """The handler call asked for by :class:`Deliver` returned ``result``."""
+        """The handler call asked for by `Deliver` returned ``result``."""
         ...
 
     def handler_failed(self, error: BaseException) -> list[Effect]:

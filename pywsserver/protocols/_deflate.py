@@ -1,9 +1,9 @@
 """permessage-deflate (RFC 7692): negotiating it in the handshake, and inflating with a bound.
 
-The HTTP module calls :func:`negotiate` with the client's
-``Sec-WebSocket-Extensions`` offers and the server's :class:`DeflateOptions`;
+The HTTP module calls `negotiate` with the client's
+``Sec-WebSocket-Extensions`` offers and the server's `DeflateOptions`;
 it answers with the response header value and the parameters agreed. The
-WebSocket module then builds a :class:`BoundedDeflate` (wsproto's
+WebSocket module then builds a `BoundedDeflate` (wsproto's
 ``PerMessageDeflate`` with two changes) for its wsproto connection:
 
 * inflating is bounded: each call to the decompressor may produce at most

@@ -48,7 +48,7 @@ class WebSocketOptions:
     handler_module: HandlerModule | None
     #: Extra entries for the ``init`` options mapping.
     handler_options: Mapping[str, Any] = attrs.field(factory=dict)
-    #: Which paths are served, by which handler (see :mod:`pywsserver.protocols._routing`).
+    #: Which paths are served, by which handler (see `pywsserver.protocols._routing`).
     router: Router = attrs.field(factory=Router, eq=False)
     #: The subprotocols spoken, in order of preference.
     subprotocols: tuple[str, ...] = ()
@@ -187,7 +187,7 @@ def _resources(value: Any, path: str, default: HandlerModule | None, default_opt
 
 
 def parse_websocket_options(raw: Any, path: str) -> WebSocketOptions:
-    """Check the ``websocket`` module's options (see :class:`WebSocketOptions`)."""
+    """Check the ``websocket`` module's options (see `WebSocketOptions`)."""
     options = as_mapping(raw, path, allowed=_OPTIONS)
     handler = None
     if "handler_module" in options:

@@ -2,11 +2,11 @@
 
 Theory of operation
 -------------------
-The module has three states, all in :meth:`HTTPProtocol.data_received`:
+The module has three states, all in `HTTPProtocol.data_received`:
 
 * ``READING``: request bytes are buffered until the blank line ending the
   head (at most ``max_request_size`` bytes, else 431). A handshake timer runs
-  from :meth:`start`; when it expires the connection is closed without a word.
+  from `start`; when it expires the connection is closed without a word.
 * the head is parsed and checked against RFC 6455 section 4.2.1 (GET,
   HTTP/1.1, ``Host``, ``Upgrade: websocket`` and ``Connection: upgrade`` as
   case-insensitive tokens, a 16-byte base64 ``Sec-WebSocket-Key``, version 13).
@@ -93,7 +93,7 @@ class BadRequest(Exception):
 
 
 def parse_request_head(head: bytes) -> Request:
-    """Parse a request head (without the final blank line); raises :class:`BadRequest`."""
+    """Parse a request head (without the final blank line); raises `BadRequest`."""
     try:
         text = head.decode("latin-1")
     except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes every byte

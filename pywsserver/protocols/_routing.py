@@ -6,7 +6,7 @@ options. Patterns are exact paths (``/chat``) or paths with named segments
 segment (no ``/``) and is handed to the handler as ``params["name"]``. A
 trailing ``{name*}`` matches the rest of the path, slashes included.
 
-The :class:`Router` tries exact paths first, then patterns in the order they
+The `Router` tries exact paths first, then patterns in the order they
 were configured; the first match wins. With no resources configured, one
 catch-all route serves every path. Pure functions of the path: no I/O.
 """
@@ -27,7 +27,7 @@ _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(\*?)\}")
 def compile_pattern(pattern: str) -> re.Pattern[str] | None:
     """The regular expression for ``pattern``, or ``None`` when it is an exact path.
 
-    Raises :class:`ValueError` for a pattern that is not a path, repeats a
+    Raises `ValueError` for a pattern that is not a path, repeats a
     name, or has ``{name*}`` anywhere but at its end.
     """
     if not pattern.startswith("/"):
@@ -66,7 +66,7 @@ class Route:
 
     #: The pattern as configured (``None`` for the catch-all route).
     pattern: str | None
-    #: The handler module serving it (a resolved :class:`~pywsserver._handler.HandlerModule`).
+    #: The handler module serving it (a resolved `HandlerModule`).
     handler: Any
     #: Extra entries for the ``init`` options of its connections.
     handler_options: Mapping[str, Any] = attrs.field(factory=dict)

@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-Built on wsproto's frame-level :class:`wsproto.connection.Connection`. The
+Built on wsproto's frame-level `wsproto.connection.Connection`. The
 connection's life is four states; every transition is in this table and
 happens in one of the methods named:
 
@@ -19,14 +19,14 @@ CLOSED         ``connection_close`` handled               (worker stops)
 =============  =========================================  =============
 
 Messages reach the handler one at a time and in order, through an inbox:
-each :class:`~pywsserver.protocols.Deliver` is answered by
+each `Deliver` is answered by
 ``handler_returned`` before the next one is emitted. Fragments are joined
 first; the size limit is checked as fragments (and partial frames) arrive,
 so memory stays near ``max_message_size`` whatever a frame announces. A
 peer's close frame waits in the inbox behind the messages that came before
 it, so those are delivered before the close is echoed (replies to them are
 dropped: the peer has closed its side). Once
-CLOSED, the inbox holds only the :class:`~pywsserver.ConnectionClose` notice,
+CLOSED, the inbox holds only the `ConnectionClose` notice,
 after which the module asks the worker to stop.
 """
 
@@ -170,7 +170,7 @@ class WebSocketProtocol:
 
     @classmethod
     def parse_options(cls, raw: Any, path: str) -> WebSocketOptions:
-        """Check the module's options (see :class:`~pywsserver.protocols.WebSocketOptions`)."""
+        """Check the module's options (see `WebSocketOptions`)."""
         return parse_websocket_options(raw, path)
 
     def __init__(self, options: WebSocketOptions, connection: ConnectionInfo) -> None:

@@ -3,7 +3,7 @@
 Stopping a child is cancellation plus a deadline. The supervisor sets the
 deadline from the child's ``shutdown`` value, then cancels the child's scope.
 A child that must clean up (a gen server's ``terminate``, a WebSocket worker's
-closing handshake) does it inside :func:`cleanup_scope`, which is shielded
+closing handshake) does it inside `cleanup_scope`, which is shielded
 from the cancellation but ends at that deadline: "ask it to stop, wait that
 long, then cancel". ``brutal_kill`` leaves no time at all, ``infinity`` waits.
 """

@@ -111,7 +111,7 @@ def unwrap_group(group: BaseExceptionGroup[BaseException]) -> BaseException:
     """The one exception inside nested single-member groups, else the group itself.
 
     Task groups wrap what escapes them; a supervisor's caller wants the
-    :class:`RestartIntensityExceeded` itself.
+    `RestartIntensityExceeded` itself.
     """
     inner: BaseException = group
     while isinstance(inner, BaseExceptionGroup) and len(inner.exceptions) == 1:

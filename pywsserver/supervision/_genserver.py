@@ -1,10 +1,10 @@
 """The gen-server-like process: one task, one bounded mailbox, one message at a time.
 
-A :class:`GenServer` subclass keeps its state on ``self`` and defines the
+A `GenServer` subclass keeps its state on ``self`` and defines the
 callbacks OTP's ``gen_server`` has: ``init``, ``handle_call``, ``handle_cast``,
 ``handle_info`` and ``terminate`` (each may be sync or ``async``). Its
-:meth:`GenServer.run` is a child start function: it runs ``init``, reports a
-:class:`ServerRef` as ready, then serves the mailbox until stopped.
+`GenServer.run` is a child start function: it runs ``init``, reports a
+`ServerRef` as ready, then serves the mailbox until stopped.
 
 Guarantees, matching OTP where it matters:
 
@@ -12,9 +12,9 @@ Guarantees, matching OTP where it matters:
   including the wait for room in the mailbox; a reply that comes later is
   dropped, never delivered to a stranger and never a crash of the server.
 * ``cast`` and ``send`` never block: they put the message in the mailbox or
-  raise :class:`MailboxFull` at once.
+  raise `MailboxFull` at once.
 * A caller whose request is pending when the server ends gets
-  :class:`NotRunning` naming the reason, not a hang.
+  `NotRunning` naming the reason, not a hang.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class _NoReply:
 
 
 NO_REPLY: Any = _NoReply()
-"""Return it from ``handle_call`` to answer later with :meth:`Caller.reply`."""
+"""Return it from ``handle_call`` to answer later with `Caller.reply`."""
 
 
 async def _maybe_await(value: Any) -> Any:
@@ -122,7 +122,7 @@ class ServerRef:
     __slots__ = ("_done", "_send", "_token", "alive", "name", "server")
 
     def __init__(self, server: GenServer, send: MemoryObjectSendStream[Any], name: str | None) -> None:
-        #: The :class:`GenServer` instance.
+        #: The `GenServer` instance.
         self.server = server
         #: The registered name, if any.
         self.name = name
@@ -139,8 +139,8 @@ class ServerRef:
     async def call(self, request: Any, timeout: float = 5.0) -> Any:
         """Send ``request`` to ``handle_call`` and wait at most ``timeout`` seconds for the reply.
 
-        Raises :class:`CallTimeout` (the late reply is then dropped) or
-        :class:`NotRunning` when the server is gone or ends before replying.
+        Raises `CallTimeout` (the late reply is then dropped) or
+        `NotRunning` when the server is gone or ends before replying.
         """
         if not self.alive:
             raise NotRunning(f"{self!r} is not running")
@@ -167,13 +167,13 @@ class ServerRef:
     def cast(self, message: Any) -> None:
         """Put ``message`` in the mailbox for ``handle_cast``; never blocks.
 
-        Raises :class:`MailboxFull` when the mailbox is full (the message is
-        not delivered) and :class:`NotRunning` when the server is gone.
+        Raises `MailboxFull` when the mailbox is full (the message is
+        not delivered) and `NotRunning` when the server is gone.
         """
         self._put(_Cast(message))
 
     def send(self, message: Any) -> None:
-        """Put ``message`` in the mailbox for ``handle_info``; same rules as :meth:`cast`."""
+        """Put ``message`` in the mailbox for ``handle_info``; same rules as `cast`."""
         self._put(_Info(message))
 
     def _put(self, item: Any) -> None:
@@ -221,7 +221,7 @@ class GenServer:
             assert await ref.call("get") == 15
             await ref.stop()
 
-    Put one in a supervisor with :meth:`child_spec`. ``mailbox_size`` bounds
+    Put one in a supervisor with `child_spec`. ``mailbox_size`` bounds
     the mailbox (messages waiting to be handled).
     """
 
@@ -238,7 +238,7 @@ class GenServer:
         return None
 
     def handle_call(self, request: Any, caller: Caller) -> Any:
-        """Answer a call: return the reply, or :data:`NO_REPLY` and call ``caller.reply`` later."""
+        """Answer a call: return the reply, or `NO_REPLY` and call ``caller.reply`` later."""
         raise NotImplementedError(f"{type(self).__name__} got a call it does not handle: {request!r}")
 
     def handle_cast(self, message: Any) -> Any:
@@ -246,19 +246,19 @@ class GenServer:
         raise NotImplementedError(f"{type(self).__name__} got a cast it does not handle: {message!r}")
 
     def handle_info(self, message: Any) -> Any:
-        """Handle a message sent with :meth:`ServerRef.send`; by default it is logged and dropped."""
+        """Handle a message sent with `ServerRef.send`; by default it is logged and dropped."""
         logger.warning("%s got an unexpected message: %r", type(self).__name__, message)
 
     def terminate(self, reason: BaseException | None) -> Any:
-        """Clean up; runs inside :func:`cleanup_scope` when the server ends for any reason.
+        """Clean up; runs inside `cleanup_scope` when the server ends for any reason.
 
-        ``reason`` is ``None`` for a normal stop, a :class:`Shutdown` when its
+        ``reason`` is ``None`` for a normal stop, a `Shutdown` when its
         supervisor stopped it, or the exception that crashed it.
         """
         return None
 
     def stop(self, reason: BaseException | None = None) -> None:
-        """From inside a callback: end after this message (``reason`` as in :meth:`ServerRef.stop`)."""
+        """From inside a callback: end after this message (``reason`` as in `ServerRef.stop`)."""
         self._stop_requested = True
         self._stop_reason = reason
 
@@ -292,7 +292,7 @@ class GenServer:
         name: str | None = None,
         task_status: anyio.abc.TaskStatus[ServerRef] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Run ``init(*args)``, report a :class:`ServerRef`, serve the mailbox until stopped."""
+        """Run ``init(*args)``, report a `ServerRef`, serve the mailbox until stopped."""
         send, receive = anyio.create_memory_object_stream[Any](self.mailbox_size or math.inf)
         ref = ServerRef(self, send, name)
         pending: set[Caller] = set()
@@ -364,18 +364,18 @@ class GenServer:
 
 
 async def call(target: ServerRef | str, request: Any, timeout: float = 5.0) -> Any:
-    """Call a gen server by ref or registered name (see :meth:`ServerRef.call`)."""
+    """Call a gen server by ref or registered name (see `ServerRef.call`)."""
     ref: ServerRef = resolve(target)
     return await ref.call(request, timeout)
 
 
 def cast(target: ServerRef | str, message: Any) -> None:
-    """Cast to a gen server by ref or registered name (see :meth:`ServerRef.cast`)."""
+    """Cast to a gen server by ref or registered name (see `ServerRef.cast`)."""
     ref: ServerRef = resolve(target)
     ref.cast(message)
 
 
 def send_info(target: ServerRef | str, message: Any) -> None:
-    """Send an info message to a gen server by ref or registered name (see :meth:`ServerRef.send`)."""
+    """Send an info message to a gen server by ref or registered name (see `ServerRef.send`)."""
     ref: ServerRef = resolve(target)
     ref.send(message)

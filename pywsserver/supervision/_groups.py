@@ -6,7 +6,7 @@ can carry them across processes and machines. The registry is process-wide
 and guarded by a lock, so members can be read from any thread; joining and
 leaving happen in the member's own event loop. Processes leave every group
 when they end (workers when their connection closes, gen servers when they
-stop): :func:`leave_all` is what they call.
+stop): `leave_all` is what they call.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ _names: dict[str, Any] = {}
 
 
 def register(name: str, process: Any) -> None:
-    """Register ``process`` under ``name``; raises :class:`NameAlreadyRegistered` if taken."""
+    """Register ``process`` under ``name``; raises `NameAlreadyRegistered` if taken."""
     if not isinstance(name, str) or not name:
         raise TypeError(f"a process name must be a non-empty str, got {name!r}")
     if name in _names:
@@ -42,7 +42,7 @@ def registered() -> list[str]:
 
 
 def resolve(target: Any) -> Any:
-    """The process for a ref or a name; raises :class:`NotRunning` for an unknown name."""
+    """The process for a ref or a name; raises `NotRunning` for an unknown name."""
     if isinstance(target, str):
         process = _names.get(target)
         if process is None:

@@ -36,7 +36,7 @@ class Restart(enum.Enum):
     #: Always restarted, whatever the reason it ended.
     PERMANENT = "permanent"
     #: Restarted only after an abnormal exit (an exception other than
-    #: :class:`~pywsserver.supervision.ShutdownRequested`).
+    #: `ShutdownRequested`).
     TRANSIENT = "transient"
     #: Never restarted, not even when a sibling's restart stopped it; its spec
     #: is forgotten once it ends.
@@ -188,7 +188,7 @@ class ChildSpec:
         default=attrs.Factory(_default_shutdown, takes_self=True), validator=_check_shutdown
     )
     #: Whether this child ending on its own may end the supervisor
-    #: (see :class:`AutoShutdown`); only for transient or temporary children.
+    #: (see `AutoShutdown`); only for transient or temporary children.
     significant: bool = False
 
     def __attrs_post_init__(self) -> None:

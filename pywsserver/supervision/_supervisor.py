@@ -2,24 +2,24 @@
 
 Theory of operation
 -------------------
-A supervisor is one task (:meth:`Supervisor.run`) that owns two things: a
+A supervisor is one task (`Supervisor.run`) that owns two things: a
 *host* task holding the children's task group inside a shielded scope, and a
 *loop* that handles one message at a time from an unbounded mailbox. Every
 state change happens in the loop, so there is no locking:
 
 * ``_Exit``: a child's wrapper reports that the child ended by itself (it
-  returned, raised :class:`Shutdown`, or raised another exception). The loop
+  returned, raised `Shutdown`, or raised another exception). The loop
   decides from the restart type whether to restart, applies the strategy,
   counts the restart against the intensity window and gives up when it is
   exceeded.
 * ``_Request``: a dynamic API call (start/terminate/restart/delete a child)
   from any task, answered through a one-shot reply.
-* ``_StopRequest``: :meth:`Supervisor.stop`.
+* ``_StopRequest``: `Supervisor.stop`.
 
 Children are shielded from cancellation that hits the supervisor: when the
 supervisor is cancelled (or stops, or gives up) it stops its children itself,
 one at a time in reverse start order, each with its own ``shutdown`` deadline
-(see :mod:`._context`). Only then does the host task end, so no child outlives
+(see `._context`). Only then does the host task end, so no child outlives
 its supervisor and none is cancelled out of order.
 
 Each run of a child is an ``_Instance``: its cancel scope, a ``done`` event,
@@ -65,7 +65,7 @@ logger = logging.getLogger("pywsserver.supervision")
 
 @attrs.frozen
 class ChildInfo:
-    """One row of :meth:`Supervisor.which_children`."""
+    """One row of `Supervisor.which_children`."""
 
     #: The child's id (an ``int`` for children of a simple_one_for_one supervisor).
     id: Hashable
@@ -81,7 +81,7 @@ class ChildInfo:
 
 @attrs.frozen
 class ChildCounts:
-    """The result of :meth:`Supervisor.count_children`, as OTP counts them."""
+    """The result of `Supervisor.count_children`, as OTP counts them."""
 
     #: Child specs known (running or not).
     specs: int
@@ -215,11 +215,11 @@ class Supervisor:
 
     ``intensity`` restarts within ``period`` seconds are allowed, counted
     across all children; one more and the supervisor stops every child and
-    :meth:`run` raises :class:`RestartIntensityExceeded`. With
+    `run` raises `RestartIntensityExceeded`. With
     ``Strategy.SIMPLE_ONE_FOR_ONE`` the one spec given is a template and
-    children are started with :meth:`start_child`. ``name`` registers the
-    supervisor (see :func:`whereis`) and labels its log reports. ``clock``
-    replaces :func:`anyio.current_time` for the intensity window (for tests).
+    children are started with `start_child`. ``name`` registers the
+    supervisor (see `whereis`) and labels its log reports. ``clock``
+    replaces `anyio.current_time` for the intensity window (for tests).
     """
 
     def __init__(
@@ -284,12 +284,12 @@ class Supervisor:
 
     @property
     def is_running(self) -> bool:
-        """Whether :meth:`run` is running and accepting requests."""
+        """Whether `run` is running and accepting requests."""
         return self._running
 
     @property
     def restart_count(self) -> int:
-        """How many restarts this supervisor has made since :meth:`run` began."""
+        """How many restarts this supervisor has made since `run` began."""
         return self._restart_count
 
     def child_spec(
@@ -320,9 +320,9 @@ class Supervisor:
         """Run the supervisor for the duration of an ``async with`` block.
 
         Entering returns once every child is ready (or raises
-        :class:`ChildStartError`); leaving stops the children in reverse start
+        `ChildStartError`); leaving stops the children in reverse start
         order. If the supervisor gives up while the block runs, the block is
-        cancelled and :class:`RestartIntensityExceeded` is raised from the
+        cancelled and `RestartIntensityExceeded` is raised from the
         ``async with``, not wrapped in an exception group::
 
             async with Supervisor(specs).running() as supervisor:
@@ -342,10 +342,10 @@ class Supervisor:
     async def run(self, *, task_status: anyio.abc.TaskStatus[Supervisor] = anyio.TASK_STATUS_IGNORED) -> None:
         """Start every child in order, report ready, then supervise until stopped.
 
-        Returns when :meth:`stop` is called or a significant child ends the
-        supervisor (``auto_shutdown``). Raises :class:`ChildStartError` when a
+        Returns when `stop` is called or a significant child ends the
+        supervisor (``auto_shutdown``). Raises `ChildStartError` when a
         child fails to start (the children already started are stopped first)
-        and :class:`RestartIntensityExceeded` when it gives up.
+        and `RestartIntensityExceeded` when it gives up.
         """
         if self._running:
             raise RuntimeError(f"supervisor {self.label} is already running")
@@ -391,7 +391,7 @@ class Supervisor:
             raise error
 
     async def stop(self) -> None:
-        """Stop every child in reverse start order and end :meth:`run` normally."""
+        """Stop every child in reverse start order and end `run` normally."""
         if not self._running or self._send is None:
             return
         stopped = self._stopped
@@ -636,11 +636,11 @@ class Supervisor:
     async def start_child(self, *args: Any) -> Any:
         """Start a new child and return its ref once it is ready.
 
-        For a static supervisor pass one :class:`ChildSpec`; it is added after
+        For a static supervisor pass one `ChildSpec`; it is added after
         the existing children. For a simple_one_for_one supervisor pass extra
         positional arguments, appended to the template's ``args``. Raises
-        :class:`ChildAlreadyStarted`, :class:`ChildAlreadyPresent` or
-        :class:`ChildStartError`.
+        `ChildAlreadyStarted`, `ChildAlreadyPresent` or
+        `ChildStartError`.
         """
         if self.strategy is Strategy.SIMPLE_ONE_FOR_ONE and self._running and self._children_tg is not None:
             # Starting one more instance of the template touches no other child: it runs in the
@@ -653,22 +653,22 @@ class Supervisor:
         """Stop a running child (its spec is kept unless it is temporary or dynamic).
 
         For a simple_one_for_one supervisor ``child_id`` is the child's id or
-        its ref. Raises :class:`ChildNotFound`.
+        its ref. Raises `ChildNotFound`.
         """
         await self._request(self._terminate_child, child_id)
 
     async def restart_child(self, child_id: Hashable) -> Any:
         """Start again a stopped child whose spec is kept; return its new ref.
 
-        Raises :class:`ChildNotFound`, :class:`ChildRunning` or
-        :class:`ChildStartError`; not available for simple_one_for_one.
+        Raises `ChildNotFound`, `ChildRunning` or
+        `ChildStartError`; not available for simple_one_for_one.
         """
         return await self._request(self._restart_child, child_id)
 
     async def delete_child(self, child_id: Hashable) -> None:
         """Forget the spec of a stopped child.
 
-        Raises :class:`ChildNotFound` or :class:`ChildRunning`; not available
+        Raises `ChildNotFound` or `ChildRunning`; not available
         for simple_one_for_one.
         """
         await self._request(self._delete_child, child_id)
