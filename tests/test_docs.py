@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,8 +26,20 @@ def test_every_python_block_compiles(path: Path) -> None:
         compile(code, f"{path.name}[{number}]", "exec")
 
 
+@pytest.fixture
+def logging_restored() -> Iterator[None]:
+    """Examples may configure logging, as users would; the tests after them get it back as it was."""
+    loggers = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)] + [logging.root]
+    levels = {logger: logger.level for logger in loggers}
+    handlers = list(logging.root.handlers)
+    yield
+    for logger, level in levels.items():
+        logger.setLevel(level)
+    logging.root.handlers[:] = handlers
+
+
 @pytest.mark.parametrize("path", DOCS, ids=lambda p: p.name)
-def test_the_examples_of_each_page_run_in_order(path: Path) -> None:
+def test_the_examples_of_each_page_run_in_order(path: Path, logging_restored: None) -> None:
     namespace: dict[str, object] = {"__name__": f"docs_{path.stem}"}
     for number, code in enumerate(blocks(path)):
         exec(compile(code, f"{path.name}[{number}]", "exec"), namespace)
