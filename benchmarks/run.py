@@ -78,29 +78,37 @@ def parse(line: str) -> dict[str, float]:
 
 
 class Server:
-    def __init__(self, name: str, command: list[str] | None = None) -> None:
+    def __init__(self, name: str, command: list[str] | None = None, cpus: str = "0", processes: int = 1) -> None:
         self.name = name
+        taskset = ["taskset", "-c", cpus] if pin(0) else []
         self.process = subprocess.Popen(
-            [*pin(0), *(command or [sys.executable, str(HERE / "servers.py"), name, "0"])],
+            [*taskset, *(command or [sys.executable, str(HERE / "servers.py"), name, "0"])],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
         )
         assert self.process.stdout is not None
-        line = self.process.stdout.readline()
-        if not line.startswith("ready"):
-            self.process.kill()
-            raise RuntimeError(f"{name} did not start")
+        for _ in range(processes):  # every server process says when it listens
+            line = self.process.stdout.readline()
+            if not line.startswith("ready"):
+                self.process.kill()
+                raise RuntimeError(f"{name} did not start")
         self.port = int(line.split()[1])
 
     def stop(self) -> None:
-        self.process.kill()
-        self.process.wait()
+        self.process.terminate()  # a parent of server processes stops its children first
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
 
 
-def run_loadgen(loadgen: Path, port: int, arguments: list[str], duration: float, raw: bool = False) -> dict[str, float]:
+def run_loadgen(
+    loadgen: Path, port: int, arguments: list[str], duration: float, raw: bool = False, cpu: int = 1
+) -> dict[str, float]:
     mode, *rest = arguments
-    command = [*pin(1), str(loadgen), mode, str(port), *rest, "--duration", str(duration)]
+    command = [*pin(cpu), str(loadgen), mode, str(port), *rest, "--duration", str(duration)]
     if raw:
         command.append("--raw")
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
@@ -178,6 +186,47 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+def scaling(args: argparse.Namespace) -> str:
+    """pywsserver with 1 and with 2 server processes (the ``processes`` option), side by side."""
+    loadgen = build("loadgen")
+    cores = os.cpu_count() or 1
+    # With a third core the generator gets it to itself; on two, it shares the second with a server process.
+    generator_cpu = 2 if cores >= 3 else 1
+    rows = []
+    for scenario in ("small", "pipelined"):
+        arguments, repeats, _ = SCENARIOS[scenario]
+        rates = {}
+        for processes, cpus in ((1, "0"), (2, "0,1")):
+            name = "pywsserver-1-process" if processes == 1 else "pywsserver-2-processes"
+            server = Server(name, cpus=cpus, processes=processes)
+            try:
+                runs = [
+                    run_loadgen(loadgen, server.port, arguments, args.duration, cpu=generator_cpu)["rate"]
+                    for _ in range(1 if args.quick else repeats)
+                ]
+            finally:
+                server.stop()
+            rates[processes] = statistics.median(runs)
+            print(f"{name:24} {scenario:10} {rates[processes]:,.0f} msgs/s", flush=True)
+        rows.append(f"| {scenario} | {rates[1]:,.0f} | {rates[2]:,.0f} | {rates[2] / rates[1]:.2f}x |")
+    where = (
+        "the generator on its own core (CPU 2)"
+        if generator_cpu == 2
+        else "only 2 cores: the generator shares CPU 1 with the second server process"
+    )
+    info = machine()
+    return "\n".join(
+        [
+            f"Machine: {info['cpu']}, {cores} cores, Python {info['python']}; {where}. "
+            f"Command: `{' '.join(sys.argv)}`",
+            "",
+            "| scenario | 1 process (msgs/s) | 2 processes (msgs/s) | scaling |",
+            "|---|---:|---:|---:|",
+            *rows,
+        ]
+    )
+
+
 def machine() -> dict[str, Any]:
     model = "unknown"
     cpuinfo = Path("/proc/cpuinfo")
@@ -229,9 +278,19 @@ def main() -> None:
     parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per measured run (default 5)")
     parser.add_argument("--quick", action="store_true", help="2 s per run, one run per scenario")
+    parser.add_argument(
+        "--scaling", action="store_true", help="only measure pywsserver with 1 and 2 server processes"
+    )
     args = parser.parse_args()
     if args.quick:
         args.duration = 2.0
+    if args.scaling:
+        report = scaling(args)
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "scaling.md").write_text(report + "\n")
+        print()
+        print(report)
+        return
     results = run(args)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "latest.json").write_text(json.dumps(results, indent=2))

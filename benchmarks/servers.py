@@ -51,12 +51,8 @@ class BenchHandler:
         return ("noreply", state)
 
 
-def run_pywsserver(port: int, backend: str, uvloop: bool) -> None:
-    import anyio
-
-    import pywsserver
-
-    options = [
+def pywsserver_options(port: int) -> list[tuple[str, Any]]:
+    return [
         ("port", port),
         ("max_connections", 100_000),
         ("backlog", 4096),
@@ -82,6 +78,14 @@ def run_pywsserver(port: int, backend: str, uvloop: bool) -> None:
         ),
     ]
 
+
+def run_pywsserver(port: int, backend: str, uvloop: bool) -> None:
+    import anyio
+
+    import pywsserver
+
+    options = pywsserver_options(port)
+
     async def main() -> None:
         async with pywsserver.start_link(options) as server:
             ready(server.port)
@@ -89,6 +93,28 @@ def run_pywsserver(port: int, backend: str, uvloop: bool) -> None:
 
     backend_options = {"use_uvloop": True} if uvloop else {}
     anyio.run(main, backend=backend, backend_options=backend_options)
+
+
+def run_pywsserver_processes(port: int, count: int) -> None:
+    """pywsserver with ``processes=count``: each child prints ``ready PORT`` once it listens."""
+    import anyio
+    import attrs
+
+    import pywsserver
+    from pywsserver._options import parse_options
+    from pywsserver._processes import run_processes
+
+    options = attrs.evolve(parse_options(pywsserver_options(port)), processes=count)
+
+    def serve(child: Any) -> None:
+        async def main() -> None:
+            async with pywsserver.start_link(child) as server:
+                ready(server.port)
+                await anyio.sleep_forever()
+
+        anyio.run(main)
+
+    run_processes(options, serve)
 
 
 # ------------------------------------------------------------------ websockets
@@ -285,6 +311,8 @@ SERVERS = {
     "pywsserver": lambda port: run_pywsserver(port, "asyncio", False),
     "pywsserver-uvloop": lambda port: run_pywsserver(port, "asyncio", True),
     "pywsserver-trio": lambda port: run_pywsserver(port, "trio", False),
+    "pywsserver-1-process": lambda port: run_pywsserver_processes(port, 1),
+    "pywsserver-2-processes": lambda port: run_pywsserver_processes(port, 2),
     "websockets": lambda port: run_websockets(port, False),
     "websockets-uvloop": lambda port: run_websockets(port, True),
     "aiohttp": run_aiohttp,
