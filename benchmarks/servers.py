@@ -95,6 +95,30 @@ def run_pywsserver(port: int, backend: str, uvloop: bool) -> None:
     anyio.run(main, backend=backend, backend_options=backend_options)
 
 
+def run_pywsserver_without_tree(port: int) -> None:
+    """pywsserver with its workers started in a plain task group instead of the worker supervisor.
+
+    Only to measure what the supervision tree costs per connection (``docs/performance.md``): the
+    acceptors hand connections to this task group; nothing restarts, counts or reports the workers.
+    """
+    import anyio
+
+    import pywsserver
+    from pywsserver._server import _run_worker
+
+    async def main() -> None:
+        async with pywsserver.start_link(pywsserver_options(port)) as server, anyio.create_task_group() as tg:
+
+            async def start_child(connection: Any) -> Any:
+                return await tg.start(_run_worker, server, connection)
+
+            server.worker_supervisor.start_child = start_child  # type: ignore[method-assign]
+            ready(server.port)
+            await anyio.sleep_forever()
+
+    anyio.run(main)
+
+
 def run_pywsserver_processes(port: int, count: int) -> None:
     """pywsserver with ``processes=count``: each child prints ``ready PORT`` once it listens."""
     import anyio
@@ -311,6 +335,7 @@ SERVERS = {
     "pywsserver": lambda port: run_pywsserver(port, "asyncio", False),
     "pywsserver-uvloop": lambda port: run_pywsserver(port, "asyncio", True),
     "pywsserver-trio": lambda port: run_pywsserver(port, "trio", False),
+    "pywsserver-without-tree": run_pywsserver_without_tree,
     "pywsserver-1-process": lambda port: run_pywsserver_processes(port, 1),
     "pywsserver-2-processes": lambda port: run_pywsserver_processes(port, 2),
     "websockets": lambda port: run_websockets(port, False),
