@@ -82,6 +82,7 @@ from ._contract import (
 )
 from ._deflate import BoundedDeflate
 from ._endpoint import WebSocketOptions, parse_websocket_options
+from ._mask import unmask
 
 __all__ = ["WebSocketOptions", "WebSocketProtocol", "encode_message"]
 
@@ -147,15 +148,6 @@ class _PeerClosed:
 
 
 _FAST_OPCODES = frozenset((1, 2, 9, 10))
-
-
-def _unmask(payload: bytes | bytearray, mask: bytes | bytearray) -> bytes:
-    """XOR the payload with the 4-byte masking key, as whole integers (fast in CPython)."""
-    length = len(payload)
-    if not length:
-        return b""
-    key = (mask * (length // 4 + 1))[:length]
-    return (int.from_bytes(payload, "little") ^ int.from_bytes(key, "little")).to_bytes(length, "little")
 
 
 def _text_size(text: str) -> int:
@@ -369,7 +361,7 @@ class WebSocketProtocol:
                 self._keep(buffer, position)
                 return effects
             mask = buffer[position + header : position + header + 4]
-            payload = _unmask(buffer[position + header + 4 : end], mask)
+            payload = unmask(buffer[position + header + 4 : end], mask)
             position = end
             if opcode == 1:
                 try:
