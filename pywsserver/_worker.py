@@ -49,6 +49,7 @@ import anyio.abc
 import anyio.from_thread
 import anyio.lowlevel
 import attrs
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from anyio.streams.tls import TLSAttribute, TLSStream
 
 from ._errors import ConnectionClosed
@@ -164,15 +165,19 @@ class Worker:
         self._transport: asyncio.Transport | None = None
         self._queue: deque[Effect] = deque()
         self._out: list[bytes] = []
-        self._backlog: deque[Any] = deque()
+        self._backlog: deque[Any] | None = None  # made when input must wait
         self._busy = False
         self._reading_paused = False
         self._eof_seen = False
         self._timer_handles: dict[str, asyncio.TimerHandle] = {}
         self._deadlines: dict[str, float] = {}
-        self._wake: asyncio.Event | None = None
-        self._writable: asyncio.Event | None = None
-        self._mailbox_send, self._mailbox_receive = anyio.create_memory_object_stream[Action](options.mailbox_size)
+        self._wake: _Wakeup | None = None
+        self._can_write = False  # protocol mode: the transport takes more (its buffer is below the bound)
+        # The mailbox is made when an action first has to wait (protocol mode) or at once (stream mode).
+        self._mailbox_send: MemoryObjectSendStream[Action] | None = None
+        self._mailbox_receive: MemoryObjectReceiveStream[Action] | None = None
+        if self._stream is not None:  # stream mode: the mailbox task reads it from the start
+            self._mailbox_send, self._mailbox_receive = anyio.create_memory_object_stream[Action](options.mailbox_size)
         self._write_lock = anyio.Lock(fast_acquire=True) if self._stream is not None else None
         self._timers: dict[str, float] = {}
         self._socket_closed = False
@@ -265,7 +270,7 @@ class Worker:
         if self._act_now(action):
             return True
         try:
-            self._mailbox_send.send_nowait(action)
+            self._mailbox()[0].send_nowait(action)
         except anyio.WouldBlock:
             return False
         except (anyio.ClosedResourceError, anyio.BrokenResourceError):
@@ -279,16 +284,25 @@ class Worker:
         This keeps the order of the mailbox (it must be empty) and its bound
         (a peer that does not read makes actions queue), without a task switch.
         """
-        writable = self._writable
+        mailbox = self._mailbox_send
         if (
             self._transport is None
-            or writable is None
-            or not writable.is_set()
-            or self._mailbox_send.statistics().current_buffer_used
+            or not self._can_write
+            or (mailbox is not None and mailbox.statistics().current_buffer_used)
         ):
             return False
         self._act(action)
         return True
+
+    def _mailbox(self) -> tuple[MemoryObjectSendStream[Action], MemoryObjectReceiveStream[Action]]:
+        """The mailbox, made on first use (most connections never need one)."""
+        if self._mailbox_send is None or self._mailbox_receive is None:
+            if self.state is WorkerState.DONE:
+                raise ConnectionClosed(f"{self!r} is closed")
+            self._mailbox_send, self._mailbox_receive = anyio.create_memory_object_stream[Action](
+                self._options.mailbox_size
+            )
+        return self._mailbox_send, self._mailbox_receive
 
     def _abort(self, code: int, reason: str) -> None:
         """Drop the connection now, without a closing handshake; the handler is told ``code``."""
@@ -325,12 +339,13 @@ class Worker:
         if self._act_now(action):
             await anyio.lowlevel.checkpoint()
             return
+        mailbox = self._mailbox()[0]
         try:
-            self._mailbox_send.send_nowait(action)
+            mailbox.send_nowait(action)
         except anyio.WouldBlock:
             self._wake_task()
             try:
-                await self._mailbox_send.send(action)
+                await mailbox.send(action)
             except (anyio.ClosedResourceError, anyio.BrokenResourceError):
                 raise ConnectionClosed(f"{self!r} is closed") from None
         except (anyio.ClosedResourceError, anyio.BrokenResourceError):
@@ -393,8 +408,10 @@ class Worker:
     async def _finish(self) -> None:
         draining = self.state is WorkerState.DRAINING
         groups.leave_all(self)
-        self._mailbox_send.close()
-        self._mailbox_receive.close()
+        if self._mailbox_send is not None:
+            self._mailbox_send.close()
+        if self._mailbox_receive is not None:
+            self._mailbox_receive.close()
         self.state = WorkerState.DONE
         for handle in self._timer_handles.values():
             handle.cancel()
@@ -459,9 +476,8 @@ class Worker:
         """Wrap the socket in the worker's protocol (after the TLS handshake, for ``wss``); ``False`` if it failed."""
         assert self._sock is not None
         loop = asyncio.get_running_loop()
-        self._wake = asyncio.Event()
-        self._writable = asyncio.Event()
-        self._writable.set()
+        self._wake = _Wakeup()
+        self._can_write = True
         if self._tls is None:
             await loop.connect_accepted_socket(lambda: _WorkerProtocol(self), self._sock)
             return True
@@ -620,10 +636,10 @@ class Worker:
 
     def _take_mailbox(self) -> None:
         """Carry out queued actions while the peer reads (protocol mode has no mailbox task)."""
-        writable = self._writable
-        while not self._stopped and writable is not None and writable.is_set():
+        mailbox = self._mailbox_receive
+        while mailbox is not None and not self._stopped and self._can_write:
             try:
-                action = self._mailbox_receive.receive_nowait()
+                action = mailbox.receive_nowait()
             except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
                 return
             self._act(action)
@@ -637,6 +653,8 @@ class Worker:
 
     def _take_backlog(self) -> None:
         backlog = self._backlog
+        if backlog is None:
+            return
         while backlog and not self._busy and not self._stopped:
             self._dispatch(*backlog.popleft())
         if not backlog:
@@ -647,6 +665,8 @@ class Worker:
         if self._stopped:
             return
         if self._busy or self._backlog:
+            if self._backlog is None:
+                self._backlog = deque()
             self._backlog.append((kind, value))
             self._pause_reading()
             self._wake_task()
@@ -718,8 +738,7 @@ class Worker:
             self._reading_paused
             and not self._busy
             and not self._backlog
-            and self._writable is not None
-            and self._writable.is_set()
+            and self._can_write
             and self._transport is not None
             and not self._socket_closed
         ):
@@ -734,6 +753,7 @@ class Worker:
                 await self._apply(self._module.timer_expired(name))
 
     async def _mailbox_loop(self) -> None:
+        assert self._mailbox_receive is not None
         async for action in self._mailbox_receive:
             await self._apply(self._module.action(action), from_mailbox=True)
             if self._stopped:
@@ -987,6 +1007,34 @@ async def _run_async(steps: Steps) -> list[Effect]:
         return done.value  # type: ignore[no-any-return]
 
 
+class _Wakeup:
+    """What the worker's task sleeps on: a flag and, while someone waits, one future (no deque)."""
+
+    __slots__ = ("_flag", "_future")
+
+    def __init__(self) -> None:
+        self._flag = False
+        self._future: asyncio.Future[None] | None = None
+
+    def set(self) -> None:
+        self._flag = True
+        future = self._future
+        if future is not None and not future.done():
+            future.set_result(None)
+
+    def clear(self) -> None:
+        self._flag = False
+
+    async def wait(self) -> None:
+        if self._flag:
+            return
+        self._future = future = asyncio.get_running_loop().create_future()
+        try:
+            await future
+        finally:
+            self._future = None
+
+
 _buffers = threading.local()
 
 
@@ -1032,15 +1080,11 @@ class _WorkerProtocol(asyncio.BufferedProtocol):
         self._worker._on_lost()
 
     def pause_writing(self) -> None:
-        writable = self._worker._writable
-        if writable is not None:
-            writable.clear()
+        self._worker._can_write = False
         self._worker._pause_reading()
 
     def resume_writing(self) -> None:
-        writable = self._worker._writable
-        if writable is not None:
-            writable.set()
+        self._worker._can_write = True
         self._worker._resume_reading()
         self._worker._wake_task()  # queued actions can be written again
 
