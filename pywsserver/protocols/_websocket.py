@@ -25,16 +25,16 @@ first; the size limit is checked as fragments (and partial frames) arrive,
 so memory stays near ``max_message_size`` whatever a frame announces. A
 peer's close frame waits in the inbox behind the messages that came before
 it, so those are delivered before the close is echoed (replies to them are
-dropped: the peer has closed its side). Once
-CLOSED, the inbox holds only the `ConnectionClose` notice,
-after which the module asks the worker to stop.
+dropped: the peer has closed its side). When the connection fails (a
+protocol violation, a lost connection), the messages that had fully arrived
+before are still delivered, then the `ConnectionClose` notice, after which
+the module asks the worker to stop.
 """
 
 from __future__ import annotations
 
 import enum
 import struct
-from collections import deque
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -170,8 +170,13 @@ class WebSocketProtocol:
         self.connection = connection
         self.state = State.OPEN
         self._guard = _SizeGuard(options.max_message_size)
-        self._ws = Connection(ConnectionType.SERVER, extensions=[self._guard])
-        self._inbox: deque[Any] = deque()
+        # wsproto's connection is made when first needed (a fragment, a close, a ping to send,
+        # compression): an idle connection does without it.
+        self._ws: Connection | None = None
+        self._extensions: list[Extension] = [self._guard]
+        # Messages waiting for the handler: a list read from ``_next`` (a deque costs 760 bytes even empty).
+        self._inbox: list[Any] = []
+        self._next = 0
         self._awaiting: Any = None  # the message whose handler call is outstanding
         self._parts: list[Any] = []
         self._size = 0
@@ -204,7 +209,7 @@ class WebSocketProtocol:
         parameters = context.get("deflate")
         if parameters is not None and self.options.compression is not None:
             extension = BoundedDeflate(parameters, self.options.compression, self.options.max_message_size)
-            self._ws = Connection(ConnectionType.SERVER, extensions=[self._guard, extension])
+            self._extensions = [self._guard, extension]
             self._deflate = True
         self._inbox.append(Opened(info, context.get("handler")))
         effects: list[Effect] = []
@@ -239,7 +244,7 @@ class WebSocketProtocol:
         if isinstance(action, SendAction):
             return [Write(self._frame(action.data))]
         if isinstance(action, PingAction):
-            return [Write(self._ws.send(WsPing(payload=action.data)))]
+            return [Write(self._wsproto().send(WsPing(payload=action.data)))]
         if isinstance(action, CloseAction):
             return self._start_closing(action.code, action.reason)
         if isinstance(action, GoingAway):
@@ -267,7 +272,7 @@ class WebSocketProtocol:
         if self._ping_payload is None and self._can_send():
             self._pings_sent += 1
             self._ping_payload = self._pings_sent.to_bytes(4, "big")
-            effects.append(Write(self._ws.send(WsPing(payload=self._ping_payload))))
+            effects.append(Write(self._wsproto().send(WsPing(payload=self._ping_payload))))
             if self.options.ping_timeout is not None:
                 effects.append(SetTimer("pong", self.options.ping_timeout))
         return effects
@@ -288,9 +293,9 @@ class WebSocketProtocol:
             if isinstance(result, Reply):
                 effects.append(Write(self._frame(result.data)))
             elif isinstance(result, SendPing):
-                effects.append(Write(self._ws.send(WsPing(payload=result.data))))
+                effects.append(Write(self._wsproto().send(WsPing(payload=result.data))))
             elif isinstance(result, SendPong):
-                effects.append(Write(self._ws.send(WsPong(payload=result.data))))
+                effects.append(Write(self._wsproto().send(WsPong(payload=result.data))))
             elif isinstance(result, Close):
                 effects += self._start_closing(result.code, result.reason)
         return effects + self._pump()
@@ -300,19 +305,28 @@ class WebSocketProtocol:
         delivered, self._awaiting = self._awaiting, None
         if isinstance(delivered, ConnectionClose):
             return [Stop("connection closed")]
-        self._inbox = deque(m for m in self._inbox if isinstance(m, _PeerClosed))
+        self._inbox = [m for m in self._inbox[self._next :] if isinstance(m, _PeerClosed)]
+        self._next = 0
         effects = self._start_closing(1011, "internal error") if self._can_send() else []
         return effects + self._pump()
 
     # ------------------------------------------------------------ helpers
 
+    def _wsproto(self) -> Connection:
+        """wsproto's connection, made on first use."""
+        ws = self._ws
+        if ws is None:
+            ws = self._ws = Connection(ConnectionType.SERVER, extensions=self._extensions)
+        return ws
+
     def _can_send(self) -> bool:
         # Neither side has sent a close frame yet.
-        return self.state is State.OPEN and self._ws.state is ConnectionState.OPEN
+        ws = self._ws
+        return self.state is State.OPEN and (ws is None or ws.state is ConnectionState.OPEN)
 
     def _frame(self, data: str | bytes) -> bytes:
         if self._deflate:
-            return self._ws.send(_message_event(data))  # compressed by the extension
+            return self._wsproto().send(_message_event(data))  # compressed by the extension
         # Whole, unfragmented messages leave wsproto's sending state untouched: encode them directly.
         return encode_message(data)
 
@@ -397,7 +411,7 @@ class WebSocketProtocol:
         return self._receive_wsproto(bytes(carry)) if carry else []
 
     def _receive_wsproto(self, data: bytes) -> list[Effect]:
-        ws = self._ws
+        ws = self._wsproto()
         try:
             ws.receive_data(data)
         except Exception:  # wsproto refuses data after it considers the connection closed
@@ -443,16 +457,26 @@ class WebSocketProtocol:
         return effects
 
     def _pump(self) -> list[Effect]:
-        if self._awaiting is not None or not self._inbox:
+        inbox = self._inbox
+        if self._awaiting is not None or self._next >= len(inbox):
             return []
-        message = self._inbox.popleft()
+        message = inbox[self._next]
+        self._next += 1
+        if self._next == len(inbox):
+            inbox.clear()
+            self._next = 0
+        elif self._next >= 64 and self._next * 2 >= len(inbox):  # never drained: drop what was read
+            del inbox[: self._next]
+            self._next = 0
         if isinstance(message, _PeerClosed):
             effects: list[Effect] = []
-            if self._ws.state is ConnectionState.REMOTE_CLOSING:
-                effects.append(Write(self._ws.send(CloseConnection(code=message.code, reason=message.reason))))
+            ws = self._wsproto()
+            if ws.state is ConnectionState.REMOTE_CLOSING:
+                effects.append(Write(ws.send(CloseConnection(code=message.code, reason=message.reason))))
             return effects + self._closed(message.code, message.reason)
-        if self.state is not State.OPEN and not isinstance(message, ConnectionClose):
-            self._inbox.clear()
+        if self.state is State.LOCAL_CLOSING and not isinstance(message, ConnectionClose):
+            self._inbox.clear()  # sent after our close frame: dropped
+            self._next = 0
             return []
         self._awaiting = message
         return [Deliver(message)]
@@ -460,20 +484,30 @@ class WebSocketProtocol:
     def _start_closing(self, code: int, reason: str) -> list[Effect]:
         self.state = State.LOCAL_CLOSING
         self._close_code, self._close_reason = code, reason
-        write = Write(self._ws.send(CloseConnection(code=code, reason=reason)))
+        write = Write(self._wsproto().send(CloseConnection(code=code, reason=reason)))
         # The peer's answer moves wsproto's closing state: wsproto parses from now on.
         return [write, SetTimer("close", self.options.close_timeout), *self._leave_fast_path()]
 
     def _fail(self, code: int, reason: str) -> list[Effect]:
         effects: list[Effect] = []
-        if self._ws.state is ConnectionState.OPEN:
-            effects.append(Write(self._ws.send(CloseConnection(code=code, reason=reason))))
+        ws = self._wsproto()
+        if ws.state is ConnectionState.OPEN:
+            effects.append(Write(ws.send(CloseConnection(code=code, reason=reason))))
         return effects + self._closed(code, reason)
 
     def _closed(self, code: int, reason: str) -> list[Effect]:
+        was_open = self.state is State.OPEN
         self.state = State.CLOSED
         self._parts, self._size = [], 0
-        self._inbox.clear()
+        # Messages that had fully arrived while the connection was open are still delivered (without
+        # replies), then the close notice: what the handler sees does not depend on whether the
+        # violation was found in the same read. Nothing is delivered if init has not run yet.
+        pending = self._inbox[self._next :]
+        if was_open and not any(isinstance(m, Opened) for m in pending) and not isinstance(self._awaiting, Opened):
+            self._inbox = [m for m in pending if isinstance(m, str | bytes | Ping | Pong)]
+        else:
+            self._inbox = []
+        self._next = 0
         effects: list[Effect] = [
             SetTimer("close", None),
             SetTimer("keepalive", None),

@@ -22,7 +22,7 @@ one at a time in reverse start order, each with its own ``shutdown`` deadline
 (see `._context`). Only then does the host task end, so no child outlives
 its supervisor and none is cancelled out of order.
 
-Each run of a child is an ``_Instance``: its cancel scope, a ``done`` event,
+Each run of a child is an ``_Instance``: its cancel scope, whether it has finished,
 the ``ref`` it reported, and flags saying whether the supervisor is stopping
 it (then its exit is not reported) or has already handled its exit (then a
 late, queued exit message is ignored).
@@ -117,16 +117,30 @@ class _StartedProxy:
 
 
 class _Instance:
-    __slots__ = ("child", "context", "done", "handled", "ref", "scope", "stopping")
+    __slots__ = ("_done_event", "child", "context", "finished", "handled", "ref", "scope", "stopping")
 
     def __init__(self, child: _Child) -> None:
         self.child = child
         self.context = ChildContext(child.key, child.spec.shutdown_seconds)
         self.scope: anyio.CancelScope | None = None
-        self.done = anyio.Event()
+        self.finished = False
+        # Made only when someone waits for the end (a stop): thousands of workers never need one.
+        self._done_event: anyio.Event | None = None
         self.ref: Any = None
         self.stopping = False
         self.handled = False
+
+    def mark_done(self) -> None:
+        self.finished = True
+        if self._done_event is not None:
+            self._done_event.set()
+
+    async def wait_done(self) -> None:
+        if self.finished:
+            return
+        if self._done_event is None:
+            self._done_event = anyio.Event()
+        await self._done_event.wait()
 
 
 class _Child:
@@ -472,7 +486,7 @@ class Supervisor:
                 with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
                     self._send.send_nowait(_Exit(instance, reason))
         finally:
-            instance.done.set()
+            instance.mark_done()
 
     async def _start(self, child: _Child) -> Any:
         assert self._children_tg is not None
@@ -501,7 +515,7 @@ class Supervisor:
             return
         instance.stopping = True
         instance.handled = True
-        if not instance.done.is_set():
+        if not instance.finished:
             instance.context.stop_deadline = anyio.current_time() + child.spec.shutdown_seconds
             if instance.scope is not None:  # else the child is still being started: it cancels itself
                 instance.scope.cancel()
@@ -511,7 +525,7 @@ class Supervisor:
         if instance is None:
             return
         self._ask_to_stop(child)
-        await instance.done.wait()
+        await instance.wait_done()
         if child.instance is instance:
             child.instance = None
 
