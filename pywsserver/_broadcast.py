@@ -61,6 +61,9 @@ def _deliver(group: str, targets: Sequence[Hashable], data: str | bytes, slow: s
         if isinstance(member, Worker):
             if action is None:
                 action = BroadcastAction(data, encode_message(data))
+            if member._broadcast_now(action.frame):  # the common case: straight to the transport
+                delivered += 1
+                continue
             try:
                 queued = member._offer(action)
             except ConnectionClosed:

@@ -338,6 +338,29 @@ class Worker:
         self._act(action)
         return True
 
+    def _broadcast_now(self, frame: bytes) -> bool:
+        """Protocol mode: write a broadcast's ready-made frame now, if nothing must come before it.
+
+        ``False`` when the frame cannot go out as is (stream mode, a full outgoing buffer, actions
+        waiting in the mailbox, a module that encodes per connection): then the caller queues it.
+        """
+        transport = self._transport
+        mailbox = self._mailbox_send
+        if (
+            transport is None
+            or not self._can_write
+            or self._socket_closed
+            or self._stopped
+            or (mailbox is not None and mailbox.statistics().current_buffer_used)
+        ):
+            return False
+        raw_frames_ok = getattr(self._module, "raw_frames_ok", None)
+        if raw_frames_ok is None or not raw_frames_ok():
+            return False
+        self._out.append(frame)  # after any reply this connection has produced but not yet written
+        self._flush()
+        return True
+
     def _mailbox(self) -> tuple[MemoryObjectSendStream[Action], MemoryObjectReceiveStream[Action]]:
         """The mailbox, made on first use (most connections never need one)."""
         if self._mailbox_send is None or self._mailbox_receive is None:

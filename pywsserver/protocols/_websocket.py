@@ -312,6 +312,10 @@ class WebSocketProtocol:
 
     # ------------------------------------------------------------ helpers
 
+    def raw_frames_ok(self) -> bool:
+        """Whether a frame encoded once for many connections (a broadcast) may be written as is."""
+        return not self._deflate and self._can_send()
+
     def _wsproto(self) -> Connection:
         """wsproto's connection, made on first use."""
         ws = self._ws
