@@ -30,6 +30,7 @@ from typing import Any
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 from anyio.abc import SocketListener
 
 from ._errors import ServerStartError
@@ -253,6 +254,17 @@ async def accept(listener: SocketListener) -> anyio.abc.ByteStream | socket.sock
     if loop is None:
         return await listener.accept()
     raw: socket.socket = listener.extra(anyio.abc.SocketAttribute.raw_socket)
+    try:
+        # Under load a connection is usually waiting: take it without registering for readiness.
+        client, _ = raw.accept()
+    except (BlockingIOError, InterruptedError):
+        pass
+    else:
+        client.setblocking(False)
+        if client.family != getattr(socket, "AF_UNIX", None):
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        await anyio.lowlevel.checkpoint()  # let other tasks run between accepts, as an await would
+        return client
     try:
         client, _ = await loop.sock_accept(raw)
     except BaseException:

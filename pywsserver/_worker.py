@@ -246,7 +246,7 @@ class Worker:
         self.log = ConnectionLogger(logger, context)
         #: Whether this connection logs its traffic (``pywsserver.frames`` at DEBUG when it was accepted).
         self._trace = frames_logger.isEnabledFor(logging.DEBUG)
-        self._frames_log = ConnectionLogger(frames_logger, context)
+        self._frames_log = ConnectionLogger(frames_logger, context) if self._trace else self.log
         initial = options.modules[options.initial_module]
         self._module_config = initial
         self._module: ProtocolModule = initial.module(initial.options, self.connection)
