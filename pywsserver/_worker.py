@@ -433,8 +433,9 @@ class Worker:
         try:
             await self._serve()
         finally:
-            with cleanup_scope():
-                await self._drain()
+            if not (self._stopped or self._socket_closed or self._aborted is not None):
+                with cleanup_scope():  # made only when there is something to drain (a timer each)
+                    await self._drain()
             await self._finish()
 
     async def _serve(self) -> None:
@@ -487,6 +488,8 @@ class Worker:
         self._timer_handles.clear()
         self._deadlines.clear()
         try:
+            if self._socket_closed and not (self._opened and not self._told_close):
+                return  # the common end: nothing left to await, no cancel scope needed
             with anyio.CancelScope(shield=True):
                 if not self._socket_closed:
                     self._socket_closed = True
