@@ -841,16 +841,25 @@ class Worker:
     # --------------------------------------------------------------- effects
 
     async def _apply(self, effects: list[Effect], from_mailbox: bool = False) -> None:
+        """Stream mode: carry out effects in order. Writes are gathered and sent together before the
+        next thing that awaits (a call to an async handler, a close) and at the end, so the replies a
+        sync handler gives to the messages of one read go out in one send."""
         queue = deque(effects)
+        out: list[bytes] = []
         while queue:
             effect = queue.popleft()
             kind = type(effect)
             if kind is Write:
-                await self._write(effect.data)  # type: ignore[union-attr]
+                out.append(effect.data)  # type: ignore[union-attr]
             elif kind is Deliver:
                 if from_mailbox:
                     raise RuntimeError(f"{type(self._module).__name__}.action() returned Deliver, which it may not")
-                more = await _run_async(self._deliver_steps(effect.message))  # type: ignore[union-attr]
+                message = effect.message  # type: ignore[union-attr]
+                if self._needs_task(message):
+                    await self._write_all(out)
+                    more = await _run_async(self._deliver_steps(message))
+                else:
+                    more = _run_sync(self._deliver_steps(message))
                 queue.extendleft(reversed(more))
             elif kind is SetTimer:
                 seconds = effect.seconds  # type: ignore[union-attr]
@@ -859,8 +868,10 @@ class Worker:
                 else:
                     self._timers[effect.name] = anyio.current_time() + seconds  # type: ignore[union-attr]
             elif kind is CloseSocket:
+                await self._write_all(out)
                 await self._close_socket()
             elif kind is Stop:
+                await self._write_all(out)
                 self._stopped = True
                 self._stopping(effect.reason)  # type: ignore[union-attr]
                 return
@@ -868,6 +879,13 @@ class Worker:
                 queue.extendleft(reversed(self._switch(effect)))  # type: ignore[arg-type]
             else:
                 raise TypeError(f"{type(self._module).__name__} returned an unknown effect {effect!r}")
+        await self._write_all(out)
+
+    async def _write_all(self, out: list[bytes]) -> None:
+        if out:
+            data = out[0] if len(out) == 1 else b"".join(out)
+            out.clear()
+            await self._write(data)
 
     def _switch(self, switch: Switch) -> list[Effect]:
         config = self._options.modules.get(switch.module)
