@@ -379,7 +379,15 @@ class Worker:
             return
         self._aborted = ConnectionClose(code, reason)
         self.log.warning("closing the connection: %s", reason)
-        if self._serve_scope is not None:
+        if self._sock is not None:
+            # Protocol mode: drop the transport now; the worker's task sees it stopped and ends
+            # (after an async handler call in progress returns), then tells the handler.
+            self._stopped = True
+            if self._transport is not None and not self._socket_closed:
+                self._socket_closed = True
+                self._transport.abort()
+            self._wake_task()
+        elif self._serve_scope is not None:
             self._serve_scope.cancel()
 
     def send_threadsafe(self, data: str | bytes) -> None:
@@ -441,14 +449,13 @@ class Worker:
     async def _serve(self) -> None:
         if self._sock is not None:
             # One task: callbacks do the reading, this task the async handler calls and the mailbox.
-            with anyio.CancelScope() as scope:
-                self._serve_scope = scope
-                self._busy = True  # bytes arriving before the module has started wait in the backlog
-                if not await self._open_protocol():
-                    return
-                self._busy = False
-                self._feed(self._module.start(b"", {}))
-                await self._continue()
+            # No cancel scope of its own (one is 1.7 KiB): `_abort` stops it by flag and wake-up.
+            self._busy = True  # bytes arriving before the module has started wait in the backlog
+            if not await self._open_protocol():
+                return
+            self._busy = False
+            self._feed(self._module.start(b"", {}))
+            await self._continue()
             return
         if self._tls is not None and not await self._start_tls_stream():
             return
