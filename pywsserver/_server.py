@@ -25,6 +25,7 @@ import os
 import signal
 import socket
 import stat
+import weakref
 from collections.abc import AsyncIterator, Hashable
 from typing import Any
 
@@ -244,6 +245,9 @@ def _running_asyncio_loop() -> asyncio.AbstractEventLoop | None:
         return None
 
 
+_raw_sockets: weakref.WeakKeyDictionary[SocketListener, socket.socket] = weakref.WeakKeyDictionary()
+
+
 async def accept(listener: SocketListener) -> anyio.abc.ByteStream | socket.socket:
     """Accept one connection.
 
@@ -253,7 +257,9 @@ async def accept(listener: SocketListener) -> anyio.abc.ByteStream | socket.sock
     loop = _running_asyncio_loop()
     if loop is None:
         return await listener.accept()
-    raw: socket.socket = listener.extra(anyio.abc.SocketAttribute.raw_socket)
+    raw = _raw_sockets.get(listener)
+    if raw is None:  # anyio builds every extra attribute on each call: look it up once per listener
+        raw = _raw_sockets[listener] = listener.extra(anyio.abc.SocketAttribute.raw_socket)
     try:
         # Under load a connection is usually waiting: take it without registering for readiness.
         client, _ = raw.accept()
