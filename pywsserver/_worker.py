@@ -666,7 +666,7 @@ class Worker:
             self._flush()
             self._stopped = True
             self._queue.clear()
-            self._stopping(effect.reason)  # type: ignore[union-attr]
+            self._stopping(effect)  # type: ignore[arg-type]
             self._wake_task()
         elif kind is Switch:
             return self._switch(effect)  # type: ignore[arg-type]
@@ -674,12 +674,10 @@ class Worker:
             raise TypeError(f"{type(self._module).__name__} returned an unknown effect {effect!r}")
         return None
 
-    def _stopping(self, reason: str) -> None:
-        self.log.debug("stopping: %s", reason)
-        if reason.startswith(("handshake refused", "opening handshake timed out")) and not reason.startswith(
-            "handshake refused: 503"
-        ):
-            bad_input("bad handshakes", f"{self._peer_text}: {reason}", self.log.extra)
+    def _stopping(self, stop: Stop) -> None:
+        self.log.debug("stopping: %s", stop.reason)
+        if stop.bad_input:
+            bad_input("bad handshakes", f"{self._peer_text}: {stop.reason}", self.log.extra)
 
     @property
     def _peer_text(self) -> str:
@@ -880,7 +878,7 @@ class Worker:
             elif kind is Stop:
                 await self._write_all(out)
                 self._stopped = True
-                self._stopping(effect.reason)  # type: ignore[union-attr]
+                self._stopping(effect)  # type: ignore[arg-type]
                 return
             elif kind is Switch:
                 queue.extendleft(reversed(self._switch(effect)))  # type: ignore[arg-type]

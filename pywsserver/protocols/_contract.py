@@ -78,9 +78,14 @@ class CloseSocket:
 
 @attrs.frozen
 class Stop:
-    """End the worker: close the socket if it is open and stop. ``reason`` is for the log."""
+    """End the worker: close the socket if it is open and stop. ``reason`` is for the log.
+
+    ``bad_input`` says the peer broke the protocol (a malformed or stalled handshake): the worker
+    reports it on the rate-limited ``pywsserver.bad_input`` logger.
+    """
 
     reason: str = "normal"
+    bad_input: bool = attrs.field(default=False, eq=False)  # a reporting hint, not part of the effect's identity
 
 
 @attrs.frozen

@@ -253,15 +253,17 @@ class HTTPProtocol:
         upgrade = "websocket" in _tokens(headers, "upgrade")
         health = self.options.health_check_path
         if not upgrade and health is not None and request.path == health and request.method in ("GET", "HEAD"):
-            return self._respond(200, "OK", head_only=request.method == "HEAD", reason="health check")
+            return self._respond(200, b"OK\n", head_only=request.method == "HEAD", reason="health check")
         page = self.options.pages.get(request.path) if not upgrade else None
         if page is not None and request.method in ("GET", "HEAD"):
             content_type, body = page
-            response = http_response(200, [("Content-Type", content_type), ("Cache-Control", "no-cache")], body)
-            if request.method == "HEAD":
-                response = response[: len(response) - len(body)]
-            self._phase = _Phase.DONE
-            return [SetTimer("handshake", None), Write(response), CloseSocket(), Stop(f"served page {request.path}")]
+            return self._respond(
+                200,
+                body,
+                [("Content-Type", content_type), ("Cache-Control", "no-cache")],
+                head_only=request.method == "HEAD",
+                reason=f"served page {request.path}",
+            )
         if not upgrade:
             return self._fail(426, "this is a WebSocket endpoint", [("Upgrade", "websocket")])
         if request.version < (1, 1):
@@ -350,25 +352,34 @@ class HTTPProtocol:
             Switch(self.options.upgrade_to, bytes(pending.rest), context),
         ]
 
-    def _respond(self, status: int, message: str, *, head_only: bool = False, reason: str = "") -> list[Effect]:
-        body = (message + "\n").encode()
-        self._phase = _Phase.DONE
-        response = http_response(status, [("Content-Type", "text/plain; charset=utf-8")], body)
-        if head_only:
-            response = response[: len(response) - len(body)]
-        return [SetTimer("handshake", None), Write(response), CloseSocket(), Stop(reason or f"answered {status}")]
-
-    def _fail(self, status: int, message: str, headers: list[tuple[str, str]] | None = None) -> list[Effect]:
+    def _respond(
+        self,
+        status: int,
+        body: bytes,
+        headers: list[tuple[str, str]] | None = None,
+        *,
+        head_only: bool = False,
+        reason: str,
+        bad_input: bool = False,
+    ) -> list[Effect]:
+        """Answer with an HTTP response (``Connection: close``) and stop."""
         self._phase = _Phase.DONE
         self._pending = None
-        body = (message + "\n").encode()
+        response = http_response(status, headers or [("Content-Type", "text/plain; charset=utf-8")], body)
+        if head_only:
+            response = response[: len(response) - len(body)]
+        return [SetTimer("handshake", None), Write(response), CloseSocket(), Stop(reason, bad_input)]
+
+    def _fail(self, status: int, message: str, headers: list[tuple[str, str]] | None = None) -> list[Effect]:
+        """Refuse the request; every refusal but "shutting down" (503) is reported as bad input."""
         all_headers = [("Content-Type", "text/plain; charset=utf-8"), *(headers or [])]
-        return [
-            SetTimer("handshake", None),
-            Write(http_response(status, all_headers, body)),
-            CloseSocket(),
-            Stop(f"handshake refused: {status} {message}"),
-        ]
+        return self._respond(
+            status,
+            (message + "\n").encode(),
+            all_headers,
+            reason=f"handshake refused: {status} {message}",
+            bad_input=status != 503,
+        )
 
     def eof_received(self) -> list[Effect]:
         """The client left during the handshake."""
@@ -386,7 +397,7 @@ class HTTPProtocol:
         if self._phase is not _Phase.READING:
             return []
         self._phase = _Phase.DONE
-        return [CloseSocket(), Stop("opening handshake timed out")]
+        return [CloseSocket(), Stop("opening handshake timed out", bad_input=True)]
 
     def handler_returned(self, result: Any) -> list[Effect]:
         """The handshake hook decided: answer 101 or the rejection."""
