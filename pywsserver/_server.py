@@ -267,10 +267,8 @@ async def accept(listener: SocketListener) -> anyio.abc.ByteStream | socket.sock
         pass
     else:
         client.setblocking(False)
-        if client.family != getattr(socket, "AF_UNIX", None):
-            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         await anyio.lowlevel.checkpoint()  # let other tasks run between accepts, as an await would
-        return client
+        return _no_delay(client)
     try:
         client, _ = await loop.sock_accept(raw)
     except BaseException:
@@ -278,6 +276,11 @@ async def accept(listener: SocketListener) -> anyio.abc.ByteStream | socket.sock
         with contextlib.suppress(ValueError, NotImplementedError, OSError):
             loop.remove_reader(raw)
         raise
+    return _no_delay(client)
+
+
+def _no_delay(client: socket.socket) -> socket.socket:
+    """Replies go out at once (no Nagle delay); Unix sockets have no such option."""
     if client.family != getattr(socket, "AF_UNIX", None):
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return client

@@ -233,6 +233,16 @@ class ConnectionInfo:
     #: The TLS session, for ``wss://`` connections.
     tls: TLSInfo | None = None
 
+    def handler_info(self) -> dict[str, Any]:
+        """The entries of the handler's ``init`` options that come from the connection itself."""
+        return {
+            "peer": self.peer,
+            "local": self.local,
+            "connection_id": self.connection_id,
+            "tls": self.tls,
+            "secure": self.tls is not None,
+        }
+
 
 # --------------------------------------------------------------- behaviour
 

@@ -152,12 +152,10 @@ def negotiate(offers: Iterable[str], options: DeflateOptions) -> DeflateParamete
             response.append("client_no_context_takeover")
         if server_bits is not None:
             response.append(f"server_max_window_bits={our_bits}")
-        client_bits = 15
+        client_bits = 15  # the client's window when it did not offer to limit it
         if client_bits_offered:
             client_bits = max(9, min(client_bits_limit, options.client_max_window_bits))
             response.append(f"client_max_window_bits={client_bits}")
-        elif client_bits_limit != 15:  # pragma: no cover - only set when offered
-            client_bits = client_bits_limit
         return DeflateParameters(
             server_max_window_bits=our_bits,
             client_max_window_bits=client_bits,

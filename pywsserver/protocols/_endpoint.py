@@ -144,10 +144,6 @@ def origin_allowed(origin: str | None, options: WebSocketOptions) -> bool:
     return False
 
 
-def _handler(value: Any, path: str) -> HandlerModule:
-    return HandlerModule(value, path)
-
-
 def _resources(value: Any, path: str, default: HandlerModule | None, default_options: Mapping[str, Any]) -> Router:
     entries = as_pairs(value, path, "(path, options)")
     routes: list[Route] = []
@@ -167,7 +163,7 @@ def _resources(value: Any, path: str, default: HandlerModule | None, default_opt
             raw = [("handler_module", raw)]  # ("/chat", chat_handler) is short for [("handler_module", ...)]
         options = as_mapping(raw, route_path, allowed=_ROUTE_OPTIONS)
         if "handler_module" in options:
-            handler = _handler(options["handler_module"], join(route_path, "handler_module"))
+            handler = HandlerModule(options["handler_module"], join(route_path, "handler_module"))
         elif default is not None:
             handler = default
         else:
@@ -191,7 +187,7 @@ def parse_websocket_options(raw: Any, path: str) -> WebSocketOptions:
     options = as_mapping(raw, path, allowed=_OPTIONS)
     handler = None
     if "handler_module" in options:
-        handler = _handler(options["handler_module"], join(path, "handler_module"))
+        handler = HandlerModule(options["handler_module"], join(path, "handler_module"))
     handler_options: Mapping[str, Any] = {}
     if "handler_options" in options:
         handler_options = as_mapping(options["handler_options"], join(path, "handler_options"))
@@ -214,9 +210,8 @@ def parse_websocket_options(raw: Any, path: str) -> WebSocketOptions:
         )
     if "max_message_size" in options:
         fields["max_message_size"] = check_int(options["max_message_size"], join(path, "max_message_size"), minimum=1)
-    for name in ("close_timeout",):
-        if name in options:
-            fields[name] = check_number(options[name], join(path, name))
+    if "close_timeout" in options:
+        fields["close_timeout"] = check_number(options["close_timeout"], join(path, "close_timeout"))
     for name in ("ping_interval", "ping_timeout", "idle_timeout"):
         if name in options:
             fields[name] = check_number(options[name], join(path, name), minimum=0.001, allow_none=True)

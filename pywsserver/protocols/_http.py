@@ -281,21 +281,17 @@ class HTTPProtocol:
         if len(keys) != 1 or not _valid_key(keys[0]):
             return self._fail(400, "missing or invalid Sec-WebSocket-Key")
         requested = [token for value in headers.get_all("sec-websocket-protocol") for token in _token_list(value)]
-        info: dict[str, Any] = {
-            "peer": self.connection.peer,
-            "local": self.connection.local,
-            "connection_id": self.connection.connection_id,
-            "path": request.path,
-            "query": request.query,
-            "headers": headers,
-            "request": request,
-            "params": {},
-            "subprotocols": requested,
-            "subprotocol": None,
-            "extensions": [],
-            "tls": self.connection.tls,
-            "secure": self.connection.tls is not None,
-        }
+        info = self.connection.handler_info()
+        info.update(
+            path=request.path,
+            query=request.query,
+            headers=headers,
+            request=request,
+            params={},
+            subprotocols=requested,
+            subprotocol=None,
+            extensions=[],
+        )
         pending = _Pending(request, keys[0], info, rest)
         endpoint = self.options.endpoint
         if endpoint is None:  # another module than ours: it gets the request, nothing is negotiated here

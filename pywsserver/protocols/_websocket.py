@@ -197,13 +197,7 @@ class WebSocketProtocol:
         info = context.get("info")
         if info is None:
             request = context.get("request")
-            info = {
-                "peer": self.connection.peer,
-                "local": self.connection.local,
-                "connection_id": self.connection.connection_id,
-                "tls": self.connection.tls,
-                "secure": self.connection.tls is not None,
-            }
+            info = self.connection.handler_info()
             if request is not None:
                 info.update(path=request.path, query=request.query, headers=request.headers, request=request)
         parameters = context.get("deflate")
