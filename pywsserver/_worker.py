@@ -222,8 +222,6 @@ class Worker:
         # The mailbox is made when an action first has to wait (protocol mode) or at once (stream mode).
         self._mailbox_send: MemoryObjectSendStream[Action] | None = None
         self._mailbox_receive: MemoryObjectReceiveStream[Action] | None = None
-        if self._stream is not None:  # stream mode: the mailbox task reads it from the start
-            self._mailbox_send, self._mailbox_receive = anyio.create_memory_object_stream[Action](options.mailbox_size)
         self._write_lock = anyio.Lock(fast_acquire=True) if self._stream is not None else None
         self._timers: dict[str, float] = {}
         self._socket_closed = False
@@ -238,6 +236,8 @@ class Worker:
         self._aborted: ConnectionClose | None = None
         #: Where the worker is in its life.
         self.state = WorkerState.HANDSHAKING
+        if self._stream is not None:  # stream mode: the mailbox task reads it from the start
+            self._mailbox()
         #: Unique within the process; appears in every log line of the connection.
         self.connection_id = next(_connection_ids)
         self.connection = ConnectionInfo(

@@ -139,6 +139,16 @@ class _SizeGuard(Extension):
         return RsvBits(False, False, False)
 
 
+#: What every end of a connection does first: stop its timers, close the socket (effects are frozen: shared).
+_ON_CLOSED: tuple[Effect, ...] = (
+    SetTimer("close", None),
+    SetTimer("keepalive", None),
+    SetTimer("pong", None),
+    SetTimer("idle", None),
+    CloseSocket(),
+)
+
+
 class _PeerClosed:
     __slots__ = ("code", "reason")
 
@@ -506,13 +516,7 @@ class WebSocketProtocol:
         else:
             self._inbox = []
         self._next = 0
-        effects: list[Effect] = [
-            SetTimer("close", None),
-            SetTimer("keepalive", None),
-            SetTimer("pong", None),
-            SetTimer("idle", None),
-            CloseSocket(),
-        ]
+        effects: list[Effect] = list(_ON_CLOSED)
         if not self._notified:
             self._notified = True
             self._inbox.append(ConnectionClose(code, reason))
