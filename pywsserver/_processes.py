@@ -150,16 +150,24 @@ def _describe(status: int) -> str:
 
 def _stop_children(children: dict[int, int], grace: float) -> None:
     """SIGTERM every child, wait up to ``grace`` seconds, then SIGKILL what is left."""
-    for pid in children:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while children and time.monotonic() < deadline:
-        pid, _ = os.waitpid(-1, os.WNOHANG)
-        if pid == 0:
-            time.sleep(0.05)  # children are stopping; nothing to wait on but their exit
-            continue
-        children.pop(pid, None)
+    # SIGCHLD is blocked while we wait for it, so an exit between a reap and the wait is not missed.
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+    try:
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while children:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+            if pid:
+                children.pop(pid, None)
+                continue
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            signal.sigtimedwait({signal.SIGCHLD}, remaining)  # the next exit, or the deadline
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     for pid in list(children):
         logger.warning("server process %d did not stop within %.0fs: killing it", pid, grace)
         try:
