@@ -79,21 +79,22 @@ async def test_the_echo_example_runs_with_one_command() -> None:
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
-async def test_the_cli_refuses_bad_options_with_their_path() -> None:
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (
+            ["--handler", "json"],
+            b"worker_options.protocol_modules.websocket.handler_module: module 'json' has no function",
+        ),
+        (["--certfile", "missing.pem"], b"tls.certfile: cannot load the certificate and key"),
+    ],
+)
+async def test_the_cli_refuses_bad_options_with_their_path(arguments: list[str], message: bytes) -> None:
     result = await anyio.run_process(
-        [sys.executable, "-m", "pywsserver", "--handler", "json", "--port", "0"], cwd=ROOT, check=False
+        [sys.executable, "-m", "pywsserver", "--port", "0", *arguments], cwd=ROOT, check=False
     )
     assert result.returncode == 2
-    assert b"worker_options.protocol_modules.websocket.handler_module: module 'json' has no function" in result.stderr
-
-
-@pytest.mark.parametrize("anyio_backend", ["asyncio"])
-async def test_the_cli_refuses_a_missing_certificate_with_the_option_path() -> None:
-    result = await anyio.run_process(
-        [sys.executable, "-m", "pywsserver", "--port", "0", "--certfile", "missing.pem"], cwd=ROOT, check=False
-    )
-    assert result.returncode == 2
-    assert b"tls.certfile: cannot load the certificate and key" in result.stderr
+    assert message in result.stderr
 
 
 async def test_the_chat_handler_without_a_room_asks_to_try_again() -> None:
