@@ -76,7 +76,7 @@ class Server:
         self._listeners: list[SocketListener] = []
         self._accept_locks: list[anyio.Lock] = []
         self._listener_broken = anyio.Event()
-        self._slots = anyio.Semaphore(options.max_connections)
+        self._slots = anyio.Semaphore(options.max_connections, fast_acquire=True)
         #: How acceptors accept one connection (a seam for fault injection in tests).
         self._accept = accept
         #: The dynamic supervisor of the workers (``count_children().active`` is the live connections).
@@ -180,7 +180,7 @@ async def _listener(server: Server, *, task_status: anyio.abc.TaskStatus[None]) 
         multi, listeners = tcp, list(tcp.listeners)  # type: ignore[arg-type]
     try:
         server._listeners = listeners
-        server._accept_locks = [anyio.Lock() for _ in listeners]
+        server._accept_locks = [anyio.Lock(fast_acquire=True) for _ in listeners]
         server._listener_broken = anyio.Event()
         if options.unix_path is not None:
             server.addresses = []
@@ -311,7 +311,9 @@ async def _acceptor(server: Server, index: int, *, task_status: anyio.abc.TaskSt
             raise
         backoff = 0.0
         try:
-            await server.worker_supervisor.start_child(connection)
+            # The worker starts when this task next yields (at the next accept): the acceptor does
+            # not wait for it, as Ranch's acceptors do not wait for their connection processes.
+            server.worker_supervisor.start_child_soon(connection)
         except BaseException as error:
             server._slots.release()
             with anyio.CancelScope(shield=True):

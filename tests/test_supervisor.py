@@ -355,6 +355,40 @@ async def test_simple_one_for_one_starts_many_children_of_one_template() -> None
     assert probe.events[-1] == ("stop", "c1")
 
 
+async def test_start_child_soon_starts_a_dynamic_child_without_waiting_for_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    probe = Probe()
+    probe.fail_start.add("broken")
+    template = ChildSpec("conn", probe.child, restart="temporary")
+    async with Supervisor([template], strategy="simple_one_for_one", intensity=5).running() as sup:
+        sup.start_child_soon("c0")
+        assert probe.starts("c0") == 0  # not started yet: the caller has not yielded
+        assert sup.count_children().active == 1  # but counted, so a stop waits for it
+        await probe.wait_starts("c0", 1)
+        assert [c.ref for c in sup.which_children()] == [probe.controls["c0"]]
+        with caplog.at_level(logging.ERROR, logger="pywsserver.supervision"):
+            sup.start_child_soon("broken")
+            await sup.settle()
+            await anyio.wait_all_tasks_blocked()
+        assert "failed to start" in caplog.text and "broken cannot start" in caplog.text
+        assert [c.ref.child_id for c in sup.which_children()] == ["c0"]  # the failed start is forgotten
+        await probe.controls["c0"].end("crash", sup)  # temporary: reported, not restarted
+        assert sup.which_children() == [] and sup.restart_count == 0
+        assert "crashed" in caplog.text
+        sup.start_child_soon("c1")
+    assert probe.events[-2:] == [("start", "c1"), ("stop", "c1")]  # the stop waited for a child still starting
+    with pytest.raises(NotRunning):
+        sup.start_child_soon("late")
+
+
+async def test_start_child_soon_is_only_for_dynamic_supervisors() -> None:
+    probe = Probe()
+    async with Supervisor([probe.spec("a")]).running() as sup:
+        with pytest.raises(SupervisorError, match="simple_one_for_one"):
+            sup.start_child_soon(probe.spec("b"))
+
+
 async def test_any_significant_child_ending_shuts_the_supervisor_down() -> None:
     probe = Probe()
     specs = [probe.spec("a"), probe.spec("s", restart="transient", significant=True)]

@@ -103,16 +103,18 @@ class _StartFailure:
 class _StartedProxy:
     """Stands between a child and the real task status, to know whether it started."""
 
-    __slots__ = ("_real", "called")
+    __slots__ = ("_instance", "_real", "called")
 
-    def __init__(self, real: anyio.abc.TaskStatus[Any]) -> None:
+    def __init__(self, real: anyio.abc.TaskStatus[Any], instance: _Instance) -> None:
         self._real = real
+        self._instance = instance
         self.called = False
 
     def started(self, value: Any = None) -> None:
         if self.called:
             raise RuntimeError("task_status.started() called twice")
         self.called = True
+        self._instance.ref = value
         self._real.started(value)
 
 
@@ -463,10 +465,12 @@ class Supervisor:
 
     # ----------------------------------------------------------- child starts
 
-    async def _run_instance(self, instance: _Instance, *, task_status: anyio.abc.TaskStatus[Any]) -> None:
+    async def _run_instance(
+        self, instance: _Instance, *, task_status: anyio.abc.TaskStatus[Any] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
         _set_current(instance.context)
         child = instance.child
-        proxy = _StartedProxy(task_status)
+        proxy = _StartedProxy(task_status, instance)
         reason: BaseException | None = None
         try:
             with anyio.CancelScope() as scope:
@@ -480,9 +484,19 @@ class Supervisor:
             if not proxy.called:
                 if reason is None:
                     reason = RuntimeError("the child returned without calling task_status.started()")
-                task_status.started(_StartFailure(reason))
+                if task_status is anyio.TASK_STATUS_IGNORED:  # started by start_child_soon: nobody waits
+                    self._start_failed(instance, reason)
+                    self._children.pop(child.key, None)
+                else:
+                    task_status.started(_StartFailure(reason))
                 return
-            if not instance.stopping and self._send is not None:
+            if instance.stopping:
+                return
+            if self.strategy is Strategy.SIMPLE_ONE_FOR_ONE and not self._needs_loop(child, reason):
+                # Nothing to restart and nobody else affected: forget the child here, sparing
+                # the hop through the supervisor's mailbox (one per closed connection).
+                self._exited(instance, reason)
+            elif self._send is not None:
                 with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
                     self._send.send_nowait(_Exit(instance, reason))
         finally:
@@ -494,18 +508,21 @@ class Supervisor:
         child.instance = instance
         result = await self._children_tg.start(self._run_instance, instance)
         if isinstance(result, _StartFailure):
-            instance.handled = True
-            child.instance = None
-            logger.error(
-                "child %r of supervisor %s failed to start: %r",
-                child.key,
-                self.label,
-                result.reason,
-                exc_info=result.reason,
-            )
+            self._start_failed(instance, result.reason)
             raise ChildStartError(child.key, result.reason)
-        instance.ref = result
         return result
+
+    def _start_failed(self, instance: _Instance, reason: BaseException) -> None:
+        child = instance.child
+        instance.handled = True
+        child.instance = None
+        logger.error(
+            "child %r of supervisor %s failed to start: %r",
+            child.key,
+            self.label,
+            reason,
+            exc_info=reason,
+        )
 
     # ----------------------------------------------------------- child stops
 
@@ -544,14 +561,25 @@ class Supervisor:
 
     # ------------------------------------------------------------- restarts
 
-    async def _handle_exit(self, instance: _Instance, reason: BaseException | None) -> None:
+    @staticmethod
+    def _needs_loop(child: _Child, reason: BaseException | None) -> bool:
+        """Whether an exit asks more of the supervisor than forgetting the child (a restart, a shutdown)."""
+        spec = child.spec
+        restart = spec.restart
+        return (
+            spec.significant
+            or restart is Restart.PERMANENT
+            or (restart is Restart.TRANSIENT and _is_abnormal(reason))
+        )
+
+    def _exited(self, instance: _Instance, reason: BaseException | None) -> bool:
+        """Record a child's exit and report it; ``True`` if the supervisor must act on it."""
         child = instance.child
         if instance.handled or child.instance is not instance:
-            return
+            return False
         instance.handled = True
         child.instance = None
-        abnormal = _is_abnormal(reason)
-        if abnormal:
+        if _is_abnormal(reason):
             logger.error(
                 "child %r of supervisor %s crashed: %r",
                 child.key,
@@ -561,8 +589,18 @@ class Supervisor:
             )
         else:
             logger.debug("child %r of supervisor %s exited normally", child.key, self.label)
+        if self._needs_loop(child, reason):
+            return True
+        if child.spec.restart is Restart.TEMPORARY or self.strategy is Strategy.SIMPLE_ONE_FOR_ONE:
+            self._children.pop(child.key, None)
+        return False
+
+    async def _handle_exit(self, instance: _Instance, reason: BaseException | None) -> None:
+        if not self._exited(instance, reason):
+            return
+        child = instance.child
         restart = child.spec.restart
-        if restart is Restart.PERMANENT or (restart is Restart.TRANSIENT and abnormal):
+        if restart is Restart.PERMANENT or (restart is Restart.TRANSIENT and _is_abnormal(reason)):
             await self._restart(child, reason)
             return
         if restart is Restart.TEMPORARY or self.strategy is Strategy.SIMPLE_ONE_FOR_ONE:
@@ -663,6 +701,26 @@ class Supervisor:
             return await self._start_child(args)
         return await self._request(self._start_child, args)
 
+    def start_child_soon(self, *args: Any) -> None:
+        """Start a new child of a simple_one_for_one supervisor without waiting for it to be ready.
+
+        The arguments are those of `start_child`. The child starts when the
+        caller next yields; a child that fails to start is logged and forgotten,
+        as a failed `start_child` would be, but nobody receives the error. Raises
+        `NotRunning` when the supervisor is not running. The server's acceptors
+        start a worker per connection this way, as Ranch's acceptors hand
+        connections to their connection supervisor.
+        """
+        self._no_static("start_child_soon")
+        tg = self._children_tg
+        if not self._running or tg is None:
+            raise NotRunning(f"supervisor {self.label} is not running")
+        template = self.specs[0]
+        child = _Child(next(self._keys), template, template.args + args)
+        self._children[child.key] = child
+        instance = child.instance = _Instance(child)
+        tg.start_soon(self._run_instance, instance)
+
     async def terminate_child(self, child_id: object) -> None:
         """Stop a running child (its spec is kept unless it is temporary or dynamic).
 
@@ -727,6 +785,10 @@ class Supervisor:
                 if child.instance is not None and child.instance.ref is child_id:
                     return child
         raise ChildNotFound(child_id)
+
+    def _no_static(self, operation: str) -> None:
+        if self.strategy is not Strategy.SIMPLE_ONE_FOR_ONE:
+            raise SupervisorError(f"{operation} is only available on a simple_one_for_one supervisor, not {self.label}")
 
     def _no_dynamic(self, operation: str) -> None:
         if self.strategy is Strategy.SIMPLE_ONE_FOR_ONE:
