@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from wsproto.connection import Connection, ConnectionType
@@ -29,8 +30,27 @@ def client_frames() -> st.SearchStrategy[list[Any]]:
         st.just(("raw", b"\xc1\x80\x00\x00\x00\x00")),  # a reserved bit: a protocol error
         st.just(("raw", b"\x81\x82\x00\x00\x00\x00\xff\xfe")),  # invalid UTF-8
         st.builds(lambda c: CloseConnection(code=c), st.sampled_from([1000, 1001, 4000])),
+        st.builds(lambda payload: ("raw", masked_close(payload)), close_payloads()),
     )
     return st.lists(frame, max_size=12)
+
+
+def close_payloads() -> st.SearchStrategy[bytes]:
+    """Close frame payloads a peer may send and ones it must not: every branch of the fast path's check."""
+    codes = st.one_of(
+        st.sampled_from([999, 1000, 1001, 1002, 1003, 1004, 1005, 1006, 1007, 1011, 1012, 1013, 1014, 1015]),
+        st.sampled_from([2999, 3000, 3999, 4000, 4999, 5000, 65535]),
+        st.integers(0, 65535),
+    )
+    reasons = st.one_of(st.text(max_size=40).map(lambda t: t.encode("utf-8")[:123]), st.binary(max_size=123))
+    with_code = st.builds(lambda code, reason: code.to_bytes(2, "big") + reason, codes, reasons)
+    return st.one_of(st.just(b""), st.binary(min_size=1, max_size=1), with_code)
+
+
+def masked_close(payload: bytes, mask: bytes = b"\x1f\x2e\x3d\x4c") -> bytes:
+    """A client's close frame with any payload, valid or not (wsproto's client would refuse to make some)."""
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return bytes((0x88, 0x80 | len(payload))) + mask + masked
 
 
 def encode(frames: list[Any]) -> bytes:
@@ -86,3 +106,21 @@ def run(data: bytes, cuts: list[int], fast: bool, limit: int) -> tuple[list[Any]
 def test_the_fast_path_and_wsproto_deliver_the_same(frames: list[Any], cuts: list[int], limit: int) -> None:
     data = encode(frames)
     assert run(data, cuts, fast=True, limit=limit) == run(data, cuts, fast=False, limit=limit)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"",
+        b"\x03",
+        *(code.to_bytes(2, "big") for code in [0, 999, *range(1000, 1017), 2999, 3000, 3999, 4000, 4999, 5000]),
+        (1000).to_bytes(2, "big") + "bye, ça va".encode(),
+        (4000).to_bytes(2, "big") + b"\xff\xfe",  # a reason that is not UTF-8: 1007
+        (1001).to_bytes(2, "big") + b"r" * 123,  # the longest reason a close frame holds
+    ],
+)
+def test_every_close_frame_gets_the_same_answer_on_both_paths(payload: bytes) -> None:
+    data = encode([TextMessage(data="before")]) + masked_close(payload) + encode([TextMessage(data="after")])
+    fast = run(data, [], fast=True, limit=1 << 20)
+    assert fast == run(data, [], fast=False, limit=1 << 20)
+    assert fast[0][1] == "before" and "after" not in fast[0]

@@ -3,20 +3,32 @@
 Theory of operation
 -------------------
 Built on wsproto's frame-level `wsproto.connection.Connection`. The
-connection's life is four states; every transition is in this table and
-happens in one of the methods named:
+connection's life is four states; every transition is in this table:
 
-=============  =========================================  =============
-state          event                                      next state
-=============  =========================================  =============
-OPEN           peer's close frame reaches the handler     CLOSED (we echo it, close the socket)
-OPEN           handler result ``Close`` / ``close()``     LOCAL_CLOSING (close frame sent, timer)
-OPEN           protocol violation or message too big      CLOSED (close 1002/1007/1009 sent)
-OPEN           EOF without a close frame                  CLOSED (code 1006)
-LOCAL_CLOSING  peer's close frame                         CLOSED
-LOCAL_CLOSING  ``close`` timer expires, or EOF            CLOSED
-CLOSED         ``connection_close`` handled               (worker stops)
-=============  =========================================  =============
+==============  =========================================  ==============
+state           event                                      next state
+==============  =========================================  ==============
+OPEN            peer's close frame arrives                 REMOTE_CLOSING (nothing more is read)
+REMOTE_CLOSING  that close frame reaches the handler       CLOSED (we echo it, close the socket)
+OPEN            handler result ``Close`` / ``close()``     LOCAL_CLOSING (close frame sent, timer)
+OPEN            protocol violation or message too big      CLOSED (close 1002/1007/1009 sent)
+OPEN            EOF without a close frame                  CLOSED (code 1006)
+REMOTE_CLOSING  EOF before the close reached the handler   CLOSED (code 1006)
+LOCAL_CLOSING   peer's close frame                         CLOSED
+LOCAL_CLOSING   ``close`` timer expires, or EOF            CLOSED
+CLOSED          ``connection_close`` handled               (worker stops)
+==============  =========================================  ==============
+
+Two parsers, one behaviour. While the connection is OPEN and nothing unusual
+arrives, the module parses frames itself: whole unfragmented text and binary
+frames, pings, pongs and a valid close frame (a status code RFC 6455 allows
+and a UTF-8 reason). At the first frame it does not take (a fragment, a
+reserved bit or opcode, an unmasked frame, a frame over the size limit, a
+close frame it would have to refuse) it hands that frame and every later
+byte to wsproto, which has seen nothing until then; once the server has sent
+a close frame wsproto parses everything. ``tests/test_websocket_fastpath.py``
+checks with hypothesis that both paths deliver the same messages and write
+the same bytes for any client input split anywhere.
 
 Messages reach the handler one at a time and in order, through an inbox:
 each `Deliver` is answered by
@@ -112,6 +124,7 @@ class State(enum.Enum):
     """The WebSocket connection's state (see the table in the module docstring)."""
 
     OPEN = "open"
+    REMOTE_CLOSING = "remote_closing"
     LOCAL_CLOSING = "local_closing"
     CLOSED = "closed"
 
@@ -150,14 +163,21 @@ _ON_CLOSED: tuple[Effect, ...] = (
 
 
 class _PeerClosed:
-    __slots__ = ("code", "reason")
+    """The peer's close frame, waiting in the inbox behind the messages sent before it."""
 
-    def __init__(self, code: int, reason: str) -> None:
+    __slots__ = ("code", "reason", "reply")
+
+    def __init__(self, code: int, reason: str, reply: bytes | None) -> None:
         self.code = code
         self.reason = reason
+        #: The close frame echoing it (made by the fast path), or ``None``: wsproto makes it.
+        self.reply = reply
 
 
-_FAST_OPCODES = frozenset((1, 2, 9, 10))
+_FAST_OPCODES = frozenset((1, 2, 8, 9, 10))
+# Status codes a peer may send (RFC 6455 7.4.1, 7.4.2; wsproto also knows 1012 and 1013); the fast
+# path takes a close frame only with one of these, wsproto judges any other.
+_VALID_CLOSE_CODES = frozenset((1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, *range(3000, 5000)))
 
 
 def _text_size(text: str) -> int:
@@ -227,8 +247,8 @@ class WebSocketProtocol:
 
     def data_received(self, data: bytes) -> list[Effect]:
         """Parse frames; queue complete messages for the handler."""
-        if self.state is State.CLOSED:
-            return []
+        if self.state is State.CLOSED or self.state is State.REMOTE_CLOSING:
+            return []  # after the peer's close frame nothing more is read (as wsproto does)
         if self._idle_timer is not None:
             return [self._idle_timer, *self._receive(data), *self._pump()]
         return self._receive(data) + self._pump()
@@ -344,11 +364,11 @@ class WebSocketProtocol:
         return self._receive_wsproto(data)
 
     def _receive_fast(self, data: bytes) -> list[Effect]:
-        """Parse whole, unfragmented data frames and pings/pongs here; hand anything else to wsproto.
+        """Parse whole data frames, pings, pongs and a valid close frame here; hand anything else to wsproto.
 
         wsproto stays the authority: at the first frame this path does not take (a fragment, a close
-        frame, reserved bits or opcodes, an unmasked frame, a frame over the size limit) the bytes from
-        that frame on, and every byte after, go to wsproto, which has seen nothing until then.
+        frame it would refuse, reserved bits or opcodes, an unmasked frame, a frame over the size limit)
+        the bytes from that frame on, and every byte after, go to wsproto, which has seen nothing until then.
         """
         if self._carry:
             self._carry += data  # a bytearray: a large frame arriving in parts is not copied again and again
@@ -384,7 +404,7 @@ class WebSocketProtocol:
                 return effects
             mask = buffer[position + header : position + header + 4]
             payload = unmask(buffer[position + header + 4 : end], mask)
-            position = end
+            start, position = position, end
             if opcode == 1:
                 try:
                     inbox.append(payload.decode("utf-8"))
@@ -397,17 +417,41 @@ class WebSocketProtocol:
                     effects.append(Write(bytes((0x8A, length)) + payload))
                 if self.options.control_messages:
                     inbox.append(Ping(payload))
-            else:  # 10: a pong
+            elif opcode == 10:
                 if self._ping_payload is not None:
                     effects += self._pong_received(payload)
                 if self.options.control_messages:
                     inbox.append(Pong(payload))
+            else:  # 8: a close frame; what follows it is never read
+                peer_closed = self._peer_close(payload)
+                if peer_closed is None:  # a close frame wsproto refuses: let it say why
+                    position = start
+                    break
+                inbox.append(peer_closed)
+                return effects
         if position < size:
             if size - position >= 2:  # a frame this path does not take: wsproto from here on
                 self._fast = False
                 return effects + self._receive_wsproto(bytes(buffer[position:]))
             self._keep(buffer, position)
         return effects
+
+    def _peer_close(self, payload: bytes) -> _PeerClosed | None:
+        """The peer's valid close frame, as wsproto would take it; ``None`` if wsproto would refuse it."""
+        if not payload:
+            code, reason = 1005, ""  # no status code (RFC 6455 7.1.5); echoed as an empty close frame
+        elif len(payload) == 1:
+            return None
+        else:
+            code = int.from_bytes(payload[:2], "big")
+            if code not in _VALID_CLOSE_CODES:
+                return None
+            try:
+                reason = payload[2:].decode("utf-8")
+            except UnicodeDecodeError:
+                return None
+        self.state = State.REMOTE_CLOSING
+        return _PeerClosed(code, reason, bytes((0x88, len(payload))) + payload)
 
     def _keep(self, buffer: bytes | bytearray, position: int) -> None:
         self._carry = buffer if position == 0 and isinstance(buffer, bytearray) else bytearray(buffer[position:])
@@ -454,7 +498,8 @@ class WebSocketProtocol:
                     self._inbox.append(Pong(bytes(event.payload)))
             elif isinstance(event, CloseConnection):
                 if ws.state is ConnectionState.REMOTE_CLOSING:
-                    self._inbox.append(_PeerClosed(event.code, event.reason or ""))
+                    self.state = State.REMOTE_CLOSING
+                    self._inbox.append(_PeerClosed(int(event.code), event.reason or "", None))
                 elif ws.state is ConnectionState.CLOSED:  # the answer to our close frame
                     return effects + self._closed(self._close_code, self._close_reason)
                 else:  # wsproto found a protocol violation (1002, 1007, 1009 from the size guard, ...)
@@ -478,9 +523,15 @@ class WebSocketProtocol:
             self._next = 0
         if isinstance(message, _PeerClosed):
             effects: list[Effect] = []
-            ws = self._wsproto()
-            if ws.state is ConnectionState.REMOTE_CLOSING:
-                effects.append(Write(ws.send(CloseConnection(code=message.code, reason=message.reason))))
+            if message.reply is not None:
+                effects.append(Write(message.reply))
+            else:
+                ws = self._wsproto()
+                if ws.state is ConnectionState.REMOTE_CLOSING:
+                    # No status code received: echoed as a close frame without one (wsproto
+                    # recognises 1005 only as its enum member).
+                    code = CloseReason.NO_STATUS_RCVD if message.code == 1005 else message.code
+                    effects.append(Write(ws.send(CloseConnection(code=code, reason=message.reason))))
             return effects + self._closed(message.code, message.reason)
         if self.state is State.LOCAL_CLOSING and not isinstance(message, ConnectionClose):
             self._inbox.clear()  # sent after our close frame: dropped
@@ -504,7 +555,7 @@ class WebSocketProtocol:
         return effects + self._closed(code, reason)
 
     def _closed(self, code: int, reason: str) -> list[Effect]:
-        was_open = self.state is State.OPEN
+        was_open = self.state is State.OPEN or self.state is State.REMOTE_CLOSING
         self.state = State.CLOSED
         self._parts, self._size = [], 0
         # Messages that had fully arrived while the connection was open are still delivered (without
