@@ -77,6 +77,7 @@ class Server:
         self._accept_locks: list[anyio.Lock] = []
         self._listener_broken = anyio.Event()
         self._slots = anyio.Semaphore(options.max_connections, fast_acquire=True)
+        self._token: anyio.lowlevel.EventLoopToken | None = None  # the event loop's, set when listening
         #: How acceptors accept one connection (a seam for fault injection in tests).
         self._accept = accept
         #: The dynamic supervisor of the workers (``count_children().active`` is the live connections).
@@ -151,6 +152,7 @@ async def _run_worker(
         server._slots.release,
         tls=options.tls,
         tls_handshake_timeout=options.tls_handshake_timeout,
+        token=server._token,
     )
     await worker.run(task_status=task_status)
 
@@ -181,6 +183,7 @@ async def _listener(server: Server, *, task_status: anyio.abc.TaskStatus[None]) 
     try:
         server._listeners = listeners
         server._accept_locks = [anyio.Lock(fast_acquire=True) for _ in listeners]
+        server._token = anyio.lowlevel.current_token()
         server._listener_broken = anyio.Event()
         if options.unix_path is not None:
             server.addresses = []
@@ -245,21 +248,30 @@ def _running_asyncio_loop() -> asyncio.AbstractEventLoop | None:
         return None
 
 
-_raw_sockets: weakref.WeakKeyDictionary[SocketListener, socket.socket] = weakref.WeakKeyDictionary()
+#: Per listening socket: the raw socket and the asyncio loop for the fast path, or ``None`` (other backends).
+_raw_sockets: weakref.WeakKeyDictionary[SocketListener, tuple[socket.socket, asyncio.AbstractEventLoop] | None] = (
+    weakref.WeakKeyDictionary()
+)
 
 
-async def accept(listener: SocketListener) -> anyio.abc.ByteStream | socket.socket:
-    """Accept one connection.
+async def accept(listener: SocketListener, lock: anyio.Lock) -> anyio.abc.ByteStream | socket.socket:
+    """Accept one connection; ``lock`` is held by whichever acceptor waits on ``listener``.
 
     On asyncio the raw socket is taken from the listening socket directly, for
-    the worker's fast protocol path; elsewhere anyio's stream is used.
+    the worker's fast protocol path, and without waiting or locking when a
+    connection is already there (the acceptor yields every few connections);
+    elsewhere anyio's stream is used.
     """
-    loop = _running_asyncio_loop()
-    if loop is None:
-        return await listener.accept()
-    raw = _raw_sockets.get(listener)
-    if raw is None:  # anyio builds every extra attribute on each call: look it up once per listener
-        raw = _raw_sockets[listener] = listener.extra(anyio.abc.SocketAttribute.raw_socket)
+    if listener in _raw_sockets:
+        fast = _raw_sockets[listener]
+    else:  # anyio builds every extra attribute on each call: look it up once per listener
+        loop = _running_asyncio_loop()
+        raw_socket = listener.extra(anyio.abc.SocketAttribute.raw_socket)
+        fast = _raw_sockets[listener] = (raw_socket, loop) if loop is not None else None
+    if fast is None:
+        async with lock:
+            return await listener.accept()
+    raw, loop = fast
     try:
         # Under load a connection is usually waiting: take it without registering for readiness.
         client, _ = raw.accept()
@@ -267,15 +279,15 @@ async def accept(listener: SocketListener) -> anyio.abc.ByteStream | socket.sock
         pass
     else:
         client.setblocking(False)
-        await anyio.lowlevel.checkpoint()  # let other tasks run between accepts, as an await would
         return _no_delay(client)
-    try:
-        client, _ = await loop.sock_accept(raw)
-    except BaseException:
-        # A cancelled sock_accept can leave its reader registered (bpo-41317).
-        with contextlib.suppress(ValueError, NotImplementedError, OSError):
-            loop.remove_reader(raw)
-        raise
+    async with lock:  # asyncio allows one reader per socket: one acceptor waits, the others queue here
+        try:
+            client, _ = await loop.sock_accept(raw)
+        except BaseException:
+            # A cancelled sock_accept can leave its reader registered (bpo-41317).
+            with contextlib.suppress(ValueError, NotImplementedError, OSError):
+                loop.remove_reader(raw)
+            raise
     return _no_delay(client)
 
 
@@ -286,17 +298,25 @@ def _no_delay(client: socket.socket) -> socket.socket:
     return client
 
 
+#: Connections an acceptor takes in a row, when they are already waiting, before it lets other tasks run.
+_ACCEPT_BATCH = 16
+
+
 async def _acceptor(server: Server, index: int, *, task_status: anyio.abc.TaskStatus[None]) -> None:
     listeners = server._listeners
     listener = listeners[index % len(listeners)]
     lock = server._accept_locks[index % len(listeners)]
     backoff = 0.0
+    streak = 0
     task_status.started()
+    slots = server._slots
     while True:
-        await server._slots.acquire()
         try:
-            async with lock:
-                connection = await server._accept(listener)
+            slots.acquire_nowait()
+        except anyio.WouldBlock:  # max_connections reached: wait for a connection to end
+            await slots.acquire()
+        try:
+            connection = await server._accept(listener, lock)
         except OSError as error:
             server._slots.release()
             if error.errno in _TRANSIENT_ACCEPT_ERRORS:
@@ -324,6 +344,12 @@ async def _acceptor(server: Server, index: int, *, task_status: anyio.abc.TaskSt
             if isinstance(error, NotRunning):
                 return
             raise
+        streak += 1
+        if streak == _ACCEPT_BATCH:
+            # A burst of waiting connections is taken a batch at a time (as asyncio's own servers
+            # take up to a backlog's worth per readiness event), then the workers started run.
+            streak = 0
+            await anyio.lowlevel.checkpoint()
 
 
 # --------------------------------------------------------------- public API

@@ -144,12 +144,14 @@ class Worker:
         "_backlog",
         "_busy",
         "_can_write",
-        "_deadlines",
+        "_debug",
         "_eof_seen",
         "_frames_log",
         "_handler",
         "_handler_object",
         "_handler_state",
+        "_log",
+        "_log_context",
         "_mailbox_receive",
         "_mailbox_send",
         "_module",
@@ -165,19 +167,17 @@ class Worker:
         "_socket_closed",
         "_stopped",
         "_stream",
-        "_timer_handles",
+        "_timer_handle",
         "_timers",
         "_tls",
         "_tls_handshake_timeout",
         "_token",
         "_told_close",
-        "_trace",
         "_transport",
         "_wake",
         "_write_lock",
         "connection",
         "connection_id",
-        "log",
         "state",
     )
 
@@ -189,6 +189,7 @@ class Worker:
         *,
         tls: ssl.SSLContext | None = None,
         tls_handshake_timeout: float = 10.0,
+        token: anyio.lowlevel.EventLoopToken | None = None,
     ) -> None:
         self._options = options
         self._release = release
@@ -215,8 +216,8 @@ class Worker:
         self._busy = False
         self._reading_paused = False
         self._eof_seen = False
-        self._timer_handles: dict[str, asyncio.TimerHandle] = {}
-        self._deadlines: dict[str, float] = {}
+        # Protocol mode: one event-loop timer per connection, at the earliest deadline in ``_timers``.
+        self._timer_handle: asyncio.TimerHandle | None = None
         self._wake: _Wakeup | None = None
         self._can_write = False  # protocol mode: the transport takes more (its buffer is below the bound)
         # The mailbox is made when an action first has to wait (protocol mode) or at once (stream mode).
@@ -231,7 +232,8 @@ class Worker:
         self._handler_state: Any = None
         self._opened = False
         self._told_close = False
-        self._token: anyio.lowlevel.EventLoopToken | None = None
+        # For the thread-safe calls; the server passes its own (all its workers share the event loop).
+        self._token = token
         self._serve_scope: anyio.CancelScope | None = None
         self._aborted: ConnectionClose | None = None
         #: Where the worker is in its life.
@@ -243,18 +245,36 @@ class Worker:
         self.connection = ConnectionInfo(
             peer=_address(peer_raw), local=_address(local_raw), connection_id=self.connection_id
         )
-        peer = self.connection.peer
-        context = {"connection_id": self.connection_id, "peer": f"{peer[0]}:{peer[1]}" if peer else "?"}
-        self.log = ConnectionLogger(logger, context)
-        #: Whether this connection logs its traffic (``pywsserver.frames`` at DEBUG when it was accepted).
-        self._trace = frames_logger.isEnabledFor(logging.DEBUG)
-        self._frames_log = ConnectionLogger(frames_logger, context) if self._trace else self.log
+        # Log levels are looked at once per connection: a debug line that is off costs one test.
+        self._debug = logger.isEnabledFor(logging.DEBUG)
+        self._log: ConnectionLogger | None = None  # made at the first line logged
+        self._log_context: dict[str, Any] | None = None
+        # The connection logs its traffic if ``pywsserver.frames`` is at DEBUG when it is accepted.
+        self._frames_log: ConnectionLogger | None = None
+        if frames_logger.isEnabledFor(logging.DEBUG):
+            self._frames_log = ConnectionLogger(frames_logger, self._context())
         initial = options.modules[options.initial_module]
         self._module_config = initial
         self._module: ProtocolModule = initial.module(initial.options, self.connection)
 
     def __repr__(self) -> str:
         return f"<Worker {self.connection_id} {self.peer} {self.state.value}>"
+
+    @property
+    def log(self) -> ConnectionLogger:
+        """The connection's logger: every record carries ``connection_id`` and ``peer``."""
+        log = self._log
+        if log is None:
+            log = self._log = ConnectionLogger(logger, self._context())
+        return log
+
+    def _context(self) -> dict[str, Any]:
+        context = self._log_context
+        if context is None:
+            peer = self.connection.peer
+            context = {"connection_id": self.connection_id, "peer": f"{peer[0]}:{peer[1]}" if peer else "?"}
+            self._log_context = context
+        return context
 
     # ------------------------------------------------------------ public API
 
@@ -435,9 +455,11 @@ class Worker:
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[Worker] = anyio.TASK_STATUS_IGNORED) -> None:
         """Serve the connection until it ends; the worker supervisor's start function calls it."""
-        self._token = anyio.lowlevel.current_token()
+        if self._token is None:
+            self._token = anyio.lowlevel.current_token()
         task_status.started(self)
-        self.log.debug("accepted")
+        if self._debug:
+            self.log.debug("accepted")
         try:
             await self._serve()
         finally:
@@ -471,7 +493,8 @@ class Worker:
         if self._stopped or self._socket_closed or self._aborted is not None:
             return
         self.state = WorkerState.DRAINING
-        self.log.debug("draining")
+        if self._debug:
+            self.log.debug("draining")
         if self._sock is not None:
             self._busy = False  # a handler call in progress was cancelled with the worker
             self._queue.clear()
@@ -490,10 +513,10 @@ class Worker:
         if self._mailbox_receive is not None:
             self._mailbox_receive.close()
         self.state = WorkerState.DONE
-        for handle in self._timer_handles.values():
-            handle.cancel()
-        self._timer_handles.clear()
-        self._deadlines.clear()
+        if self._timer_handle is not None:
+            self._timer_handle.cancel()
+            self._timer_handle = None
+        self._timers.clear()
         try:
             if self._socket_closed and not (self._opened and not self._told_close):
                 return  # the common end: nothing left to await, no cancel scope needed
@@ -520,7 +543,8 @@ class Worker:
             if self._release is not None:
                 release, self._release = self._release, None
                 release()
-            self.log.debug("done")
+            if self._debug:
+                self.log.debug("done")
 
     # ------------------------------------------------- stream I/O (any backend)
 
@@ -545,7 +569,7 @@ class Worker:
                 except _CLOSED_ERRORS:
                     await self._apply(self._module.eof_received())
                     return
-            if self._trace:
+            if self._frames_log is not None:
                 self._frames_log.debug("received %d bytes", len(data))
             await self._apply(self._module.data_received(data))
 
@@ -626,7 +650,7 @@ class Worker:
         if out:
             data = out[0] if len(out) == 1 else b"".join(out)
             out.clear()
-            if self._trace:
+            if self._frames_log is not None:
                 self._frames_log.debug("sent %s", describe_output(data))
             if not self._socket_closed and self._transport is not None:
                 self._transport.write(data)
@@ -675,7 +699,8 @@ class Worker:
         return None
 
     def _stopping(self, stop: Stop) -> None:
-        self.log.debug("stopping: %s", stop.reason)
+        if self._debug:
+            self.log.debug("stopping: %s", stop.reason)
         if stop.bad_input:
             bad_input("bad handshakes", f"{self._peer_text}: {stop.reason}", self.log.extra)
 
@@ -752,7 +777,7 @@ class Worker:
         self._dispatch(kind, value)
 
     def _dispatch(self, kind: str, value: Any) -> None:
-        if self._trace:
+        if self._frames_log is not None:
             self._frames_log.debug(
                 "received %d bytes" if kind == "data" else "%s", len(value) if kind == "data" else kind
             )
@@ -764,37 +789,38 @@ class Worker:
             self._feed(self._module.timer_expired(value))
 
     def _set_timer(self, name: str, seconds: float | None) -> None:
-        """Protocol mode: (re)start a timer. Restarting one that runs later costs no new event-loop handle.
+        """Protocol mode: (re)start or stop a timer; only an earlier deadline costs a new event-loop handle.
 
-        A timer restarted on every read (``idle_timeout``) only moves its
-        deadline; the handle, when it fires early, sleeps again until then.
+        The connection's timers are deadlines in ``_timers`` under one
+        event-loop handle, due at the earliest of them or before. Stopping a
+        timer, or moving it later (``idle_timeout`` does on every read), only
+        changes its deadline; a handle that fires early finds nothing due and
+        sleeps again until the next deadline.
         """
         if seconds is None:
-            self._deadlines.pop(name, None)
-            handle = self._timer_handles.pop(name, None)
-            if handle is not None:
-                handle.cancel()
+            self._timers.pop(name, None)
             return
         loop = asyncio.get_running_loop()
         deadline = loop.time() + seconds
-        self._deadlines[name] = deadline
-        handle = self._timer_handles.get(name)
+        self._timers[name] = deadline
+        handle = self._timer_handle
         if handle is None or handle.when() > deadline:
             if handle is not None:
                 handle.cancel()
-            self._timer_handles[name] = loop.call_at(deadline, self._on_timer, name)
+            self._timer_handle = loop.call_at(deadline, self._on_timer)
 
-    def _on_timer(self, name: str) -> None:
-        self._timer_handles.pop(name, None)
-        deadline = self._deadlines.get(name)
-        if deadline is None:
+    def _on_timer(self) -> None:
+        self._timer_handle = None
+        timers = self._timers
+        if not timers:
             return
-        loop = asyncio.get_running_loop()
-        if deadline > loop.time() + 0.001:  # moved later since the handle was made
-            self._timer_handles[name] = loop.call_at(deadline, self._on_timer, name)
-            return
-        del self._deadlines[name]
-        self._input("timer", name)
+        now = asyncio.get_running_loop().time() + 0.001
+        for deadline, name in sorted((deadline, name) for name, deadline in timers.items() if deadline <= now):
+            if timers.get(name) == deadline and not self._stopped:  # not moved or stopped by an earlier one
+                del timers[name]
+                self._input("timer", name)
+        if timers and self._timer_handle is None and self.state is not WorkerState.DONE:
+            self._timer_handle = asyncio.get_running_loop().call_at(min(timers.values()), self._on_timer)
 
     def _on_eof(self) -> None:
         if not self._eof_seen:
@@ -896,21 +922,20 @@ class Worker:
         config = self._options.modules.get(switch.module)
         if config is None:
             raise RuntimeError(f"{type(self._module).__name__} switched to unknown protocol module {switch.module!r}")
-        self._timers.clear()
-        for name in list(self._timer_handles):
-            self._set_timer(name, None)
+        self._timers.clear()  # the handle stays; it finds nothing due
         self._module_config = config
         self._module = config.module(config.options, self.connection)
         if not getattr(config.module, "handshake", False) and self.state is WorkerState.HANDSHAKING:
             self.state = WorkerState.SERVING
-        self.log.debug("switched to %s", config.name)
+        if self._debug:
+            self.log.debug("switched to %s", config.name)
         return self._module.start(switch.data, switch.context)
 
     async def _write(self, data: bytes) -> None:
         if self._socket_closed or self._stream is None:
             return
         assert self._write_lock is not None
-        if self._trace:
+        if self._frames_log is not None:
             self._frames_log.debug("sent %s", describe_output(data))
         try:
             async with self._write_lock:
@@ -968,7 +993,8 @@ class Worker:
                 self._report("raised in init", error)
                 return module.handler_failed(error)
             self._opened = True
-            self.log.debug("established")
+            if self._debug:
+                self.log.debug("established")
             return module.handler_returned(None)
         if isinstance(message, ConnectionClose):
             if message.code in (1002, 1007, 1009):
@@ -985,7 +1011,7 @@ class Worker:
             return module.handler_returned(None)
         if not self._opened:
             return module.handler_failed(RuntimeError("message before init"))
-        if self._trace:
+        if self._frames_log is not None:
             self._frames_log.debug("handle(%.200r)", message)
         try:
             raw = yield (self._handler_object.handle, (message, self._handler_state))

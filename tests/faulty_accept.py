@@ -11,7 +11,7 @@ from typing import Any
 import pywsserver._server
 
 
-async def _broken_accept(listener: Any) -> Any:
+async def _broken_accept(listener: Any, lock: Any) -> Any:
     raise RuntimeError("accept is broken on purpose")
 
 

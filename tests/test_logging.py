@@ -48,5 +48,5 @@ async def test_the_frame_log_costs_nothing_when_off(caplog: pytest.LogCaptureFix
         async with serve_for_test("pywsserver.echo") as server, await Client.connect(server) as client:
             await client.send("hello")
             await client.receive()
-            assert server.workers()[0]._trace is False
+            assert server.workers()[0]._frames_log is None
     assert [r for r in caplog.records if r.name == "pywsserver.frames"] == []

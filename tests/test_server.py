@@ -360,7 +360,7 @@ async def test_crashes_faster_than_the_intensity_allows_stop_the_server_and_reac
             client = await RawClient.connect(server.port)
             await recorder.wait_for(lambda: recorder.open_now == 1)
 
-            async def broken_accept(listener: object) -> object:
+            async def broken_accept(listener: object, lock: object) -> object:
                 raise RuntimeError("accept is broken for good")
 
             monkeypatch.setattr(server, "_accept", broken_accept)

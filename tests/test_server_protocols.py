@@ -145,10 +145,10 @@ async def test_an_acceptor_that_crashes_is_restarted_and_the_server_keeps_accept
         original = server._accept
         faults = [RuntimeError("injected accept fault")]
 
-        async def faulty_accept(listener: Any) -> Any:
+        async def faulty_accept(listener: Any, lock: Any) -> Any:
             if faults:
                 raise faults.pop()
-            return await original(listener)
+            return await original(listener, lock)
 
         monkeypatch.setattr(server, "_accept", faulty_accept)
         await server.acceptor_supervisor.terminate_child(("acceptor", 0))
@@ -170,10 +170,10 @@ async def test_too_many_open_files_slows_accepting_without_a_crash(
         original = server._accept
         faults = [OSError(errno.EMFILE, "Too many open files")]
 
-        async def exhausted_accept(listener: Any) -> Any:
+        async def exhausted_accept(listener: Any, lock: Any) -> Any:
             if faults:
                 raise faults.pop()
-            return await original(listener)
+            return await original(listener, lock)
 
         monkeypatch.setattr(server, "_accept", exhausted_accept)
         await server.acceptor_supervisor.terminate_child(("acceptor", 0))
