@@ -582,6 +582,13 @@ class Worker:
         self._wake = _Wakeup()
         self._can_write = True
         if self._tls is None:
+            if isinstance(loop, asyncio.selector_events.BaseSelectorEventLoop):
+                # The default loop: make the transport as asyncio's own servers do for each accepted
+                # socket. connect_accepted_socket would do the same, then suspend this task until the
+                # transport has called connection_made, a wait that serves nothing here.
+                make = loop._make_socket_transport  # type: ignore[attr-defined]
+                self._transport = make(self._sock, _WorkerProtocol(self))
+                return True
             await loop.connect_accepted_socket(lambda: _WorkerProtocol(self), self._sock)
             return True
         try:
