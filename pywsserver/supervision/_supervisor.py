@@ -119,12 +119,13 @@ class _StartedProxy:
 
 
 class _Instance:
-    __slots__ = ("_done_event", "child", "context", "finished", "handled", "ref", "scope", "stopping")
+    __slots__ = ("_done_event", "cancel", "child", "context", "finished", "handled", "ref", "stopping")
 
     def __init__(self, child: _Child) -> None:
         self.child = child
         self.context = ChildContext(child.key, child.spec.shutdown_seconds)
-        self.scope: anyio.CancelScope | None = None
+        # Cancels the child: its own cancel scope's, or its task handle's (started by start_child_soon).
+        self.cancel: Callable[[], None] | None = None
         self.finished = False
         # Made only when someone waits for the end (a stop): thousands of workers never need one.
         self._done_event: anyio.Event | None = None
@@ -473,10 +474,18 @@ class Supervisor:
         proxy = _StartedProxy(task_status, instance)
         reason: BaseException | None = None
         try:
-            with anyio.CancelScope() as scope:
-                instance.scope = scope
-                if instance.stopping:
-                    scope.cancel()
+            if instance.cancel is None:
+                with anyio.CancelScope() as scope:
+                    instance.cancel = scope.cancel
+                    if instance.stopping:
+                        scope.cancel()
+                    try:
+                        await child.spec.start(*child.args, task_status=proxy)
+                    except Exception as exc:
+                        reason = exc
+            else:
+                # Started by start_child_soon: cancelled through its task's handle, whose scope
+                # ends the task quietly. Cancelled means stopped: nothing to report.
                 try:
                     await child.spec.start(*child.args, task_status=proxy)
                 except Exception as exc:
@@ -534,8 +543,8 @@ class Supervisor:
         instance.handled = True
         if not instance.finished:
             instance.context.stop_deadline = anyio.current_time() + child.spec.shutdown_seconds
-            if instance.scope is not None:  # else the child is still being started: it cancels itself
-                instance.scope.cancel()
+            if instance.cancel is not None:  # else the child is still being started: it cancels itself
+                instance.cancel()
 
     async def _terminate(self, child: _Child) -> None:
         instance = child.instance
@@ -719,7 +728,7 @@ class Supervisor:
         child = _Child(next(self._keys), template, template.args + args)
         self._children[child.key] = child
         instance = child.instance = _Instance(child)
-        tg.start_soon(self._run_instance, instance)
+        instance.cancel = tg.start_soon(self._run_instance, instance).cancel
 
     async def terminate_child(self, child_id: object) -> None:
         """Stop a running child (its spec is kept unless it is temporary or dynamic).
