@@ -45,8 +45,8 @@ SERVERS = [
 SCENARIOS: dict[str, tuple[list[str], int, str]] = {
     "small": (["echo", "--conns", "100", "--depth", "1", "--size", "64"], 3, "msgs/s"),
     "pipelined": (["echo", "--conns", "100", "--depth", "16", "--size", "64"], 3, "msgs/s"),
-    "large": (["echo", "--conns", "10", "--depth", "1", "--size", "65536", "--binary"], 1, "msgs/s"),
-    "churn": (["churn", "--parallel", "50"], 1, "handshakes/s"),
+    "large": (["echo", "--conns", "10", "--depth", "1", "--size", "65536", "--binary"], 3, "msgs/s"),
+    "churn": (["churn", "--parallel", "50"], 3, "handshakes/s"),
     "idle": (["idle", "--conns", "10000"], 1, "KiB/conn"),
     "broadcast": (["broadcast", "--conns", "2000", "--count", "50", "--size", "64"], 3, "deliveries/s"),
 }
@@ -160,29 +160,44 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 print(f"baseline {label} {scenario}: {row['rate']:,.0f} msgs/s", flush=True)
         finally:
             server.stop()
-    # Scenario by scenario, every server in turn: the figures compared in a table are measured
-    # minutes apart at most, as this machine's speed drifts over longer spans.
+    # Scenario by scenario, every server in turn, and the repeated runs interleaved (A B C A B C ...),
+    # each on a fresh server: the figures compared in a table are measured minutes apart at most and
+    # drift in this machine's speed falls on every server alike.
     for scenario in args.scenarios:
+        arguments, repeats, unit = SCENARIOS[scenario]
+        repeats = 1 if args.quick else repeats
+        runs: dict[str, list[dict[str, float]]] = {name: [] for name in args.servers}
+        errors: dict[str, str] = {}
+        for _ in range(repeats):
+            for name in args.servers:
+                if name in errors:
+                    continue
+                try:
+                    server = Server(name)
+                    try:
+                        if scenario == "idle":
+                            row = idle_per_connection(loadgen, server, arguments)
+                        else:
+                            row = run_loadgen(loadgen, server.port, arguments, duration)
+                        row["peak_rss_kib"] = rss_kib(server.process.pid, "VmHWM")
+                    finally:
+                        server.stop()
+                except Exception as error:  # a peer that fails is reported, not fatal
+                    errors[name] = str(error)
+                    continue
+                runs[name].append(row)
         for name in args.servers:
-            arguments, repeats, unit = SCENARIOS[scenario]
-            repeats = 1 if args.quick else repeats
-            server = Server(name)  # a fresh server per scenario: peak RSS and state belong to it
-            try:
-                if scenario == "idle":
-                    runs = [idle_per_connection(loadgen, server, arguments)]
-                else:
-                    runs = [run_loadgen(loadgen, server.port, arguments, duration) for _ in range(repeats)]
-                rates = [r["rate"] for r in runs]
-                median = statistics.median(rates)
-                best = min(runs, key=lambda r: abs(r["rate"] - median))
-                row = {**best, "rate": median, "runs": rates, "peak_rss_kib": rss_kib(server.process.pid, "VmHWM")}
-            except Exception as error:  # a peer that fails is reported, not fatal
-                row = {"error": str(error)}
-            finally:
-                server.stop()
-            results["scenarios"].setdefault(scenario, {})[name] = row
-            shown = f"{row['rate']:,.1f} {unit}" if "rate" in row else f"failed: {row['error']}"
-            print(f"{name:22} {scenario:10} {shown}", flush=True)
+            if name in errors:
+                results["scenarios"].setdefault(scenario, {})[name] = {"error": errors[name]}
+                print(f"{name:22} {scenario:10} failed: {errors[name]}", flush=True)
+                continue
+            rates = [r["rate"] for r in runs[name]]
+            median = statistics.median(rates)
+            best = min(runs[name], key=lambda r: abs(r["rate"] - median))
+            summary: dict[str, Any] = {**best, "rate": median, "runs": rates}
+            results["scenarios"].setdefault(scenario, {})[name] = summary
+            shown = ", ".join(f"{rate:,.0f}" for rate in rates)
+            print(f"{name:22} {scenario:10} {median:,.1f} {unit}  (runs: {shown})", flush=True)
     return results
 
 
