@@ -26,7 +26,7 @@ import signal
 import socket
 import stat
 import weakref
-from collections.abc import AsyncIterator, Hashable
+from collections.abc import AsyncIterator, Coroutine, Hashable
 from typing import Any
 
 import anyio
@@ -139,12 +139,14 @@ async def stop(server: Server) -> None:
 # ------------------------------------------------------------------ children
 
 
-async def _run_worker(
+def _run_worker(
     server: Server,
     connection: anyio.abc.ByteStream | socket.socket,
     *,
     task_status: anyio.abc.TaskStatus[Worker],
-) -> None:
+) -> Coroutine[Any, Any, None]:
+    # A plain function returning the worker's coroutine: no frame of its own held for the
+    # connection's whole life.
     options = server.options
     worker = Worker(
         options.worker,
@@ -154,7 +156,7 @@ async def _run_worker(
         tls_handshake_timeout=options.tls_handshake_timeout,
         token=server._token,
     )
-    await worker.run(task_status=task_status)
+    return worker.run(task_status=task_status)
 
 
 async def _listener(server: Server, *, task_status: anyio.abc.TaskStatus[None]) -> None:

@@ -461,7 +461,18 @@ class Worker:
         if self._debug:
             self.log.debug("accepted")
         try:
-            await self._serve()
+            if self._sock is not None:
+                # Protocol mode (asyncio), in this frame: an idle connection's task holds as few
+                # frames as can be. One task: callbacks do the reading, this task the async handler
+                # calls and the mailbox. No cancel scope of its own (one is 1.7 KiB): `_abort`
+                # stops it by flag and wake-up.
+                self._busy = True  # bytes arriving before the module has started wait in the backlog
+                if await self._open_protocol():
+                    self._busy = False
+                    self._feed(self._module.start(b"", {}))
+                    await self._continue()
+            else:
+                await self._serve()
         finally:
             if not (self._stopped or self._socket_closed or self._aborted is not None):
                 with cleanup_scope():  # made only when there is something to drain (a timer each)
@@ -469,16 +480,7 @@ class Worker:
             await self._finish()
 
     async def _serve(self) -> None:
-        if self._sock is not None:
-            # One task: callbacks do the reading, this task the async handler calls and the mailbox.
-            # No cancel scope of its own (one is 1.7 KiB): `_abort` stops it by flag and wake-up.
-            self._busy = True  # bytes arriving before the module has started wait in the backlog
-            if not await self._open_protocol():
-                return
-            self._busy = False
-            self._feed(self._module.start(b"", {}))
-            await self._continue()
-            return
+        """Stream mode (any backend): a reader loop and a mailbox task."""
         if self._tls is not None and not await self._start_tls_stream():
             return
         async with anyio.create_task_group() as tg:
@@ -742,7 +744,7 @@ class Worker:
                 wake.clear()
                 if self._stopped or self._socket_closed:
                     break
-                await wake.wait()
+                await wake.future()
 
     def _take_mailbox(self) -> None:
         """Carry out queued actions while the peer reads (protocol mode has no mailbox task)."""
@@ -1148,20 +1150,22 @@ class _Wakeup:
     def set(self) -> None:
         self._flag = True
         future = self._future
-        if future is not None and not future.done():
-            future.set_result(None)
+        if future is not None:
+            self._future = None
+            if not future.done():
+                future.set_result(None)
 
     def clear(self) -> None:
         self._flag = False
 
-    async def wait(self) -> None:
+    def future(self) -> asyncio.Future[None]:
+        """A future to await until `set` is called (done already if it was): no coroutine frame while asleep."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if self._flag:
-            return
-        self._future = future = asyncio.get_running_loop().create_future()
-        try:
-            await future
-        finally:
-            self._future = None
+            future.set_result(None)
+        else:
+            self._future = future
+        return future
 
 
 _buffers = threading.local()

@@ -18,7 +18,8 @@ __all__ = ["count", "groups_of", "join", "leave", "leave_all", "members", "which
 
 _lock = threading.Lock()
 _groups: dict[str, dict[Hashable, None]] = {}  # group -> members, in join order
-_memberships: dict[Hashable, set[str]] = {}  # member -> its groups
+# member -> its groups: a list, as members are in few groups (an empty set is 216 bytes, a list 56)
+_memberships: dict[Hashable, list[str]] = {}
 
 
 def _check(group: str) -> None:
@@ -31,7 +32,9 @@ def join(group: str, member: Hashable) -> None:
     _check(group)
     with _lock:
         _groups.setdefault(group, {})[member] = None
-        _memberships.setdefault(member, set()).add(group)
+        groups = _memberships.setdefault(member, [])
+        if group not in groups:
+            groups.append(group)
 
 
 def leave(group: str, member: Hashable) -> None:
@@ -40,8 +43,8 @@ def leave(group: str, member: Hashable) -> None:
     with _lock:
         _remove(group, member)
         groups = _memberships.get(member)
-        if groups is not None:
-            groups.discard(group)
+        if groups is not None and group in groups:
+            groups.remove(group)
             if not groups:
                 del _memberships[member]
 
