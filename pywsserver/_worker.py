@@ -124,6 +124,8 @@ def _sockname(getter: Callable[[], Any]) -> Any:
 
 def _address(raw: Any) -> tuple[str, int] | None:
     if isinstance(raw, tuple) and len(raw) >= 2:
+        if len(raw) == 2 and type(raw[0]) is str and type(raw[1]) is int:
+            return raw  # IPv4 as the socket gives it: no copy
         return (str(raw[0]), int(raw[1]))
     return None
 
@@ -195,19 +197,30 @@ class Worker:
         self._release = release
         self._tls = tls
         self._tls_handshake_timeout = tls_handshake_timeout
+        self._transport: asyncio.Transport | None = None
         if isinstance(connection, socket.socket):
             # The asyncio fast path: the worker's own protocol reads into a reused buffer and
             # runs the module (and sync handlers) in its callbacks, with no task switch.
             self._sock: socket.socket | None = connection
             self._stream: anyio.abc.ByteStream | None = None
-            peer_raw: Any = _sockname(connection.getpeername)
-            local_raw: Any = _sockname(connection.getsockname)
+            loop = asyncio.get_running_loop()
+            if tls is None and isinstance(loop, asyncio.selector_events.BaseSelectorEventLoop):
+                # The default loop: the transport is made now, as asyncio's own servers make one
+                # for each accepted socket (connect_accepted_socket would do the same, then make
+                # the task wait a loop turn for connection_made, a wait that serves nothing here).
+                # Its callbacks run once this task yields; the addresses it looked up are shared.
+                make = loop._make_socket_transport  # type: ignore[attr-defined]
+                self._transport = make(connection, _WorkerProtocol(self))
+                peer_raw: Any = self._transport.get_extra_info("peername")
+                local_raw: Any = self._transport.get_extra_info("sockname")
+            else:
+                peer_raw = _sockname(connection.getpeername)
+                local_raw = _sockname(connection.getsockname)
         else:
             self._sock = None
             self._stream = connection
             peer_raw = connection.extra(anyio.abc.SocketAttribute.remote_address, None)
             local_raw = connection.extra(anyio.abc.SocketAttribute.local_address, None)
-        self._transport: asyncio.Transport | None = None
         # Effects still to carry out, as a stack: the next one is at the end (a list, not a deque:
         # an empty deque holds 760 bytes, and every connection has this queue for its whole life).
         self._queue: list[Effect] = []
@@ -255,7 +268,12 @@ class Worker:
             self._frames_log = ConnectionLogger(frames_logger, self._context())
         initial = options.modules[options.initial_module]
         self._module_config = initial
-        self._module: ProtocolModule = initial.module(initial.options, self.connection)
+        try:
+            self._module: ProtocolModule = initial.module(initial.options, self.connection)
+        except BaseException:
+            if self._transport is not None:  # made above: it would keep the socket registered
+                self._transport.abort()
+            raise
 
     def __repr__(self) -> str:
         return f"<Worker {self.connection_id} {self.peer} {self.state.value}>"
@@ -584,14 +602,8 @@ class Worker:
         self._wake = _Wakeup()
         self._can_write = True
         if self._tls is None:
-            if isinstance(loop, asyncio.selector_events.BaseSelectorEventLoop):
-                # The default loop: make the transport as asyncio's own servers do for each accepted
-                # socket. connect_accepted_socket would do the same, then suspend this task until the
-                # transport has called connection_made, a wait that serves nothing here.
-                make = loop._make_socket_transport  # type: ignore[attr-defined]
-                self._transport = make(self._sock, _WorkerProtocol(self))
-                return True
-            await loop.connect_accepted_socket(lambda: _WorkerProtocol(self), self._sock)
+            if self._transport is None:  # else made with the worker (the default loop)
+                await loop.connect_accepted_socket(lambda: _WorkerProtocol(self), self._sock)
             return True
         try:
             transport, _ = await loop.connect_accepted_socket(
