@@ -261,3 +261,12 @@ def test_bad_module_options_name_their_path(options: list[Any], message: str) ->
 
     with pytest.raises(OptionError, match=message):
         WebSocketProtocol.parse_options(options, "websocket")
+
+
+def test_frames_sent_with_the_handshake_keep_the_timers_and_reach_the_handler_after_init() -> None:
+    raw = [("handler_module", "pywsserver.echo"), ("ping_interval", 20), ("idle_timeout", 60)]
+    module = WebSocketProtocol(WebSocketProtocol.parse_options(raw, "websocket"), CONNECTION)
+    effects = module.start(Peer().text("early"), {})
+    assert SetTimer("keepalive", 20) in effects and SetTimer("idle", 60) in effects
+    assert isinstance(effects[-1], Deliver) and isinstance(effects[-1].message, Opened)
+    assert module.handler_returned(None) == [Deliver("early")]

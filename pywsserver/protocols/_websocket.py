@@ -190,6 +190,29 @@ class WebSocketProtocol:
     name: ClassVar[str] = "websocket"
     handshake: ClassVar[bool] = False
 
+    # One per connection for its whole life: slots, and nothing made before it is needed.
+    __slots__ = (
+        "_awaiting",
+        "_carry",
+        "_close_code",
+        "_close_reason",
+        "_deflate",
+        "_deflate_extension",
+        "_fast",
+        "_idle_timer",
+        "_inbox",
+        "_next",
+        "_notified",
+        "_parts",
+        "_ping_payload",
+        "_pings_sent",
+        "_size",
+        "_ws",
+        "connection",
+        "options",
+        "state",
+    )
+
     @classmethod
     def parse_options(cls, raw: Any, path: str) -> WebSocketOptions:
         """Check the module's options (see `WebSocketOptions`)."""
@@ -199,22 +222,21 @@ class WebSocketProtocol:
         self.options = options
         self.connection = connection
         self.state = State.OPEN
-        self._guard = _SizeGuard(options.max_message_size)
-        # wsproto's connection is made when first needed (a fragment, a close, a ping to send,
-        # compression): an idle connection does without it.
+        # wsproto's connection (with its extensions) is made when first needed (a fragment, a
+        # close we send, a ping to send, compression): an idle connection does without it.
         self._ws: Connection | None = None
-        self._extensions: list[Extension] = [self._guard]
+        self._deflate_extension: BoundedDeflate | None = None
         # Messages waiting for the handler: a list read from ``_next`` (a deque costs 760 bytes even empty).
         self._inbox: list[Any] = []
         self._next = 0
         self._awaiting: Any = None  # the message whose handler call is outstanding
-        self._parts: list[Any] = []
+        self._parts: list[Any] | tuple[()] = ()  # a fragmented message's parts (a list once there are some)
         self._size = 0
         self._close_code = 1006
         self._close_reason = ""
         self._notified = False
         self._fast = True  # see _receive_fast
-        self._carry = bytearray()
+        self._carry: bytes | bytearray = b""  # an incomplete frame (a bytearray once there is one)
         self._deflate = False
         self._ping_payload: bytes | None = None  # the keepalive ping waiting for its pong
         self._pings_sent = 0
@@ -232,8 +254,9 @@ class WebSocketProtocol:
                 info.update(path=request.path, query=request.query, headers=request.headers, request=request)
         parameters = context.get("deflate")
         if parameters is not None and self.options.compression is not None:
-            extension = BoundedDeflate(parameters, self.options.compression, self.options.max_message_size)
-            self._extensions = [self._guard, extension]
+            self._deflate_extension = BoundedDeflate(
+                parameters, self.options.compression, self.options.max_message_size
+            )
             self._deflate = True
         self._inbox.append(Opened(info, context.get("handler")))
         effects: list[Effect] = []
@@ -242,7 +265,7 @@ class WebSocketProtocol:
         if self._idle_timer is not None:
             effects.append(self._idle_timer)
         if data:
-            effects = self._receive(data)
+            effects += self._receive(data)
         return effects + self._pump()
 
     def data_received(self, data: bytes) -> list[Effect]:
@@ -344,7 +367,10 @@ class WebSocketProtocol:
         """wsproto's connection, made on first use."""
         ws = self._ws
         if ws is None:
-            ws = self._ws = Connection(ConnectionType.SERVER, extensions=self._extensions)
+            extensions: list[Extension] = [_SizeGuard(self.options.max_message_size)]
+            if self._deflate_extension is not None:
+                extensions.append(self._deflate_extension)
+            ws = self._ws = Connection(ConnectionType.SERVER, extensions=extensions)
         return ws
 
     def _can_send(self) -> bool:
@@ -373,7 +399,7 @@ class WebSocketProtocol:
         if self._carry:
             self._carry += data  # a bytearray: a large frame arriving in parts is not copied again and again
             buffer: bytes | bytearray = self._carry
-            self._carry = bytearray()
+            self._carry = b""
         else:
             buffer = data
         size, position = len(buffer), 0
@@ -459,7 +485,7 @@ class WebSocketProtocol:
     def _leave_fast_path(self) -> list[Effect]:
         """From now on wsproto parses everything (for instance once we have sent a close frame)."""
         self._fast = False
-        carry, self._carry = self._carry, bytearray()
+        carry, self._carry = self._carry, b""
         return self._receive_wsproto(bytes(carry)) if carry else []
 
     def _receive_wsproto(self, data: bytes) -> list[Effect]:
@@ -482,9 +508,12 @@ class WebSocketProtocol:
                 self._size += size
                 if self._size > limit:
                     return effects + self._fail(1009, f"message larger than {limit} bytes")
-                self._parts.append(chunk)
+                parts = self._parts
+                if not isinstance(parts, list):
+                    parts = self._parts = []
+                parts.append(chunk)
                 if event.message_finished:
-                    parts, self._parts, self._size = self._parts, [], 0
+                    self._parts, self._size = (), 0
                     self._inbox.append("".join(parts) if isinstance(chunk, str) else b"".join(parts))
             elif isinstance(event, WsPing):
                 if self.state is State.OPEN:
@@ -557,7 +586,7 @@ class WebSocketProtocol:
     def _closed(self, code: int, reason: str) -> list[Effect]:
         was_open = self.state is State.OPEN or self.state is State.REMOTE_CLOSING
         self.state = State.CLOSED
-        self._parts, self._size = [], 0
+        self._parts, self._size = (), 0
         # Messages that had fully arrived while the connection was open are still delivered (without
         # replies), then the close notice: what the handler sees does not depend on whether the
         # violation was found in the same read. Nothing is delivered if init has not run yet.
