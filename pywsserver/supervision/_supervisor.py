@@ -210,6 +210,10 @@ async def _noop() -> None:
     return None
 
 
+#: The name of every task start_child_soon starts (in anyio's and asyncio's task listings).
+_DYNAMIC_CHILD_TASK = "pywsserver.supervision dynamic child"
+
+
 def _is_abnormal(reason: BaseException | None) -> bool:
     return reason is not None and not isinstance(reason, Shutdown)
 
@@ -728,7 +732,8 @@ class Supervisor:
         child = _Child(next(self._keys), template, template.args + args)
         self._children[child.key] = child
         instance = child.instance = _Instance(child)
-        instance.cancel = tg.start_soon(self._run_instance, instance).cancel
+        # A name given once (anyio would otherwise build one string per task).
+        instance.cancel = tg.start_soon(self._run_instance, instance, name=_DYNAMIC_CHILD_TASK).cancel
 
     async def terminate_child(self, child_id: object) -> None:
         """Stop a running child (its spec is kept unless it is temporary or dynamic).
