@@ -77,6 +77,7 @@ class Server:
         self._accept_locks: list[anyio.Lock] = []
         self._listener_broken = anyio.Event()
         self._slots = anyio.Semaphore(options.max_connections, fast_acquire=True)
+        self._release_slot = self._slots.release  # one bound method for every worker
         self._token: anyio.lowlevel.EventLoopToken | None = None  # the event loop's, set when listening
         #: How acceptors accept one connection (a seam for fault injection in tests).
         self._accept = accept
@@ -151,7 +152,7 @@ def _run_worker(
     worker = Worker(
         options.worker,
         connection,
-        server._slots.release,
+        server._release_slot,
         tls=options.tls,
         tls_handshake_timeout=options.tls_handshake_timeout,
         token=server._token,

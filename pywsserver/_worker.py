@@ -397,8 +397,12 @@ class Worker:
         raw_frames_ok = getattr(self._module, "raw_frames_ok", None)
         if raw_frames_ok is None or not raw_frames_ok():
             return False
-        self._out.append(frame)  # after any reply this connection has produced but not yet written
-        self._flush()
+        out = self._out
+        out.append(frame)  # after any reply this connection has produced but not yet written
+        if len(out) == 1:
+            # Written at the end of this loop turn, with the other broadcasts' frames of the same
+            # turn for this connection: one system call for a burst of broadcasts, not one each.
+            _flush_soon(self)
         return True
 
     def _mailbox(self) -> tuple[MemoryObjectSendStream[Action], MemoryObjectReceiveStream[Action]]:
@@ -1181,6 +1185,26 @@ class _Wakeup:
 
 
 _buffers = threading.local()
+_flushes = threading.local()
+
+
+def _flush_soon(worker: Worker) -> None:
+    """Have ``worker`` write its outgoing frames at the end of this event-loop turn."""
+    pending: list[Worker] | None = getattr(_flushes, "pending", None)
+    if pending is None:
+        pending = _flushes.pending = []
+        asyncio.get_running_loop().call_soon(_flush_pending)
+    pending.append(worker)
+
+
+def _flush_pending() -> None:
+    pending: list[Worker] = _flushes.pending
+    _flushes.pending = None
+    for worker in pending:
+        try:
+            worker._flush()
+        except Exception:  # one broken transport must not keep the others' frames back
+            worker.log.exception("writing broadcast frames failed")
 
 
 def _read_buffer() -> memoryview:

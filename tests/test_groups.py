@@ -156,6 +156,29 @@ async def test_broadcast_reaches_everyone_exactly_once_and_in_order() -> None:
         assert results[0] == [expected] * members
 
 
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # the protocol path batches; stream mode queues
+async def test_a_burst_of_broadcasts_leaves_in_one_write_per_member_and_in_order() -> None:
+    recorder = Recorder()
+    async with start_link(group_server(recorder, "burst")) as server:
+        clients = [await RawClient.connect(server.port) for _ in range(3)]
+        await recorder.wait_for(lambda: recorder.open_now == 3)
+        writes: list[tuple[int, bytes]] = []
+        for index, worker in enumerate(recorder.workers):
+            transport: Any = worker._transport
+            write = transport.write
+            transport.write = lambda data, index=index, write=write: (writes.append((index, data)), write(data))
+        for i in range(20):
+            assert broadcast("burst", f"m{i}").delivered == 3
+        assert writes == []  # written when this turn of the event loop ends
+        for client in clients:
+            received = [await client.next_event() for _ in range(20)]
+            assert [getattr(event, "data", event) for event in received] == [f"m{i}" for i in range(20)]
+        assert sorted(index for index, _ in writes) == [0, 1, 2]  # one system call each
+        assert {data for _, data in writes} == {b"".join(encode_message(f"m{i}") for i in range(20))}
+        for client in clients:
+            await client.aclose()
+
+
 async def _receive(ws: Any, count: int) -> list[Any]:
     return [await ws.recv() for _ in range(count)]
 
