@@ -10,7 +10,9 @@
  *   idle      open CONNS connections, print "ready", then hold them until stdin closes.
  *   broadcast CONNS listening connections plus one control connection that sends "go:COUNT:SIZE";
  *             the server then broadcasts COUNT messages to everyone. Reports the time until every
- *             listener has received all of them, and deliveries/s.
+ *             listener has received all of them, and deliveries/s. With --one-at-a-time the control
+ *             connection sends "go:1:SIZE" COUNT times, each once every listener has received the
+ *             previous message; p50/p99 are the times until everyone had one message.
  *
  * With --raw there is no WebSocket handshake: the client sends frames to a plain TCP echo server,
  * which returns them as they are (still masked); this is the baseline that shows the generator is
@@ -19,7 +21,7 @@
  * Output: one line of key=value pairs on stdout.
  *
  * Usage: loadgen MODE PORT [--conns N] [--depth N] [--size BYTES] [--duration S] [--parallel N]
- *                          [--count N] [--raw] [--binary]
+ *                          [--count N] [--raw] [--binary] [--one-at-a-time]
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -55,7 +57,7 @@ struct conn {
 };
 
 static const char *mode;
-static int port, conns = 100, depth = 1, size = 64, parallel = 50, count = 100, raw = 0, binary = 0;
+static int port, conns = 100, depth = 1, size = 64, parallel = 50, count = 100, raw = 0, binary = 0, one_at_a_time = 0;
 static double duration = 5.0;
 static int ep;
 static unsigned char *message_frame;
@@ -304,6 +306,7 @@ int main(int argc, char **argv) {
     for (int i = 3; i < argc; i++) {
         if (!strcmp(argv[i], "--raw")) raw = 1;
         else if (!strcmp(argv[i], "--binary")) binary = 1;
+        else if (!strcmp(argv[i], "--one-at-a-time")) one_at_a_time = 1;
         else if (i + 1 < argc) {
             const char *v = argv[++i];
             if (!strcmp(argv[i - 1], "--conns")) conns = atoi(v);
@@ -369,11 +372,28 @@ int main(int argc, char **argv) {
         }
         struct conn *control = &cs[conns];
         char command[64];
-        int n = snprintf(command, sizeof command, "go:%d:%d", count, size);
+        int n = snprintf(command, sizeof command, "go:%d:%d", one_at_a_time ? 1 : count, size);
         size_t len;
         unsigned char *frame = client_frame(0x1, (unsigned char *)command, n, &len);
         long expected = (long)count * (conns + 1);
         double begin = now();
+        if (one_at_a_time) {
+            /* One message at a time: the next only once every listener has the previous one. */
+            double *rounds = calloc(count, sizeof(double));
+            for (int i = 0; i < count && now() - begin < 60; i++) {
+                double start = now();
+                send_all(control->fd, frame, len);
+                long target = (long)(i + 1) * (conns + 1);
+                while (total_received < target && now() - begin < 60) poll_once(10);
+                rounds[i] = (now() - start) * 1000.0;
+            }
+            double elapsed = now() - begin;
+            qsort(rounds, count, sizeof(double), compare);
+            printf("rate=%.1f p50_ms=%.3f p99_ms=%.3f deliveries=%ld expected=%ld seconds=%.4f\n",
+                   total_received / elapsed, rounds[count / 2], rounds[(count * 99) / 100], total_received,
+                   expected, elapsed);
+            return total_received < expected ? 4 : 0;
+        }
         send_all(control->fd, frame, len);
         while (total_received < expected && now() - begin < 60) poll_once(10);
         double elapsed = now() - begin;

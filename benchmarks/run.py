@@ -48,7 +48,14 @@ SCENARIOS: dict[str, tuple[list[str], int, str]] = {
     "large": (["echo", "--conns", "10", "--depth", "1", "--size", "65536", "--binary"], 3, "msgs/s"),
     "churn": (["churn", "--parallel", "50"], 3, "handshakes/s"),
     "idle": (["idle", "--conns", "10000"], 1, "KiB/conn"),
-    "broadcast": (["broadcast", "--conns", "2000", "--count", "50", "--size", "64"], 3, "deliveries/s"),
+    # One message to everyone, the next once all have it (p50/p99: time until all received one).
+    "broadcast": (
+        ["broadcast", "--conns", "2000", "--count", "50", "--size", "64", "--one-at-a-time"],
+        3,
+        "deliveries/s",
+    ),
+    # 50 messages to everyone at once (a burst: the server may batch them per connection).
+    "broadcast-burst": (["broadcast", "--conns", "2000", "--count", "50", "--size", "64"], 3, "deliveries/s"),
 }
 
 

@@ -31,6 +31,10 @@ def test_the_load_generator_builds_and_measures_a_server() -> None:
         assert churn["handshakes"] > 0
         fanout = bench.run_loadgen(loadgen, server.port, ["broadcast", "--conns", "20", "--count", "5"], 1)
         assert fanout["deliveries"] == fanout["expected"] == 5 * 21
+        arguments = ["broadcast", "--conns", "20", "--count", "5", "--one-at-a-time"]
+        one = bench.run_loadgen(loadgen, server.port, arguments, 1)
+        assert one["deliveries"] == one["expected"] == 5 * 21
+        assert one["p99_ms"] >= one["p50_ms"] > 0
     finally:
         server.stop()
 
