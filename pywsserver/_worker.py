@@ -154,6 +154,7 @@ class Worker:
         "_handler_state",
         "_log",
         "_log_context",
+        "_loop",
         "_mailbox_receive",
         "_mailbox_send",
         "_module",
@@ -198,12 +199,15 @@ class Worker:
         self._tls = tls
         self._tls_handshake_timeout = tls_handshake_timeout
         self._transport: asyncio.Transport | None = None
+        # Protocol mode's event loop, looked up once: asyncio.get_running_loop() makes a getpid()
+        # system call each time (its check against a fork).
+        self._loop: asyncio.AbstractEventLoop | None = None
         if isinstance(connection, socket.socket):
             # The asyncio fast path: the worker's own protocol reads into a reused buffer and
             # runs the module (and sync handlers) in its callbacks, with no task switch.
             self._sock: socket.socket | None = connection
             self._stream: anyio.abc.ByteStream | None = None
-            loop = asyncio.get_running_loop()
+            loop = self._loop = asyncio.get_running_loop()
             if tls is None and isinstance(loop, asyncio.selector_events.BaseSelectorEventLoop):
                 # The default loop: the transport is made now, as asyncio's own servers make one
                 # for each accepted socket (connect_accepted_socket would do the same, then make
@@ -386,8 +390,10 @@ class Worker:
         """
         transport = self._transport
         mailbox = self._mailbox_send
+        loop = self._loop
         if (
             transport is None
+            or loop is None
             or not self._can_write
             or self._socket_closed
             or self._stopped
@@ -402,7 +408,7 @@ class Worker:
         if len(out) == 1:
             # Written at the end of this loop turn, with the other broadcasts' frames of the same
             # turn for this connection: one system call for a burst of broadcasts, not one each.
-            _flush_soon(self)
+            _flush_soon(self, loop)
         return True
 
     def _mailbox(self) -> tuple[MemoryObjectSendStream[Action], MemoryObjectReceiveStream[Action]]:
@@ -602,8 +608,9 @@ class Worker:
     async def _open_protocol(self) -> bool:
         """Wrap the socket in the worker's protocol (after the TLS handshake, for ``wss``); ``False`` if it failed."""
         assert self._sock is not None
-        loop = asyncio.get_running_loop()
-        self._wake = _Wakeup()
+        loop = self._loop
+        assert loop is not None
+        self._wake = _Wakeup(loop)
         self._can_write = True
         if self._tls is None:
             if self._transport is None:  # else made with the worker (the default loop)
@@ -825,7 +832,8 @@ class Worker:
         if seconds is None:
             self._timers.pop(name, None)
             return
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        assert loop is not None
         deadline = loop.time() + seconds
         self._timers[name] = deadline
         handle = self._timer_handle
@@ -839,13 +847,15 @@ class Worker:
         timers = self._timers
         if not timers:
             return
-        now = asyncio.get_running_loop().time() + 0.001
+        loop = self._loop
+        assert loop is not None
+        now = loop.time() + 0.001
         for deadline, name in sorted((deadline, name) for name, deadline in timers.items() if deadline <= now):
             if timers.get(name) == deadline and not self._stopped:  # not moved or stopped by an earlier one
                 del timers[name]
                 self._input("timer", name)
         if timers and self._timer_handle is None and self.state is not WorkerState.DONE:
-            self._timer_handle = asyncio.get_running_loop().call_at(min(timers.values()), self._on_timer)
+            self._timer_handle = loop.call_at(min(timers.values()), self._on_timer)
 
     def _on_eof(self) -> None:
         if not self._eof_seen:
@@ -1157,9 +1167,10 @@ async def _run_async(steps: Steps) -> list[Effect]:
 class _Wakeup:
     """What the worker's task sleeps on: a flag and, while someone waits, one future (no deque)."""
 
-    __slots__ = ("_flag", "_future")
+    __slots__ = ("_flag", "_future", "_loop")
 
-    def __init__(self) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
         self._flag = False
         self._future: asyncio.Future[None] | None = None
 
@@ -1176,7 +1187,7 @@ class _Wakeup:
 
     def future(self) -> asyncio.Future[None]:
         """A future to await until `set` is called (done already if it was): no coroutine frame while asleep."""
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[None] = self._loop.create_future()
         if self._flag:
             future.set_result(None)
         else:
@@ -1188,12 +1199,12 @@ _buffers = threading.local()
 _flushes = threading.local()
 
 
-def _flush_soon(worker: Worker) -> None:
+def _flush_soon(worker: Worker, loop: asyncio.AbstractEventLoop) -> None:
     """Have ``worker`` write its outgoing frames at the end of this event-loop turn."""
     pending: list[Worker] | None = getattr(_flushes, "pending", None)
     if pending is None:
         pending = _flushes.pending = []
-        asyncio.get_running_loop().call_soon(_flush_pending)
+        loop.call_soon(_flush_pending)
     pending.append(worker)
 
 
