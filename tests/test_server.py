@@ -388,3 +388,20 @@ async def test_connections_that_ignore_the_going_away_close_are_cut_at_the_drain
     assert await silent.next_event() is None  # then the server cut the TCP connection
     assert recorder.closes == [(0, ConnectionClose(1001, "server shutting down"))]
     await silent.aclose()
+
+
+async def test_accepted_connections_send_without_nagle_delay() -> None:
+    import socket
+
+    recorder = Recorder()
+    async with start_link(server_options(recorder)) as server:
+        client = await RawClient.connect(server.port)
+        await recorder.wait_for(lambda: recorder.open_now == 1)
+        worker = server.workers()[0]
+        if worker._transport is not None:  # asyncio: the worker's transport
+            sock = worker._transport.get_extra_info("socket")
+        else:
+            assert worker._stream is not None
+            sock = worker._stream.extra(anyio.abc.SocketAttribute.raw_socket)
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        await client.aclose()
