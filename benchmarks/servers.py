@@ -9,6 +9,7 @@ the server's own broadcast facility does it. Compression is off everywhere.
 from __future__ import annotations
 
 import asyncio
+import functools
 import sys
 from typing import Any
 
@@ -109,10 +110,10 @@ def run_pywsserver_without_tree(port: int) -> None:
     async def main() -> None:
         async with pywsserver.start_link(pywsserver_options(port)) as server, anyio.create_task_group() as tg:
 
-            async def start_child(connection: Any) -> Any:
-                return await tg.start(_run_worker, server, connection)
+            def start_child_soon(connection: Any) -> None:
+                tg.start_soon(functools.partial(_run_worker, task_status=anyio.TASK_STATUS_IGNORED), server, connection)
 
-            server.worker_supervisor.start_child = start_child  # type: ignore[method-assign]
+            server.worker_supervisor.start_child_soon = start_child_soon  # type: ignore[method-assign]
             ready(server.port)
             await anyio.sleep_forever()
 
@@ -250,7 +251,7 @@ def run_picows(port: int) -> None:
                 transport.disconnect()
 
     async def main() -> None:
-        server = await ws_create_server(lambda _: Echo(), "127.0.0.1", port, max_frame_size=MAX_SIZE)
+        server = await ws_create_server(lambda _: Echo(), "127.0.0.1", port, max_frame_size=MAX_SIZE, backlog=4096)
         ready(server.sockets[0].getsockname()[1])
         await asyncio.Future()
 
