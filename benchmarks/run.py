@@ -174,7 +174,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # drift in this machine's speed falls on every server alike.
     for scenario in args.scenarios:
         arguments, repeats, unit = SCENARIOS[scenario]
-        repeats = 1 if args.quick else repeats
+        repeats = 1 if args.quick else (args.repeats if args.repeats and repeats > 1 else repeats)
         runs: dict[str, list[dict[str, float]]] = {name: [] for name in args.servers}
         errors: dict[str, str] = {}
         for _ in range(repeats):
@@ -302,6 +302,9 @@ def main() -> None:
     parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per measured run (default 5)")
     parser.add_argument("--quick", action="store_true", help="2 s per run, one run per scenario")
+    parser.add_argument(
+        "--repeats", type=int, default=0, help="runs per scenario to take the median of (default 3; idle: 1)"
+    )
     parser.add_argument(
         "--scaling", action="store_true", help="only measure pywsserver with 1 and 2 server processes"
     )
