@@ -382,6 +382,28 @@ async def test_start_child_soon_starts_a_dynamic_child_without_waiting_for_it(
         sup.start_child_soon("late")
 
 
+async def test_a_dynamic_child_stopped_before_it_was_ready_is_no_failed_start(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    entered = anyio.Event()
+
+    async def never_ready(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+        entered.set()
+        try:
+            await anyio.sleep_forever()
+        except anyio.get_cancelled_exc_class():
+            return  # ends quietly when stopped, never having called started()
+
+    template = ChildSpec("slow", never_ready, restart="temporary", shutdown=1)
+    with caplog.at_level(logging.ERROR, logger="pywsserver.supervision"):
+        async with Supervisor([template], strategy="simple_one_for_one").running() as sup:
+            sup.start_child_soon()
+            await entered.wait()
+            await sup.terminate_child(sup.which_children()[0].id)
+            assert sup.which_children() == []
+    assert "failed to start" not in caplog.text
+
+
 async def test_start_child_soon_is_only_for_dynamic_supervisors() -> None:
     probe = Probe()
     async with Supervisor([probe.spec("a")]).running() as sup:

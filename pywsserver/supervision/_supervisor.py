@@ -498,7 +498,8 @@ class Supervisor:
                 if reason is None:
                     reason = RuntimeError("the child returned without calling task_status.started()")
                 if task_status is anyio.TASK_STATUS_IGNORED:  # started by start_child_soon: nobody waits
-                    self._start_failed(instance, reason)
+                    if not instance.stopping:  # (stopped before it was ready is no failure)
+                        self._start_failed(instance, reason)
                     self._children.pop(child.key, None)
                 else:
                     task_status.started(_StartFailure(reason))
