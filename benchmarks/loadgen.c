@@ -193,6 +193,14 @@ static long parse_frames(struct conn *c, int *closed) {
         }
         if (masked) header += 4;
         if (c->in_len - pos < header + len) break;
+        if (opcode == 0x9 && !masked && !raw) {
+            /* A keepalive ping from the server: answer it, or a run longer than the server's
+               ping interval plus its ping timeout would see its connections dropped. */
+            size_t n;
+            unsigned char *pong = client_frame(0xA, p + header, len, &n);
+            send_all(c->fd, pong, n);
+            free(pong);
+        }
         pos += header + len;
         if (opcode == 0x8) *closed = 1;
         else if (fin && opcode != 0x9 && opcode != 0xA) messages++;
