@@ -1129,6 +1129,9 @@ def describe_output(data: bytes) -> str:
 Steps = Generator[tuple[Callable[..., Any], tuple[Any, ...]], Any, list[Effect]]
 
 
+_NEVER_AWAITABLE = frozenset((tuple, type(None), str, bytes, int, dict, list))
+
+
 def _run_sync(steps: Steps) -> list[Effect]:
     """Run handler steps whose callbacks are plain functions."""
     try:
@@ -1136,7 +1139,8 @@ def _run_sync(steps: Steps) -> list[Effect]:
         while True:
             try:
                 result = function(*args)
-                if inspect.isawaitable(result):
+                # What handlers return most (tuples, None) is never awaitable: no ABC check for it.
+                if type(result) not in _NEVER_AWAITABLE and inspect.isawaitable(result):
                     close = getattr(result, "close", None)
                     if close is not None:
                         close()

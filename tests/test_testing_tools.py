@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import pytest
@@ -108,3 +109,36 @@ async def test_the_handler_driver_reports_a_rejection_and_invalid_results() -> N
     await driver.open()
     with pytest.raises(InvalidHandlerResult):
         await driver.handle("x")
+
+
+class ForgotAsync:
+    """A sync ``handle`` that returns a coroutine (its author forgot ``async def``)."""
+
+    def init(self, options: dict[str, Any]) -> None:
+        return None
+
+    def handle(self, message: Any, state: None) -> Any:
+        if message == "ok":
+            return ("reply", "fine", state)
+        return self._later(message)  # a coroutine: never awaited by a sync handler's caller
+
+    async def _later(self, message: Any) -> tuple[str, None]:
+        return ("noreply", None)
+
+
+async def test_a_sync_handler_returning_a_coroutine_closes_its_connection_with_1011(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.ERROR, logger="pywsserver"):
+        async with serve_for_test(ForgotAsync) as server:
+            async with await Client.connect(server) as client:
+                await client.send("ok")
+                assert await client.receive() == "fine"
+                await client.send("oops")
+                with pytest.raises(ConnectionClosed):
+                    await client.receive()
+                assert client.close_code == (1011, "internal error")
+            async with await Client.connect(server) as client:  # the server serves on
+                await client.send("ok")
+                assert await client.receive() == "fine"
+    assert "declare it 'async def'" in caplog.text
