@@ -10,7 +10,9 @@ connections across them), and then only watches:
   `run` raises `RestartIntensityExceeded`, as a supervisor
   would;
 * SIGINT or SIGTERM stops the parent: every child gets SIGTERM and stops gracefully (close 1001,
-  ``drain_timeout``); a child still running ``drain_timeout`` plus 5 seconds later is killed.
+  ``drain_timeout``); a child still running ``drain_timeout`` plus 5 seconds later is killed;
+* the children are linked to the parent: if it dies without stopping them (SIGKILL, a crash), the
+  kernel sends each SIGTERM (on Linux), so no server process outlives its supervisor.
 
 The parent runs no event loop and starts no thread, so forking is safe; the children get the parsed
 options (handler classes, SSL contexts and all) by inheritance, nothing is pickled.
@@ -19,10 +21,12 @@ options (handler classes, SSL contexts and all) by inheritance, nothing is pickl
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import signal
 import socket
+import sys
 import time
 from collections import deque
 from collections.abc import Callable
@@ -75,6 +79,8 @@ def run_processes(options: ServerOptions, serve: Callable[[ServerOptions], Any])
     restarts: deque[float] = deque()
     stopping = False
 
+    parent = os.getpid()
+
     def spawn(slot: int) -> None:
         pid = os.fork()
         if pid == 0:  # the child
@@ -83,6 +89,7 @@ def run_processes(options: ServerOptions, serve: Callable[[ServerOptions], Any])
                 reserved.close()
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                _die_with(parent)
                 serve(child_options)
                 code = 0
             except BaseException:
@@ -140,6 +147,23 @@ def run_processes(options: ServerOptions, serve: Callable[[ServerOptions], Any])
     if gave_up is not None:
         slot, reason = gave_up
         raise RestartIntensityExceeded("of server processes", f"server process {slot}", ChildProcessError(reason))
+
+
+def _die_with(parent: int) -> None:
+    """Link this child to its parent, as OTP links a process to its supervisor: if the parent dies
+    without stopping it (killed with SIGKILL, say), the kernel sends this child SIGTERM (Linux)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # no prctl here: the child outlives a killed parent
+        return
+    if os.getppid() != parent:  # the parent died before the link was made
+        os._exit(1)
+
+
+_PR_SET_PDEATHSIG = 1
 
 
 def _describe(status: int) -> str:

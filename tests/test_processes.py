@@ -75,6 +75,37 @@ async def test_two_processes_share_the_port_and_a_killed_one_is_restarted() -> N
             await process.wait()
 
 
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or not hasattr(os, "pidfd_open"),
+    reason="the link uses Linux's parent-death signal",
+)
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_server_processes_do_not_outlive_a_killed_parent() -> None:
+    command = [sys.executable, "-m", "pywsserver", "--port", "0", "--processes", "2", "--handler", "tests.pid_handler"]
+    process = await anyio.open_process(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    log: list[bytes] = []
+    try:
+        port = int((await read_until(process, rb"2 server processes share port (\d+)", log)).group(1))
+        await read_until(process, rb"(?s)serving on.*serving on", log)
+        pids = await pids_serving(port, 40)
+        assert len(pids) == 2, pids
+        # A pidfd becomes readable when its process ends, child of ours or not.
+        exits = {pid: os.pidfd_open(int(pid)) for pid in pids}
+        try:
+            process.kill()  # SIGKILL: the parent cannot stop its children itself
+            await process.wait()
+            with anyio.fail_after(20):
+                for fd in exits.values():
+                    await anyio.wait_readable(fd)
+        finally:
+            for fd in exits.values():
+                os.close(fd)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_processes_dying_faster_than_the_intensity_allows_make_the_parent_give_up() -> None:
     command = [
