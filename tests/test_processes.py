@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
@@ -45,8 +47,9 @@ async def pids_serving(port: int, count: int) -> set[str]:
     return pids
 
 
-@pytest.mark.parametrize("anyio_backend", ["asyncio"])
-async def test_two_processes_share_the_port_and_a_killed_one_is_restarted() -> None:
+@contextlib.asynccontextmanager
+async def two_server_processes() -> AsyncIterator[tuple[anyio.abc.Process, list[bytes], int, set[str]]]:
+    """The command line with ``--processes 2``, once both serve: its process, output, port and the children's pids."""
     command = [sys.executable, "-m", "pywsserver", "--port", "0", "--processes", "2", "--handler", "tests.pid_handler"]
     process = await anyio.open_process(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     log: list[bytes] = []
@@ -55,6 +58,16 @@ async def test_two_processes_share_the_port_and_a_killed_one_is_restarted() -> N
         await read_until(process, rb"(?s)serving on.*serving on", log)
         pids = await pids_serving(port, 40)
         assert len(pids) == 2, pids  # the kernel spread 40 connections over both
+        yield process, log, port, pids
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_two_processes_share_the_port_and_a_killed_one_is_restarted() -> None:
+    async with two_server_processes() as (process, log, port, pids):
         victim = int(sorted(pids)[0])
         os.kill(victim, signal.SIGKILL)
         await read_until(process, rb"was killed by SIGKILL; restarting it", log)
@@ -69,10 +82,6 @@ async def test_two_processes_share_the_port_and_a_killed_one_is_restarted() -> N
         for pid in after:  # every child is gone
             with pytest.raises(ProcessLookupError):
                 os.kill(int(pid), 0)
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
 
 
 @pytest.mark.skipif(
@@ -81,29 +90,18 @@ async def test_two_processes_share_the_port_and_a_killed_one_is_restarted() -> N
 )
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_server_processes_do_not_outlive_a_killed_parent() -> None:
-    command = [sys.executable, "-m", "pywsserver", "--port", "0", "--processes", "2", "--handler", "tests.pid_handler"]
-    process = await anyio.open_process(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    log: list[bytes] = []
-    try:
-        port = int((await read_until(process, rb"2 server processes share port (\d+)", log)).group(1))
-        await read_until(process, rb"(?s)serving on.*serving on", log)
-        pids = await pids_serving(port, 40)
-        assert len(pids) == 2, pids
+    async with two_server_processes() as (process, _, _, pids):
         # A pidfd becomes readable when its process ends, child of ours or not.
-        exits = {pid: os.pidfd_open(int(pid)) for pid in pids}
+        exits = [os.pidfd_open(int(pid)) for pid in pids]
         try:
             process.kill()  # SIGKILL: the parent cannot stop its children itself
             await process.wait()
             with anyio.fail_after(20):
-                for fd in exits.values():
+                for fd in exits:
                     await anyio.wait_readable(fd)
         finally:
-            for fd in exits.values():
+            for fd in exits:
                 os.close(fd)
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
