@@ -372,15 +372,19 @@ class Worker:
         This keeps the order of the mailbox (it must be empty) and its bound
         (a peer that does not read makes actions queue), without a task switch.
         """
-        mailbox = self._mailbox_send
-        if (
-            self._transport is None
-            or not self._can_write
-            or (mailbox is not None and mailbox.statistics().current_buffer_used)
-        ):
+        if not self._writable_now():
             return False
         self._act(action)
         return True
+
+    def _writable_now(self) -> bool:
+        """Protocol mode: the transport takes more and no action waits in the mailbox before new output."""
+        mailbox = self._mailbox_send
+        return (
+            self._transport is not None
+            and self._can_write
+            and not (mailbox is not None and mailbox.statistics().current_buffer_used)
+        )
 
     def _broadcast_now(self, frame: bytes) -> bool:
         """Protocol mode: write a broadcast's ready-made frame now, if nothing must come before it.
@@ -388,17 +392,8 @@ class Worker:
         ``False`` when the frame cannot go out as is (stream mode, a full outgoing buffer, actions
         waiting in the mailbox, a module that encodes per connection): then the caller queues it.
         """
-        transport = self._transport
-        mailbox = self._mailbox_send
         loop = self._loop
-        if (
-            transport is None
-            or loop is None
-            or not self._can_write
-            or self._socket_closed
-            or self._stopped
-            or (mailbox is not None and mailbox.statistics().current_buffer_used)
-        ):
+        if loop is None or self._socket_closed or self._stopped or not self._writable_now():
             return False
         raw_frames_ok = getattr(self._module, "raw_frames_ok", None)
         if raw_frames_ok is None or not raw_frames_ok():
@@ -648,7 +643,7 @@ class Worker:
     def _tls_failed(self, error: BaseException) -> None:
         # Scanners and stalled clients fail here all the time: not worth more than a debug line.
         self.log.debug("TLS handshake failed: %r", error)
-        bad_input("failed TLS handshakes", f"{self._peer_text}: {error!r}", self.log.extra)
+        bad_input("failed TLS handshakes", f"{self._peer_text}: {error!r}", self._context())
         self._socket_closed = True
         if self._transport is not None:
             self._transport.abort()
@@ -680,8 +675,7 @@ class Worker:
         """Write what the effects produced in one call: one system call for a batch of replies."""
         out = self._out
         if out:
-            data = out[0] if len(out) == 1 else b"".join(out)
-            out.clear()
+            data = _joined(out)
             if self._frames_log is not None:
                 self._frames_log.debug("sent %s", describe_output(data))
             if not self._socket_closed and self._transport is not None:
@@ -734,7 +728,7 @@ class Worker:
         if self._debug:
             self.log.debug("stopping: %s", stop.reason)
         if stop.bad_input:
-            bad_input("bad handshakes", f"{self._peer_text}: {stop.reason}", self.log.extra)
+            bad_input("bad handshakes", f"{self._peer_text}: {stop.reason}", self._context())
 
     @property
     def _peer_text(self) -> str:
@@ -949,9 +943,7 @@ class Worker:
 
     async def _write_all(self, out: list[bytes]) -> None:
         if out:
-            data = out[0] if len(out) == 1 else b"".join(out)
-            out.clear()
-            await self._write(data)
+            await self._write(_joined(out))
 
     def _switch(self, switch: Switch) -> list[Effect]:
         config = self._options.modules.get(switch.module)
@@ -1034,7 +1026,7 @@ class Worker:
         if isinstance(message, ConnectionClose):
             if message.code in (1002, 1007, 1009):
                 bad_input(
-                    "protocol violations", f"{self._peer_text}: closed {message.code} {message.reason}", self.log.extra
+                    "protocol violations", f"{self._peer_text}: closed {message.code} {message.reason}", self._context()
                 )
             groups.leave_all(self)  # a closed connection is no longer reachable through its groups
             if self._opened and not self._told_close:
@@ -1099,6 +1091,13 @@ class Worker:
             repr(error),
             "".join(traceback.format_exception(error)).rstrip(),
         )
+
+
+def _joined(out: list[bytes]) -> bytes:
+    """The data gathered in ``out`` as one write (no copy for a single piece); ``out`` is emptied."""
+    data = out[0] if len(out) == 1 else b"".join(out)
+    out.clear()
+    return data
 
 
 _OPCODES = {0: "continuation", 1: "text", 2: "binary", 8: "close", 9: "ping", 10: "pong"}
