@@ -576,15 +576,15 @@ class Supervisor:
     # ------------------------------------------------------------- restarts
 
     @staticmethod
-    def _needs_loop(child: _Child, reason: BaseException | None) -> bool:
+    def _will_restart(child: _Child, reason: BaseException | None) -> bool:
+        """Whether the child is restarted after ending with ``reason`` (its restart type says)."""
+        restart = child.spec.restart
+        return restart is Restart.PERMANENT or (restart is Restart.TRANSIENT and _is_abnormal(reason))
+
+    @classmethod
+    def _needs_loop(cls, child: _Child, reason: BaseException | None) -> bool:
         """Whether an exit asks more of the supervisor than forgetting the child (a restart, a shutdown)."""
-        spec = child.spec
-        restart = spec.restart
-        return (
-            spec.significant
-            or restart is Restart.PERMANENT
-            or (restart is Restart.TRANSIENT and _is_abnormal(reason))
-        )
+        return child.spec.significant or cls._will_restart(child, reason)
 
     def _exited(self, instance: _Instance, reason: BaseException | None) -> bool:
         """Record a child's exit and report it; ``True`` if the supervisor must act on it."""
@@ -603,23 +603,19 @@ class Supervisor:
             )
         else:
             logger.debug("child %r of supervisor %s exited normally", child.key, self.label)
-        if self._needs_loop(child, reason):
+        if self._will_restart(child, reason):
             return True
         if child.spec.restart is Restart.TEMPORARY or self.strategy is Strategy.SIMPLE_ONE_FOR_ONE:
             self._children.pop(child.key, None)
-        return False
+        return child.spec.significant
 
     async def _handle_exit(self, instance: _Instance, reason: BaseException | None) -> None:
         if not self._exited(instance, reason):
             return
         child = instance.child
-        restart = child.spec.restart
-        if restart is Restart.PERMANENT or (restart is Restart.TRANSIENT and _is_abnormal(reason)):
+        if self._will_restart(child, reason):
             await self._restart(child, reason)
-            return
-        if restart is Restart.TEMPORARY or self.strategy is Strategy.SIMPLE_ONE_FOR_ONE:
-            self._children.pop(child.key, None)
-        if child.spec.significant:
+        else:  # a significant child that ended for good
             self._check_auto_shutdown()
 
     def _check_auto_shutdown(self) -> None:
