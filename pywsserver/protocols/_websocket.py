@@ -196,7 +196,6 @@ class WebSocketProtocol:
         "_carry",
         "_close_code",
         "_close_reason",
-        "_deflate",
         "_deflate_extension",
         "_fast",
         "_idle_timer",
@@ -237,7 +236,6 @@ class WebSocketProtocol:
         self._notified = False
         self._fast = True  # see _receive_fast
         self._carry: bytes | bytearray = b""  # an incomplete frame (a bytearray once there is one)
-        self._deflate = False
         self._ping_payload: bytes | None = None  # the keepalive ping waiting for its pong
         self._pings_sent = 0
         self._idle_timer = SetTimer("idle", options.idle_timeout) if options.idle_timeout is not None else None
@@ -257,7 +255,6 @@ class WebSocketProtocol:
             self._deflate_extension = BoundedDeflate(
                 parameters, self.options.compression, self.options.max_message_size
             )
-            self._deflate = True
         self._inbox.append(Opened(info, context.get("handler")))
         effects: list[Effect] = []
         if self.options.ping_interval is not None:
@@ -287,7 +284,7 @@ class WebSocketProtocol:
         if not self._can_send():
             return []
         if isinstance(action, BroadcastAction):
-            return [Write(self._frame(action.data) if self._deflate else action.frame)]
+            return [Write(self._frame(action.data) if self._deflate_extension is not None else action.frame)]
         if isinstance(action, SendAction):
             return [Write(self._frame(action.data))]
         if isinstance(action, PingAction):
@@ -361,7 +358,7 @@ class WebSocketProtocol:
 
     def raw_frames_ok(self) -> bool:
         """Whether a frame encoded once for many connections (a broadcast) may be written as is."""
-        return not self._deflate and self._can_send()
+        return self._deflate_extension is None and self._can_send()
 
     def _wsproto(self) -> Connection:
         """wsproto's connection, made on first use."""
@@ -379,7 +376,7 @@ class WebSocketProtocol:
         return self.state is State.OPEN and (ws is None or ws.state is ConnectionState.OPEN)
 
     def _frame(self, data: str | bytes) -> bytes:
-        if self._deflate:
+        if self._deflate_extension is not None:
             return self._wsproto().send(_message_event(data))  # compressed by the extension
         # Whole, unfragmented messages leave wsproto's sending state untouched: encode them directly.
         return encode_message(data)
