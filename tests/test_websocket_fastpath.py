@@ -74,7 +74,7 @@ def encode(frames: list[Any]) -> bytes:
 def run(data: bytes, cuts: list[int], fast: bool, limit: int) -> tuple[list[Any], bytes]:
     """Feed ``data`` in pieces; answer every delivery with NoReply; return deliveries and bytes written."""
     options = WebSocketProtocol.parse_options(
-        [("handler_module", "pywsserver.echo"), ("max_message_size", limit)], "websocket"
+        [("handler_module", "pywsserver.echo"), ("max_message_size", limit), ("control_messages", True)], "websocket"
     )
     module = WebSocketProtocol(options, CONNECTION)
     module._fast = fast

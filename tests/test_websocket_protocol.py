@@ -147,16 +147,16 @@ def test_an_unmasked_client_frame_closes_1002() -> None:
     assert notice.code == 1002
 
 
-def test_a_ping_is_answered_and_reaches_the_handler_as_ping() -> None:
-    module, peer = opened(), Peer()
+def test_a_ping_is_answered_and_reaches_the_handler_as_ping_with_control_messages_on() -> None:
+    module, peer = opened(control_messages=True), Peer()
     effects = module.data_received(peer.ws.send(WsPing(payload=b"are you there")))
     events = peer.read(effects)
     assert events[0].payload == b"are you there"
     assert delivered(effects) == [Ping(b"are you there")]
 
 
-def test_control_messages_can_be_kept_from_the_handler() -> None:
-    module, peer = opened(control_messages=False), Peer()
+def test_pings_are_answered_without_reaching_the_handler_by_default() -> None:
+    module, peer = opened(), Peer()
     effects = module.data_received(peer.ws.send(WsPing(payload=b"x")))
     assert delivered(effects) == []
     assert len(peer.read(effects)) == 1

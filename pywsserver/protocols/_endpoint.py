@@ -63,8 +63,9 @@ class WebSocketOptions:
     max_message_size: int = 1024 * 1024
     #: Seconds to wait for the peer's close frame after sending ours.
     close_timeout: float = 10.0
-    #: Whether pings and pongs from the peer reach ``handle`` as ``Ping``/``Pong``.
-    control_messages: bool = True
+    #: Whether pings and pongs from the peer reach ``handle`` as ``Ping``/``Pong`` (the original's behaviour);
+    #: off by default, so that a handler replying with whatever it gets never replies with a ``Ping``.
+    control_messages: bool = False
     #: Seconds between keepalive pings (``None``: no keepalive).
     ping_interval: float | None = 20.0
     #: Seconds a keepalive ping may wait for its pong before the connection is closed with 1011.
