@@ -10,45 +10,84 @@ Each connection's worker joins the "chat" group (and leaves it when the
 connection closes, whatever the reason). Every text a client sends goes to
 the room, which broadcasts it to the group: the frame is encoded once, and a
 client that does not keep up misses messages instead of slowing the others.
-If the room crashes it is restarted, and clients that write meanwhile are
-told to try again.
+The room also tells everyone who joined and who left (with the close code the
+connection ended with), and logs both. If the room crashes it is restarted, and
+clients that write meanwhile are told to try again.
+
+What the server sends is one JSON object per text message::
+
+    {"type": "joined", "who": "ann", "members": 2}
+    {"type": "said", "who": "ann", "text": "hello"}
+    {"type": "left", "who": "bob", "code": 1001, "members": 1}
+    {"type": "busy", "text": "the room is busy or restarting, try again"}
+
+A client names itself with the query string (``/ws?name=ann``); without a
+usable name it is ``guest-<connection id>``.
 
 Run it with ``python examples/chat.py``, then open http://127.0.0.1:8080/ in a few browser tabs
 (the server serves the page ``chat.html`` beside the WebSocket endpoint ``/ws``), or connect
 other clients::
 
-    python -m websockets ws://127.0.0.1:8080/ws
+    python -m websockets ws://127.0.0.1:8080/ws?name=ann
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import urllib.parse
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import anyio
 
 import pywsserver
-from pywsserver import Worker, broadcast, groups
+from pywsserver import ConnectionClose, Worker, broadcast, groups
 from pywsserver.supervision import Caller, GenServer, MailboxFull, NotRunning, Supervisor, cast
 
 log = logging.getLogger("chat")
 
 
+NORMAL_CLOSES = (1000, 1001)  # the client closed the tab or left the page, or the server is stopping
+BUSY = json.dumps({"type": "busy", "text": "the room is busy or restarting, try again"})
+
+
+def member_name(query: str, connection_id: int) -> str:
+    """The name a client asked for (``?name=ann``): 1 to 24 printable characters, else a guest name."""
+    names = urllib.parse.parse_qs(query, max_num_fields=8).get("name", [])
+    name = names[0].strip() if names else ""
+    if 0 < len(name) <= 24 and name.isprintable():
+        return name
+    return f"guest-{connection_id}"
+
+
 class ChatRoom(GenServer):
-    """Broadcasts what members say to the "chat" group and counts the messages."""
+    """Broadcasts what members say, who joined and who left, to the "chat" group; counts the messages."""
 
     def init(self) -> None:
         self.said = 0
 
     def handle_cast(self, message: Any) -> None:
-        kind, text = message
+        kind, who, detail = message
         if kind == "say":
             self.said += 1
-            result = broadcast("chat", text)
+            result = broadcast("chat", json.dumps({"type": "said", "who": who, "text": detail}))
             if result.dropped:
                 log.warning("%d members missed message %d", result.dropped, self.said)
+        elif kind == "joined":
+            members = groups.count("chat")
+            log.info("%r joined from %s (%d here)", who, detail, members)
+            broadcast("chat", json.dumps({"type": "joined", "who": who, "members": members}))
+        elif kind == "left":
+            members = groups.count("chat")
+            code, reason = detail
+            if code in NORMAL_CLOSES:
+                log.info("%r left: connection closed with %d %r (%d here)", who, code, reason, members)
+            else:
+                log.warning("%r left: connection ended abnormally with %d %r (%d here)", who, code, reason, members)
+            broadcast("chat", json.dumps({"type": "left", "who": who, "code": code, "members": members}))
 
     def handle_call(self, request: Any, caller: Caller) -> Any:
         if request == "members":
@@ -58,21 +97,42 @@ class ChatRoom(GenServer):
         raise ValueError(f"unknown request {request!r}")
 
 
+@dataclass
+class Member:
+    """A connection's state: its worker and the name it chats under."""
+
+    worker: Worker
+    name: str
+
+
+def tell_room(message: tuple[str, str, Any]) -> bool:
+    """Hand a message to the room; False when the room is restarting or its mailbox is full."""
+    try:
+        cast("chat_room", message)
+    except (NotRunning, MailboxFull):
+        return False
+    return True
+
+
 class ChatHandler:
     """One per connection: joins the "chat" group, hands what the client says to the room."""
 
-    def init(self, options: dict[str, Any]) -> Worker:
+    def init(self, options: dict[str, Any]) -> Member:
         worker: Worker = options["worker"]
+        member = Member(worker, member_name(options["query"], options["connection_id"]))
         worker.join("chat")  # left automatically when the connection closes
-        return worker
+        peer = options["peer"]
+        tell_room(("joined", member.name, f"{peer[0]}:{peer[1]}" if peer else "a unix socket"))
+        return member
 
-    def handle(self, message: object, worker: Worker) -> tuple[Any, ...]:
+    def handle(self, message: object, member: Member) -> tuple[Any, ...]:
         if isinstance(message, str):
-            try:
-                cast("chat_room", ("say", message))
-            except (NotRunning, MailboxFull):
-                return ("reply", "the room is busy or restarting, try again", worker)
-        return ("noreply", worker)
+            if not tell_room(("say", member.name, message)):
+                return ("reply", BUSY, member)
+        elif isinstance(message, ConnectionClose):
+            member.worker.leave("chat")  # now, so that the room counts the members left
+            tell_room(("left", member.name, (message.code, message.reason)))
+        return ("noreply", member)
 
 
 def chat_tree(port: int = 8080) -> Supervisor:
@@ -111,6 +171,8 @@ async def main(port: int) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="A WebSocket chat room")
-    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--port", type=int, default=8080, help="default: 8080 (0: any free port)")
+    parser.add_argument("--backend", default="asyncio", choices=["asyncio", "trio"], help="default: asyncio")
+    args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    anyio.run(main, parser.parse_args().port)
+    anyio.run(main, args.port, backend=args.backend)

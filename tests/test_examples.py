@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import signal
 import subprocess
@@ -14,7 +15,7 @@ import anyio
 import pytest
 from websockets.asyncio.client import connect
 
-from examples.chat import ChatHandler, chat_tree
+from examples.chat import ChatHandler, chat_tree, member_name
 from examples.ticker import ticker_tree
 from pywsserver import groups
 from pywsserver.supervision import call
@@ -104,8 +105,19 @@ async def test_the_chat_handler_without_a_room_asks_to_try_again() -> None:
     driver = HandlerDriver(ChatHandler)
     await driver.open()
     assert driver.worker.groups == {"chat"}
-    assert await driver.handle("hello") == Reply("the room is busy or restarting, try again", driver.worker)
+    busy = json.dumps({"type": "busy", "text": "the room is busy or restarting, try again"})
+    assert await driver.handle("hello") == Reply(busy, driver.state)
     await driver.close()
+
+
+def test_a_chat_member_is_named_by_the_query_string_or_a_guest() -> None:
+    assert member_name("name=ann", 7) == "ann"
+    assert member_name("name=%20ann%20&name=bob", 7) == "ann"
+    assert member_name("name=%C3%A9lodie", 7) == "\u00e9lodie"
+    assert member_name("", 7) == "guest-7"
+    assert member_name("name=", 7) == "guest-7"
+    assert member_name("name=" + "a" * 25, 7) == "guest-7"
+    assert member_name("name=a%0Ab", 7) == "guest-7"  # not printable: no forged log lines
 
 
 async def test_the_chat_page_is_served_beside_the_endpoint_it_talks_to() -> None:
@@ -115,11 +127,13 @@ async def test_the_chat_page_is_served_beside_the_endpoint_it_talks_to() -> None
         page = await raw_http(server.port, b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
         assert page.startswith(b"HTTP/1.1 200 OK\r\n")
         assert b"Content-Type: text/html; charset=utf-8" in page
-        assert b"new WebSocket(`${scheme}//${location.host}/ws`)" in page
+        assert b"`${scheme}//${location.host}/ws?name=${encodeURIComponent(name)}`" in page
         # What the page's script does, done by a client: connect to /ws and chat.
-        async with await Client.connect(server, "/ws") as browser:
+        async with await Client.connect(server, "/ws?name=page") as browser:
+            assert json.loads(str(await browser.receive())) == {"type": "joined", "who": "page", "members": 1}
             await browser.send("hello from the page")
-            assert await browser.receive() == "hello from the page"
+            said = json.loads(str(await browser.receive()))
+            assert said == {"type": "said", "who": "page", "text": "hello from the page"}
         # Anything else is not a page: 426 for plain requests, 404 for WebSocket requests elsewhere.
         other = await raw_http(server.port, b"GET /other HTTP/1.1\r\nHost: localhost\r\n\r\n")
         assert other.startswith(b"HTTP/1.1 426 ")
@@ -133,13 +147,17 @@ async def test_the_chat_room_broadcasts_to_everyone() -> None:
         address = f"ws://127.0.0.1:{server.port}/ws"
 
         async def clients() -> tuple[object, ...]:
-            async with connect(address) as ann, connect(address) as bob:
-                connected.set()
-                await asyncio.to_thread(go.wait, 10)
-                await ann.send("hello bob")
-                first = await ann.recv(), await bob.recv()
-                await bob.send("hi ann")
-                return (*first, await ann.recv(), await bob.recv())
+            async with connect(f"{address}?name=ann") as ann:
+                joins = [await ann.recv()]
+                async with connect(f"{address}?name=bob") as bob:
+                    joins += [await ann.recv(), await bob.recv()]
+                    connected.set()
+                    await asyncio.to_thread(go.wait, 10)
+                    await ann.send("hello bob")
+                    first = await ann.recv(), await bob.recv()
+                    await bob.send("hi ann")
+                    second = await ann.recv(), await bob.recv()
+                return (*joins, *first, *second, await ann.recv())
 
         async with anyio.create_task_group() as tg:
             result: list[tuple[object, ...]] = []
@@ -153,7 +171,14 @@ async def test_the_chat_room_broadcasts_to_everyone() -> None:
                 while await call("chat_room", "members") != 2:  # both joined the group
                     await anyio.lowlevel.checkpoint()
             go.set()
-        assert result == [("hello bob", "hello bob", "hi ann", "hi ann")]
+        # The joins (ann saw both, bob his own), what each said, then ann saw bob leave (his client closed).
+        ann_joined = {"type": "joined", "who": "ann", "members": 1}
+        bob_joined = {"type": "joined", "who": "bob", "members": 2}
+        hello = {"type": "said", "who": "ann", "text": "hello bob"}
+        hi = {"type": "said", "who": "bob", "text": "hi ann"}
+        left = {"type": "left", "who": "bob", "code": 1000, "members": 1}
+        received = [json.loads(str(text)) for text in result[0]]
+        assert received == [ann_joined, bob_joined, bob_joined, hello, hello, hi, hi, left]
         with anyio.fail_after(5):
             while await call("chat_room", "members") != 0:  # both left
                 await anyio.lowlevel.checkpoint()
