@@ -29,13 +29,22 @@ Run it with ``python examples/chat.py``, then open http://127.0.0.1:8080/ in a f
 other clients::
 
     python -m websockets ws://127.0.0.1:8080/ws?name=ann
+
+Across several processes (each with its own room and tree, sharing the port), joined into one
+cluster by Redis so that the broadcasts reach the clients of every process (the member counts
+are those of each process)::
+
+    python examples/chat.py --processes 2 --cluster-url redis://127.0.0.1:6379/0
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
+import signal
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,11 +144,13 @@ class ChatHandler:
         return ("noreply", member)
 
 
-def chat_tree(port: int = 8080) -> Supervisor:
-    """The whole application as one supervision tree."""
+def chat_tree(port: int = 8080, *, cluster_url: str | None = None, reuse_port: bool = False) -> Supervisor:
+    """The whole application as one supervision tree (a node of the cluster at ``cluster_url``, if given)."""
     page = (Path(__file__).with_name("chat.html")).read_bytes()
-    server_options = [
+    server_options: list[tuple[str, Any]] = [
         ("port", port),
+        ("reuse_port", reuse_port),
+        ("cluster", cluster_url),
         (
             "worker_options",
             [
@@ -162,17 +173,52 @@ def chat_tree(port: int = 8080) -> Supervisor:
     )
 
 
-async def main(port: int) -> None:
-    async with chat_tree(port).running():
+async def main(port: int, cluster_url: str | None = None, reuse_port: bool = False) -> None:
+    async with chat_tree(port, cluster_url=cluster_url, reuse_port=reuse_port).running():
         with anyio.open_signal_receiver(2, 15) as signals:
             async for _ in signals:
                 return
+
+
+def run_processes(count: int, port: int, cluster_url: str | None) -> None:
+    """Fork ``count`` processes running the whole tree on one port (SO_REUSEPORT); SIGINT/SIGTERM stops them."""
+    children = []
+    for _ in range(count):
+        pid = os.fork()
+        if pid == 0:
+            status = 1
+            try:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, _WAITED)
+                anyio.run(main, port, cluster_url, True)
+                status = 0
+            finally:
+                os._exit(status)
+        children.append(pid)
+    try:
+        signal.sigwait(_WAITED)  # Ctrl+C, SIGTERM, or a process that ended: stop them all
+    finally:
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        for pid in children:
+            os.waitpid(pid, 0)
+
+
+_WAITED = {signal.SIGINT, signal.SIGTERM, signal.SIGCHLD}
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="A WebSocket chat room")
     parser.add_argument("--port", type=int, default=8080, help="default: 8080 (0: any free port)")
     parser.add_argument("--backend", default="asyncio", choices=["asyncio", "trio"], help="default: asyncio")
+    parser.add_argument("--processes", type=int, default=1, help="processes sharing the port (default: 1)")
+    parser.add_argument("--cluster-url", help="join the processes (and machines) on this Redis server (asyncio)")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    anyio.run(main, args.port, backend=args.backend)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s [%(process)d] %(name)s: %(message)s")
+    if args.processes > 1:
+        if args.cluster_url is None:
+            log.warning("without --cluster-url each process is a chat room of its own")
+        signal.pthread_sigmask(signal.SIG_BLOCK, _WAITED)  # delivered to sigwait, not to handlers
+        run_processes(args.processes, args.port, args.cluster_url)
+    else:
+        anyio.run(main, args.port, args.cluster_url, backend=args.backend)

@@ -7,6 +7,11 @@ mailbox without waiting. A member whose mailbox is full cannot keep up; the
 Gen servers in the group receive ``("broadcast", group, data)`` through
 ``handle_info``. What was dropped or closed is counted in the result and
 logged once per broadcast, never once per member.
+
+When the process is a node of a cluster (the ``cluster`` option), the
+broadcast is also published once for the other nodes, each of which
+delivers it to its own members the same way (see `pywsserver.cluster`); the
+result's ``published`` says whether that publish was accepted.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import attrs
 
 from ._errors import ConnectionClosed
 from ._worker import Worker
+from .cluster import _state as _cluster
 from .protocols import BroadcastAction, encode_message
 from .supervision import MailboxFull, NotRunning, ServerRef
 from .supervision._groups import members
@@ -40,10 +46,14 @@ class BroadcastResult:
     dropped: int = 0
     #: Members that could not keep up and were disconnected (policy ``"close"``).
     closed: int = 0
+    #: With a cluster: whether the publish to the other nodes was accepted (``False``: Redis is
+    #: unreachable or the publish queue is full; the other nodes miss this message). ``None``: no cluster.
+    published: bool | None = None
 
     def __add__(self, other: BroadcastResult) -> BroadcastResult:
+        published = self.published if other.published is None else other.published
         return BroadcastResult(
-            self.delivered + other.delivered, self.dropped + other.dropped, self.closed + other.closed
+            self.delivered + other.delivered, self.dropped + other.dropped, self.closed + other.closed, published
         )
 
 
@@ -115,7 +125,23 @@ def broadcast(
             ...
     """
     _check(data, slow)
-    return _deliver(group, members(group), data, slow, close_code)
+    result = _deliver(group, members(group), data, slow, close_code)
+    node = _cluster.current
+    if node is not None:
+        return attrs.evolve(result, published=node.publish_broadcast(group, data, slow, close_code))
+    if _cluster.island_processes:
+        _warn_island()
+    return result
+
+
+def _warn_island() -> None:
+    """Once per process: a broadcast in one of several server processes without a cluster stays in it."""
+    logger.warning(
+        "broadcasts stay within this process: %d server processes share the port and no cluster joins "
+        "them (give the cluster option or --cluster-url to reach the members on every process)",
+        _cluster.island_processes,
+    )
+    _cluster.island_processes = 0
 
 
 def broadcast_threadsafe(
@@ -127,7 +153,8 @@ def broadcast_threadsafe(
 ) -> BroadcastResult:
     """`broadcast` from a thread that is not running the members' event loop.
 
-    Blocks the calling thread until the message is queued for every member.
+    Blocks the calling thread until the message is queued for every member
+    (and, with a cluster, for publishing).
     """
     _check(data, slow)
     by_loop: dict[Any, list[Hashable]] = {}
@@ -143,4 +170,13 @@ def broadcast_threadsafe(
             )
         except RuntimeError:  # that event loop has ended: its members are gone
             continue
+    node = _cluster.current
+    if node is not None and node._token is not None:
+        try:
+            published = anyio.from_thread.run_sync(
+                functools.partial(node.publish_broadcast, group, data, slow, close_code), token=node._token
+            )
+        except RuntimeError:  # the node's event loop has ended
+            published = False
+        result = attrs.evolve(result, published=published)
     return result

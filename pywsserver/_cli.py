@@ -33,6 +33,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--processes", type=int, default=1, help="server processes sharing the port, under a supervising parent"
     )
+    parser.add_argument(
+        "--cluster-url",
+        help="join the cluster on this Redis server (redis://host:port/db): groups, broadcast and send "
+        "reach every process and machine with the same URL (needs pywsserver[redis])",
+    )
     parser.add_argument("--unix-path", help="listen on this Unix socket instead of TCP")
     parser.add_argument("--certfile", help="serve wss:// with this certificate chain (PEM)")
     parser.add_argument("--keyfile", help="the private key of --certfile (PEM), if not in it")
@@ -70,6 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("processes", args.processes),
         ("worker_options", [("protocol_modules", modules)]),
     ]
+    if args.cluster_url is not None:
+        options.append(("cluster", [("url", args.cluster_url)]))
     if args.certfile is not None:
         options.append(("tls", [("certfile", args.certfile), ("keyfile", args.keyfile)]))
     elif args.keyfile is not None:

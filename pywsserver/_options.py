@@ -19,6 +19,7 @@ import attrs
 
 from ._handler import HandlerModule
 from ._optionkit import OptionError, as_mapping, check_bool, check_int, check_number, join, resolve_object
+from .cluster._options import ClusterOptions, parse_cluster
 from .protocols import BUILTIN_MODULES, HTTPOptions, HTTPProtocol, WebSocketOptions
 
 __all__ = ["ModuleConfig", "ServerOptions", "WorkerOptions", "parse_options"]
@@ -93,6 +94,8 @@ class ServerOptions:
     reuse_port: bool = False
     #: How many server processes `run` starts, sharing the port, under a supervising parent.
     processes: int = 1
+    #: The cluster on Redis this server is a node of (``None``: groups stay within the process).
+    cluster: ClusterOptions | None = None
 
 
 #: The Erlang original's module names, accepted for the built-in modules (for configurations ported as they are).
@@ -112,6 +115,7 @@ _TOP_LEVEL = (
     "unix_path",
     "reuse_port",
     "processes",
+    "cluster",
 )
 _TLS_LEVEL = ("certfile", "keyfile", "password", "client_ca", "verify_client", "minimum_version", "alpn_protocols")
 _WORKER_LEVEL = ("protocol_modules", "protocol_modules_options", "initial_module", "mailbox_size", "write_buffer_size")
@@ -264,6 +268,8 @@ def parse_options(raw: Any) -> ServerOptions:
                 raise OptionError("processes", "several processes need SO_REUSEPORT and fork (Linux, BSD, macOS)")
             if fields.get("unix_path") is not None:
                 raise OptionError("processes", "several processes cannot share a Unix socket; use one process")
+    if options.get("cluster") is not None:
+        fields["cluster"] = parse_cluster(options["cluster"], "cluster")
     return ServerOptions(**fields)
 
 

@@ -12,7 +12,10 @@ connections across them), and then only watches:
 * SIGINT or SIGTERM stops the parent: every child gets SIGTERM and stops gracefully (close 1001,
   ``drain_timeout``); a child still running ``drain_timeout`` plus 5 seconds later is killed;
 * the children are linked to the parent: if it dies without stopping them (SIGKILL, a crash), the
-  kernel sends each SIGTERM (on Linux), so no server process outlives its supervisor.
+  kernel sends each SIGTERM (on Linux), so no server process outlives its supervisor;
+* with the ``cluster`` option the children are the nodes of one cluster, named ``<node>-<slot>``
+  (the parent takes no part in it: Redis is the broker); without it, the first broadcast of each
+  child warns that broadcasts stay within that process.
 
 The parent runs no event loop and starts no thread, so forking is safe; the children get the parsed
 options (handler classes, SSL contexts and all) by inheritance, nothing is pickled.
@@ -75,6 +78,17 @@ def run_processes(options: ServerOptions, serve: Callable[[ServerOptions], Any])
     except OSError as error:
         raise ServerStartError(f"cannot listen on {options.host or '*'}:{options.port}: {error}") from error
     child_options = attrs.evolve(options, port=port, reuse_port=True, processes=1)
+    cluster = options.cluster
+    if cluster is not None:
+        # One cluster: each process is a node of it, named after the slot it fills.
+        base = cluster.node or f"{socket.gethostname()}-{os.getpid()}"
+        logger.info(
+            "the %d server processes are nodes %s-0 to %s-%d of one cluster",
+            options.processes,
+            base,
+            base,
+            options.processes - 1,
+        )
     children: dict[int, int] = {}  # pid -> slot
     restarts: deque[float] = deque()
     stopping = False
@@ -90,7 +104,7 @@ def run_processes(options: ServerOptions, serve: Callable[[ServerOptions], Any])
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 _die_with(parent)
-                serve(child_options)
+                serve(_for_slot(child_options, slot, options.processes))
                 code = 0
             except BaseException:
                 logger.exception("server process %d (slot %d) failed", os.getpid(), slot)
@@ -147,6 +161,17 @@ def run_processes(options: ServerOptions, serve: Callable[[ServerOptions], Any])
     if gave_up is not None:
         slot, reason = gave_up
         raise RestartIntensityExceeded("of server processes", f"server process {slot}", ChildProcessError(reason))
+
+
+def _for_slot(options: ServerOptions, slot: int, processes: int) -> ServerOptions:
+    """The options of the process in ``slot``: its own cluster node name, or the warning flag without a cluster."""
+    if options.cluster is None:
+        from .cluster import _state
+
+        _state.island_processes = processes  # the first broadcast warns that it stays in this process
+        return options
+    base = options.cluster.node or f"{socket.gethostname()}-{os.getppid()}"
+    return attrs.evolve(options, cluster=attrs.evolve(options.cluster, node=f"{base}-{slot}"))
 
 
 def _die_with(parent: int) -> None:

@@ -27,14 +27,14 @@ import socket
 import stat
 import weakref
 from collections.abc import AsyncIterator, Coroutine, Hashable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
 import anyio.lowlevel
 from anyio.abc import SocketListener
 
-from ._errors import ServerStartError
+from ._errors import OptionError, ServerStartError
 from ._options import ServerOptions, parse_options
 from ._worker import Worker
 from .supervision import (
@@ -50,6 +50,9 @@ from .supervision import (
     unregister,
 )
 from .supervision._errors import unwrap_group
+
+if TYPE_CHECKING:
+    from .cluster._node import ClusterNode
 
 __all__ = ["Server", "run", "serve", "server_child_spec", "start_link", "stop"]
 
@@ -103,13 +106,22 @@ class Server:
         ]
         #: The supervisor of the acceptor pool.
         self.acceptor_supervisor = Supervisor(acceptors, intensity=5, period=10)
+        children = [
+            self.worker_supervisor.child_spec("worker_supervisor"),
+            ChildSpec("listener", _listener, args=(self,), shutdown=1.0),
+            self.acceptor_supervisor.child_spec("acceptor_supervisor"),
+        ]
+        #: The node of the cluster on Redis (the ``cluster`` option), or ``None``.
+        self.cluster: ClusterNode | None = None
+        if options.cluster is not None:
+            from .cluster._node import ClusterNode
+
+            self.cluster = ClusterNode(options.cluster)
+            # Last: a restart of the cluster's subtree (rest_for_one) touches nothing else.
+            children.append(self.cluster.child_spec("cluster"))
         #: The server's own supervisor (rest_for_one), the root of its tree.
         self.supervisor = Supervisor(
-            [
-                self.worker_supervisor.child_spec("worker_supervisor"),
-                ChildSpec("listener", _listener, args=(self,), shutdown=1.0),
-                self.acceptor_supervisor.child_spec("acceptor_supervisor"),
-            ],
+            children,
             strategy=Strategy.REST_FOR_ONE,
             intensity=3,
             period=10,
@@ -376,6 +388,8 @@ async def serve(options: Any, *, task_status: anyio.abc.TaskStatus[Server] = any
     cannot bind raises `ServerStartError`.
     """
     parsed = parse_options(options)
+    if parsed.cluster is not None:
+        _check_cluster_backend(_running_asyncio_loop() is not None)
     server = Server(parsed)
     if parsed.register is not None:
         register(parsed.register, server)
@@ -386,6 +400,15 @@ async def serve(options: Any, *, task_status: anyio.abc.TaskStatus[Server] = any
     finally:
         if parsed.register is not None:
             unregister(parsed.register)
+
+
+def _check_cluster_backend(asyncio_running: bool) -> None:
+    if not asyncio_running:
+        raise OptionError(
+            "cluster",
+            "the Redis client (redis.asyncio) runs on asyncio only, and this server runs on another "
+            "event loop (trio): use the asyncio backend, or no cluster",
+        )
 
 
 def _start_error(error: ChildStartError) -> BaseException:
@@ -466,6 +489,8 @@ def run(options: Any, *, backend: str = "asyncio") -> None:
     supervisor gives up.
     """
     parsed = parse_options(options)
+    if parsed.cluster is not None:
+        _check_cluster_backend(backend == "asyncio")
     if parsed.processes > 1:
         from ._processes import run_processes
 

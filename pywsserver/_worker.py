@@ -65,6 +65,7 @@ from ._messages import (
 )
 from ._options import WorkerOptions
 from ._throttle import ThrottledReport
+from .cluster._address import Address, address_of
 from .protocols import (
     Action,
     CloseAction,
@@ -342,6 +343,11 @@ class Worker:
         if not valid_close_code(code):
             raise ValueError(f"invalid close code {code!r}")
         await self._put(CloseAction(code, reason))
+
+    @property
+    def address(self) -> Address:
+        """This connection's cluster-wide address: hand it to others to reach it (`pywsserver.cluster.send`)."""
+        return address_of(self)
 
     def join(self, group: str) -> None:
         """Join a process group (see `pywsserver.groups`); left automatically when the connection ends."""

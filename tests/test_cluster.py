@@ -1,0 +1,456 @@
+"""The cluster on Redis: nodes as separate OS processes on one real ``redis-server``.
+
+Broadcast across nodes (each message exactly once, in order per sender), presence with expiry
+(a SIGKILLed node leaves within ``node_timeout``), send to an address anywhere, names across nodes,
+Redis killed and restarted while serving, and the start-up errors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+
+import pywsserver
+from pywsserver import OptionError, ServerStartError, broadcast, cluster
+from pywsserver._options import parse_options
+from pywsserver.cluster import Address, ClusterStartError
+from pywsserver.testing import serve_for_test
+
+from .cluster_tools import Node, RedisServer, node_process, running_redis
+
+pytestmark = pytest.mark.anyio
+asyncio_only = pytest.mark.parametrize("anyio_backend", ["asyncio"])
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A real redis-server on a free port in a temporary directory (skips, or fails in CI, without one)."""
+    yield from running_redis(tmp_path)
+
+
+#: Fast presence for the tests: a heartbeat every 0.2 s, gone 1 s after the last one.
+FAST = ("heartbeat_interval=0.2", "node_timeout=1")
+
+
+async def receive(client: ClientConnection, timeout: float = 10) -> str:
+    with anyio.fail_after(timeout):
+        message = await client.recv()
+    assert isinstance(message, str)
+    return message
+
+
+async def ask(client: ClientConnection, command: str) -> str:
+    await client.send(command)
+    return await receive(client)
+
+
+@contextlib.asynccontextmanager
+async def nodes(redis: RedisServer, names: str, *extra: str) -> AsyncIterator[list[Node]]:
+    async with contextlib.AsyncExitStack() as stack:
+        started: list[Node] = []
+        for name in names:
+            started.append(await stack.enter_async_context(node_process(redis.url, name, *extra)))
+        yield started
+
+
+async def until(check: Any, what: str, attempts: int = 100, pause: float = 0.1) -> Any:
+    """Poll ``check()`` until it returns something true (a bounded number of times)."""
+    for _ in range(attempts):
+        result = await check()
+        if result:
+            return result
+        await anyio.sleep(pause)
+    raise AssertionError(f"never happened: {what}")
+
+
+def cluster_options(url: str, **extra: Any) -> list[tuple[str, Any]]:
+    return [("url", url), *extra.items()]
+
+
+# ------------------------------------------------------------------ options and start
+
+
+def test_cluster_option_errors_name_the_option() -> None:
+    websocket = ("worker_options", [("protocol_modules", [("websocket", [("handler_module", "pywsserver.echo")])])])
+    cases = [
+        ([("node", "a")], "cluster.url: required"),
+        ([("url", "http://x")], "cluster.url: expected a redis://"),
+        ([("url", "redis://x"), ("node", "a/b")], "cluster.node: expected 1 to 100 characters"),
+        ([("url", "redis://x"), ("heartbeat_interval", 3.0)], "cluster.node_timeout: expected at least twice"),
+        ([("url", "redis://x"), ("publish_queue", 0)], "cluster.publish_queue: expected an int >= 1"),
+        ([("url", "redis://x"), ("colour", "red")], "cluster.colour: unknown option"),
+    ]
+    for raw, message in cases:
+        with pytest.raises(OptionError) as caught:
+            parse_options([("cluster", raw), websocket])
+        assert str(caught.value).startswith(message), caught.value
+    parsed = parse_options([("cluster", "redis://127.0.0.1:1/0"), websocket])
+    assert parsed.cluster is not None and parsed.cluster.url == "redis://127.0.0.1:1/0"
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_a_cluster_on_trio_fails_at_once_naming_the_option() -> None:
+    with pytest.raises(OptionError, match=r"^cluster: the Redis client \(redis.asyncio\) runs on asyncio only"):
+        async with serve_for_test("pywsserver.echo", cluster=[("url", "redis://127.0.0.1:1/0")]):
+            pass
+
+
+def test_run_on_trio_with_a_cluster_fails_before_starting() -> None:
+    options = [
+        ("cluster", [("url", "redis://127.0.0.1:1/0")]),
+        ("worker_options", [("protocol_modules", [("websocket", [("handler_module", "pywsserver.echo")])])]),
+    ]
+    with pytest.raises(OptionError, match=r"^cluster: .*asyncio only"):
+        pywsserver.run(options, backend="trio")
+
+
+@asyncio_only
+async def test_redis_unreachable_at_start_is_a_clear_error(redis_server: RedisServer) -> None:
+    redis_server.kill()
+    url = redis_server.url.replace("redis://", "redis://user:secret@")
+    with pytest.raises(ServerStartError) as caught:
+        async with serve_for_test("pywsserver.echo", cluster=cluster_options(url, connect_timeout=2.0)):
+            pass
+    assert isinstance(caught.value, ClusterStartError)
+    message = str(caught.value)
+    assert message.startswith("cluster.url: cannot use the Redis server at redis://user:***@127.0.0.1:")
+    assert "secret" not in message and "cluster.wait_for_redis" in message
+
+
+@asyncio_only
+async def test_wait_for_redis_starts_without_it_and_joins_when_it_comes(redis_server: RedisServer) -> None:
+    redis_server.kill()
+    options = cluster_options(redis_server.url, wait_for_redis=True, max_backoff=0.2, node="solo")
+    async with serve_for_test("pywsserver.echo", cluster=options) as server:
+        node = server.cluster
+        assert node is not None and not node.connected
+        assert broadcast("nobody", "lost").published is False  # fails at once, counted
+        assert node.stats.publish_failed == 1
+        with pytest.raises(cluster.ClusterUnavailable):
+            await cluster.nodes()
+        redis_server.start()
+
+        async def joined() -> bool:
+            return node.connected
+
+        await until(joined, "the node connects once Redis is up")
+        assert broadcast("nobody", "sent").published is True
+        assert await cluster.nodes() == ["solo"]
+    assert cluster.node() is None  # stopped: this process is no node any more
+
+
+@asyncio_only
+async def test_one_node_in_process_broadcast_send_and_presence(redis_server: RedisServer) -> None:
+    options = cluster_options(redis_server.url, node="here")
+    async with serve_for_test("tests.cluster_node:Handler", cluster=options) as server:
+        assert cluster.node() == "here"
+        async with connect(f"ws://127.0.0.1:{server.port}/") as client:
+            address = Address.parse((await ask(client, "addr")).removeprefix("addr:"))
+            assert address.node == "here" and str(address) == f"here/{address.run}/{address.connection_id}"
+            result = broadcast("chat", "to all")
+            assert (result.delivered, result.published) == (1, True)
+            assert await receive(client) == "to all"
+            await cluster.send(address, "to one")
+            await cluster.send(str(address), "to one again")
+            assert [await receive(client), await receive(client)] == ["to one", "to one again"]
+
+            async def counted() -> bool:
+                return await cluster.presence("chat") == {"here": {"chat": 1}}
+
+            await until(counted, "presence counts the member")
+            assert await cluster.count("chat") == 1
+        stale = Address("here", "0000", address.connection_id)
+        with pytest.raises(pywsserver.ConnectionClosed, match="restarted"):
+            await cluster.send(stale, "x")
+
+
+@asyncio_only
+async def test_a_second_node_in_one_process_is_refused(redis_server: RedisServer) -> None:
+    async with serve_for_test("pywsserver.echo", cluster=cluster_options(redis_server.url, node="one")):
+        with pytest.raises(ServerStartError, match="already runs the cluster node 'one'"):
+            async with serve_for_test("pywsserver.echo", cluster=cluster_options(redis_server.url, node="two")):
+                pass
+
+
+# ------------------------------------------------------------------ nodes as processes
+
+
+@asyncio_only
+async def test_chat_across_three_nodes_each_message_once_and_in_order(redis_server: RedisServer) -> None:
+    per_sender = 40
+    async with nodes(redis_server, "ABC") as started, contextlib.AsyncExitStack() as stack:
+        clients = [await stack.enter_async_context(connect(node.url)) for node in started for _ in range(2)]
+        expected = len(clients) * per_sender
+        received: list[list[str]] = [[] for _ in clients]
+
+        async def talk(index: int) -> None:
+            for number in range(per_sender):
+                await clients[index].send(f"say:{index}:{number}")
+
+        async def listen(index: int) -> None:
+            while len(received[index]) < expected:
+                received[index].append(await receive(clients[index], timeout=20))
+
+        async with anyio.create_task_group() as group:
+            for index in range(len(clients)):
+                group.start_soon(listen, index)
+                group.start_soon(talk, index)
+        for messages in received:
+            by_sender: dict[str, list[int]] = {}
+            for message in messages:
+                sender, number = message.split(":")
+                by_sender.setdefault(sender, []).append(int(number))
+            assert by_sender == {str(i): list(range(per_sender)) for i in range(len(clients))}
+        with contextlib.suppress(TimeoutError):  # and nothing more arrives
+            extra = await receive(clients[0], timeout=0.3)
+            raise AssertionError(f"a message arrived twice or from nowhere: {extra!r}")
+
+
+@asyncio_only
+async def test_a_killed_node_leaves_presence_within_node_timeout(redis_server: RedisServer) -> None:
+    async with nodes(redis_server, "ABC", *FAST) as (a, _, c), connect(a.url) as watcher, connect(c.url):
+
+        async def everyone() -> Any:
+            found = json.loads(await ask(watcher, "presence"))
+            return found if set(found) == {"A", "C"} else None  # B has no members
+
+        await until(everyone, "the members of A and C are counted")
+        assert json.loads(await ask(watcher, "nodes")) == ["A", "B", "C"]
+        c.process.kill()
+        await c.process.wait()
+        # node_timeout is 1 s: the node must be gone 1 s after its last heartbeat; the poll below
+        # allows 2 s more for the scheduling of a loaded machine, and no more.
+        with anyio.fail_after(3.0):
+            for _ in range(1000):
+                if "C" not in json.loads(await ask(watcher, "nodes")):
+                    break
+                await anyio.sleep(0.05)
+        assert json.loads(await ask(watcher, "presence")) == {"A": {"chat": 1}}
+        assert json.loads(await ask(watcher, "count")) == 1
+
+
+@asyncio_only
+async def test_send_to_an_address_on_another_node_and_a_clear_answer_when_gone(redis_server: RedisServer) -> None:
+    async with nodes(redis_server, "AB", *FAST) as (a, b), connect(b.url) as sender:
+        async with connect(a.url) as target, connect(a.url) as neighbour:
+            address = (await ask(target, "addr")).removeprefix("addr:")
+            assert address.startswith("A/")
+            assert await ask(sender, f"send:{address} across") == "sent"
+            assert await receive(target) == "across"
+            assert await ask(neighbour, f"send:{address} beside") == "sent"  # the same node: no Redis
+            assert await receive(target) == "beside"
+        # the connection closed: its node answers that it is gone
+        answer = await ask(sender, f"send:{address} late")
+        assert answer == f"error:ConnectionClosed: connection {address} is gone"
+        a.process.kill()
+        await a.process.wait()
+        # the node is dead: nobody reads its channel, the answer comes at once
+        assert await ask(sender, f"send:{address} later") == f"error:ConnectionClosed: connection {address} is gone"
+        assert (await ask(sender, "send:nonsense x")).startswith("error:ValueError: not a connection address")
+
+
+@asyncio_only
+async def test_names_across_nodes_first_claim_wins_and_casts_reach_the_holder(redis_server: RedisServer) -> None:
+    async with nodes(redis_server, "ABC", *FAST) as (a, b, c):
+        async with connect(a.url) as on_a, connect(b.url) as on_b, connect(c.url) as on_c:
+            assert await ask(on_a, "register:room") == "registered"
+            assert await ask(on_a, "register:room") == "registered"  # again, by its holder: fine
+            assert await ask(on_b, "register:room") == (
+                "error:NameRegisteredElsewhere: the name 'room' is already registered on node 'A'"
+            )
+            assert await ask(on_c, "whereis:room") == "whereis:A"
+            await on_c.send("cast:room hello")
+            # the room on A broadcasts to every node's members (the answer and the broadcast race to C)
+            assert {await receive(on_c), await receive(on_c)} == {"cast", "room@A: hello"}
+            assert [await receive(client) for client in (on_a, on_b)] == ["room@A: hello"] * 2
+            assert (await ask(on_c, "cast:nobody hi")) == "error:NotRunning: no node holds the name 'nobody'"
+        # A stops cleanly: it releases the name at once, and B can take it
+        a.process.terminate()
+        await a.process.wait()
+        async with connect(b.url) as on_b:
+            assert await ask(on_b, "whereis:room") == "whereis:None"
+            assert await ask(on_b, "register:room") == "registered"
+            await on_b.send("cast:room again")
+            assert {await receive(on_b), await receive(on_b)} == {"cast", "room@B: again"}
+
+
+@asyncio_only
+async def test_redis_killed_and_restarted_local_goes_on_and_the_cluster_resumes(redis_server: RedisServer) -> None:
+    extra = (*FAST, "max_backoff=0.3")
+    async with nodes(redis_server, "AB", *extra) as (a, b), connect(a.url) as on_a, connect(b.url) as on_b:
+        await on_a.send("sayr:before")
+        assert [await receive(on_a), await receive(on_a)] == ["before", "result:1 True"]
+        assert await receive(on_b) == "before"
+        redis_server.kill()
+        # A finds its link gone; meanwhile its local members keep getting its broadcasts at once
+        for number in range(100):
+            await on_a.send(f"sayr:down-{number}")
+            assert await receive(on_a) == f"down-{number}"
+            if await receive(on_a) == "result:1 False":
+                break
+            await anyio.sleep(0.05)
+        else:
+            raise AssertionError("the publishes never failed while Redis was down")
+        stats = json.loads(await ask(on_a, "stats"))
+        assert stats["publish_failed"] >= 1 and stats["link_failures"] >= 1
+        assert (await ask(on_a, "nodes")).startswith("error:ClusterUnavailable")
+        redis_server.start()
+        # Both nodes reconnect and subscribe again: a message from A reaches B again. What A said
+        # while Redis was down is lost (at most once); B may have got the first "down" ones only.
+        for number in range(200):
+            await on_a.send(f"say:after-{number}")
+            assert await receive(on_a) == f"after-{number}"
+            with contextlib.suppress(TimeoutError):
+                while (message := await receive(on_b, timeout=0.1)).startswith("down-"):
+                    pass
+                assert message == f"after-{number}", message
+                break
+        else:
+            raise AssertionError("B never got A's messages again")
+        stats = json.loads(await ask(on_a, "stats"))
+        assert stats["connections"] >= 2 and stats["published"] >= 2
+        await on_a.send("say:last")
+        assert await receive(on_b) == "last"
+
+
+@asyncio_only
+async def test_publish_failures_are_logged_at_most_once_per_interval(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    options = cluster_options(redis_server.url, max_backoff=0.2, log_interval=60.0, node="quiet")
+    async with serve_for_test("pywsserver.echo", cluster=options) as server:
+        node = server.cluster
+        assert node is not None
+        redis_server.kill()
+
+        async def down() -> bool:
+            return not node.connected
+
+        await until(down, "the node sees Redis gone")
+        with caplog.at_level(logging.WARNING, logger="pywsserver.cluster"):
+            results = [broadcast("g", f"m{i}").published for i in range(50)]
+        assert results == [False] * 50
+        assert node.stats.publish_failed >= 50
+        lines = [r for r in caplog.records if "publishes fail" in r.getMessage()]
+        assert len(lines) <= 1
+
+
+# ------------------------------------------------------------------ processes
+
+
+@contextlib.asynccontextmanager
+async def command_line(*arguments: str) -> AsyncIterator[tuple[Any, list[bytes], int]]:
+    """``python -m pywsserver --processes 2 ...`` once both processes serve: process, output, port."""
+    import subprocess
+    import sys
+
+    from .test_processes import ROOT, read_until
+
+    command = [sys.executable, "-m", "pywsserver", "--port", "0", "--processes", "2", *arguments]
+    process = await anyio.open_process(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    log: list[bytes] = []
+    try:
+        port = int((await read_until(process, rb"2 server processes share port (\d+)", log)).group(1))
+        await read_until(process, rb"(?s)serving on.*serving on", log)
+        yield process, log, port
+    finally:
+        with anyio.CancelScope(shield=True):
+            if process.returncode is None:
+                process.terminate()
+                with anyio.move_on_after(15):
+                    await process.wait()
+                if process.returncode is None:
+                    process.kill()
+                    await process.wait()
+            await process.aclose()
+
+
+async def one_client_per_process(port: int, stack: contextlib.AsyncExitStack) -> dict[str, ClientConnection]:
+    """Connect until a client is on each of the two processes (the kernel spreads connections)."""
+    by_node: dict[str, ClientConnection] = {}
+    for _ in range(60):
+        client = await stack.enter_async_context(connect(f"ws://127.0.0.1:{port}/"))
+        node = (await ask(client, "addr")).removeprefix("addr:").split("/")[0]
+        by_node.setdefault(node, client)
+        if len(by_node) == 2:
+            return by_node
+    raise AssertionError(f"60 connections all went to {list(by_node)}")
+
+
+@asyncio_only
+async def test_processes_with_a_cluster_url_make_one_cluster(redis_server: RedisServer) -> None:
+    arguments = ("--handler", "tests.cluster_node:Handler", "--cluster-url", redis_server.url)
+    async with command_line(*arguments) as (_, log, port), contextlib.AsyncExitStack() as stack:
+        by_node = await one_client_per_process(port, stack)
+        first, second = sorted(by_node)
+        assert first.endswith("-0") and second.endswith("-1") and first[:-2] == second[:-2]
+        assert json.loads(await ask(by_node[first], "nodes")) == [first, second]
+        await by_node[first].send("say:from the first process")
+        assert await receive(by_node[second]) == "from the first process"
+        await by_node[second].send("say:from the second")
+        assert await receive(by_node[first]) == "from the first process"
+        assert await receive(by_node[first]) == "from the second"
+        assert b"of one cluster" in b"".join(log)
+
+
+@asyncio_only
+async def test_processes_without_a_cluster_warn_that_broadcasts_stay_in_each() -> None:
+    from .test_processes import read_until
+
+    async with (
+        command_line("--handler", "tests.cluster_node:Handler") as (process, log, port),
+        connect(f"ws://127.0.0.1:{port}/") as client,
+    ):
+        await client.send("say:alone")
+        assert await receive(client) == "alone"
+        await read_until(process, rb"broadcasts stay within this process: 2 server processes", log)
+
+
+@asyncio_only
+async def test_the_chat_example_across_two_processes_with_a_cluster(redis_server: RedisServer) -> None:
+    import subprocess
+    import sys
+
+    from .cluster_tools import ROOT, free_port
+
+    port = free_port()
+    command = [sys.executable, "examples/chat.py", "--port", str(port), "--processes", "2"]
+    command += ["--cluster-url", redis_server.url]
+    process = await anyio.open_process(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            clients: list[ClientConnection] = []
+            with anyio.fail_after(20):
+                while len(clients) < 10:
+                    try:
+                        url = f"ws://127.0.0.1:{port}/ws?name=c{len(clients)}"
+                        clients.append(await stack.enter_async_context(connect(url)))
+                    except OSError:  # not listening yet
+                        await anyio.sleep(0.1)
+            # Ten clients spread by the kernel over the two processes (all on one: 1 chance in 512);
+            # each one's message reaches all ten only through the cluster.
+            for number, client in enumerate(clients):
+                await client.send(f"hello from {number}")
+                for other in clients:
+                    said = None
+                    while said is None:  # skip the news of who joined (from every process)
+                        event = json.loads(await receive(other))
+                        said = event if event["type"] == "said" else None
+                    assert said == {"type": "said", "who": f"c{number}", "text": f"hello from {number}"}
+    finally:
+        with anyio.CancelScope(shield=True):
+            process.terminate()
+            with anyio.move_on_after(15):
+                await process.wait()
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+            await process.aclose()
