@@ -28,8 +28,7 @@ from ._errors import ConnectionClosed
 from ._worker import Worker
 from .cluster import _state as _cluster
 from .protocols import BroadcastAction, encode_message
-from .supervision import MailboxFull, NotRunning, ServerRef
-from .supervision._groups import members
+from .supervision import MailboxFull, NotRunning, ServerRef, groups
 
 __all__ = ["BroadcastResult", "broadcast", "broadcast_threadsafe"]
 
@@ -125,7 +124,7 @@ def broadcast(
             ...
     """
     _check(data, slow)
-    result = _deliver(group, members(group), data, slow, close_code)
+    result = _deliver(group, groups.members(group), data, slow, close_code)
     node = _cluster.current
     if node is not None:
         return attrs.evolve(result, published=node.publish_broadcast(group, data, slow, close_code))
@@ -158,7 +157,7 @@ def broadcast_threadsafe(
     """
     _check(data, slow)
     by_loop: dict[Any, list[Hashable]] = {}
-    for member in members(group):
+    for member in groups.members(group):
         token = getattr(member, "_token", None)
         if token is not None:
             by_loop.setdefault(token, []).append(member)

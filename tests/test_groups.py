@@ -164,9 +164,7 @@ async def test_a_burst_of_broadcasts_leaves_in_one_write_per_member_and_in_order
         await recorder.wait_for(lambda: recorder.open_now == 3)
         writes: list[tuple[int, bytes]] = []
         for index, worker in enumerate(recorder.workers):
-            transport: Any = worker._transport
-            write = transport.write
-            transport.write = lambda data, index=index, write=write: (writes.append((index, data)), write(data))
+            worker._writer = _RecordingWriter(worker._writer, index, writes)  # the transport on asyncio
         for i in range(20):
             assert broadcast("burst", f"m{i}").delivered == 3
         assert writes == []  # written when this turn of the event loop ends
@@ -177,6 +175,17 @@ async def test_a_burst_of_broadcasts_leaves_in_one_write_per_member_and_in_order
         assert {data for _, data in writes} == {b"".join(encode_message(f"m{i}") for i in range(20))}
         for client in clients:
             await client.aclose()
+
+
+class _RecordingWriter:
+    """Records what a worker's core writes, then writes it."""
+
+    def __init__(self, writer: Any, index: int, writes: list[tuple[int, bytes]]) -> None:
+        self._writer, self._index, self._writes = writer, index, writes
+
+    def write(self, data: bytes) -> None:
+        self._writes.append((self._index, data))
+        self._writer.write(data)
 
 
 async def _receive(ws: Any, count: int) -> list[Any]:

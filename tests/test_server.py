@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from typing import Any
 
 import anyio
 import pytest
@@ -13,6 +14,7 @@ from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessag
 
 import pywsserver
 from pywsserver import ConnectionClose, ConnectionClosed, Server, ServerStartError, start_link
+from pywsserver._asyncio_driver import ProtocolDriver
 from pywsserver.supervision import Supervisor, whereis
 
 from .recorder import Recorder, server_options
@@ -398,10 +400,10 @@ async def test_accepted_connections_send_without_nagle_delay() -> None:
         client = await RawClient.connect(server.port)
         await recorder.wait_for(lambda: recorder.open_now == 1)
         worker = server.workers()[0]
-        if worker._transport is not None:  # asyncio: the worker's transport
-            sock = worker._transport.get_extra_info("socket")
+        driver: Any = worker._driver
+        if isinstance(driver, ProtocolDriver):  # asyncio: the driver's transport
+            sock = driver._transport.get_extra_info("socket")
         else:
-            assert worker._stream is not None
-            sock = worker._stream.extra(anyio.abc.SocketAttribute.raw_socket)
+            sock = driver._stream.extra(anyio.abc.SocketAttribute.raw_socket)
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
         await client.aclose()

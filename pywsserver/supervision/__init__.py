@@ -8,6 +8,7 @@ server, which is built from it. Users build their own trees with it too::
 See ``docs/supervision.md`` for a guide and a reference of every name.
 """
 
+from . import _groups as groups
 from ._context import ChildContext, cleanup_scope, current_child
 from ._errors import (
     CallTimeout,
@@ -72,6 +73,7 @@ __all__ = [
     "cast",
     "cleanup_scope",
     "current_child",
+    "groups",
     "register",
     "registered",
     "send_info",
