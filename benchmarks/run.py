@@ -4,6 +4,7 @@
     python benchmarks/run.py                  # everything (about 10 minutes)
     python benchmarks/run.py --quick          # 2 s per scenario, one run each
     python benchmarks/run.py --servers pywsserver websockets --scenarios small broadcast
+    python benchmarks/run.py --cluster        # broadcast across 2 nodes on Redis (needs redis-server)
 
 The load generator (``loadgen.c``) is built with the system compiler. The server runs pinned to CPU 0
 and the load generator to CPU 1 (``taskset``). A raw TCP echo server (no WebSocket framing) runs the
@@ -14,6 +15,7 @@ server. Results go to the terminal and to ``benchmarks/results/latest.md`` and `
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -22,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -251,6 +254,82 @@ def scaling(args: argparse.Namespace) -> str:
     )
 
 
+#: The cluster comparison: (server, CPUs it may use, its processes).
+CLUSTER_SERVERS = [
+    ("pywsserver", "0", 1),
+    ("pywsserver-cluster-1-node", "0", 1),
+    ("pywsserver-cluster-2-nodes", "0,1", 2),
+    ("websockets-redis-2-processes", "0,1", 2),
+]
+
+
+@contextlib.contextmanager
+def redis_server() -> Iterator[str]:
+    """A redis-server on a free loopback port, in a temporary directory, without persistence: its URL."""
+    import socket
+    import tempfile
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("the cluster benchmark needs redis-server (apt-get install redis-server)")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with tempfile.TemporaryDirectory() as directory:
+        command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", directory, "--save", ""]
+        process = subprocess.Popen([*command, "--appendonly", "no"], stdout=subprocess.DEVNULL)
+        try:
+            for _ in range(200):
+                with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+                    break
+                time.sleep(0.05)
+            yield f"redis://127.0.0.1:{port}/0"
+        finally:
+            process.terminate()
+            process.wait(10)
+
+
+def cluster(args: argparse.Namespace) -> str:
+    """Broadcast to 2,000 connections over two nodes on Redis, beside one node and websockets + redis-py."""
+    loadgen = build("loadgen")
+    scenarios = ("broadcast", "broadcast-burst")
+    runs: dict[tuple[str, str], list[dict[str, float]]] = {}
+    with redis_server() as url:
+        os.environ["BENCH_REDIS_URL"] = url
+        for scenario in scenarios:
+            arguments, repeats, _ = SCENARIOS[scenario]
+            for _ in range(1 if args.quick else (args.repeats or repeats)):
+                for name, cpus, processes in CLUSTER_SERVERS:  # interleaved, a fresh server each run
+                    server = Server(name, cpus=cpus, processes=processes)
+                    try:
+                        row = run_loadgen(loadgen, server.port, arguments, args.duration)
+                    finally:
+                        server.stop()
+                    runs.setdefault((scenario, name), []).append(row)
+                    print(f"{name:30} {scenario:16} {row['rate']:,.0f} deliveries/s", flush=True)
+    info = machine()
+    lines = [
+        f"Machine: {info['cpu']}, {info['cores']} cores, Python {info['python']}; one-process servers on CPU 0,"
+        f" two-process ones on CPUs 0 and 1, the generator on CPU 1, redis-server unpinned. "
+        f"Command: `{' '.join(sys.argv)}`",
+        "",
+        "| server | scenario | deliveries/s | p50 ms | p99 ms | vs websockets + redis-py |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for scenario in scenarios:
+        medians = {}
+        for name, _, _ in CLUSTER_SERVERS:
+            rows = runs[(scenario, name)]
+            median = statistics.median(r["rate"] for r in rows)
+            medians[name] = (median, min(rows, key=lambda r: abs(r["rate"] - median)))
+        reference = medians["websockets-redis-2-processes"][0]
+        for name, (median, row) in medians.items():
+            p50 = f"{row['p50_ms']:.2f}" if "p50_ms" in row else ""
+            p99 = f"{row['p99_ms']:.2f}" if "p99_ms" in row else ""
+            lines.append(f"| {name} | {scenario} | {median:,.0f} | {p50} | {p99} | {median / reference:.2f}x |")
+    return "\n".join(lines)
+
+
 def machine() -> dict[str, Any]:
     model = "unknown"
     cpuinfo = Path("/proc/cpuinfo")
@@ -308,9 +387,21 @@ def main() -> None:
     parser.add_argument(
         "--scaling", action="store_true", help="only measure pywsserver with 1 and 2 server processes"
     )
+    parser.add_argument(
+        "--cluster",
+        action="store_true",
+        help="only the cluster comparison: 2 nodes on Redis, 1 node, websockets + redis-py (needs redis-server)",
+    )
     args = parser.parse_args()
     if args.quick:
         args.duration = 2.0
+    if args.cluster:
+        report = cluster(args)
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "cluster.md").write_text(report + "\n")
+        print()
+        print(report)
+        return
     if args.scaling:
         report = scaling(args)
         RESULTS.mkdir(exist_ok=True)

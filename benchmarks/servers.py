@@ -120,7 +120,7 @@ def run_pywsserver_without_tree(port: int) -> None:
     anyio.run(main)
 
 
-def run_pywsserver_processes(port: int, count: int) -> None:
+def run_pywsserver_processes(port: int, count: int, raw: list[tuple[str, Any]] | None = None) -> None:
     """pywsserver with ``processes=count``: each child prints ``ready PORT`` once it listens."""
     import anyio
     import attrs
@@ -129,7 +129,7 @@ def run_pywsserver_processes(port: int, count: int) -> None:
     from pywsserver._options import parse_options
     from pywsserver._processes import run_processes
 
-    options = attrs.evolve(parse_options(pywsserver_options(port)), processes=count)
+    options = attrs.evolve(parse_options(raw or pywsserver_options(port)), processes=count)
 
     def serve(child: Any) -> None:
         async def main() -> None:
@@ -140,6 +140,14 @@ def run_pywsserver_processes(port: int, count: int) -> None:
         anyio.run(main)
 
     run_processes(options, serve)
+
+
+def run_pywsserver_cluster(port: int, count: int) -> None:
+    """pywsserver with ``processes=count``, the processes one cluster on the Redis at ``BENCH_REDIS_URL``."""
+    import os
+
+    options = [*pywsserver_options(port), ("cluster", [("url", os.environ["BENCH_REDIS_URL"]), ("node", "bench")])]
+    run_pywsserver_processes(port, count, options)
 
 
 # ------------------------------------------------------------------ websockets
@@ -332,6 +340,74 @@ def run_raw_echo(port: int) -> None:
     asyncio.run(main())
 
 
+def run_websockets_redis(port: int, count: int) -> None:
+    """The fan-out a user writes by hand: ``count`` websockets processes sharing the port, redis-py pub/sub.
+
+    On "go" a process publishes each message to Redis; every process (the sender's too) broadcasts
+    to its own connections what it receives from its subscription.
+    """
+    import os
+    import signal
+    import socket
+
+    reserved = socket.socket()
+    reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    reserved.bind(("127.0.0.1", port))
+    port = reserved.getsockname()[1]
+    url = os.environ["BENCH_REDIS_URL"]
+
+    async def main() -> None:
+        import redis.asyncio as aioredis
+        from websockets.asyncio.server import broadcast, serve
+
+        client = aioredis.Redis.from_url(url)
+        pubsub = client.pubsub()
+        await pubsub.subscribe("bench")
+
+        async def handler(ws: Any) -> None:
+            async for message in ws:
+                go = parse_go(message) if isinstance(message, str) else None
+                if go is None:
+                    await ws.send(message)
+                    continue
+                number, payload = go
+                for _ in range(number):
+                    await client.publish("bench", payload)
+
+        async with serve(
+            handler, "127.0.0.1", port, reuse_port=True, compression=None, max_size=MAX_SIZE, backlog=4096
+        ) as server:
+            ready(port)
+            async for message in pubsub.listen():
+                if message["type"] == "message":
+                    broadcast(server.connections, message["data"].decode())
+
+    children = []
+    for _ in range(count):
+        pid = os.fork()
+        if pid == 0:
+            reserved.close()
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            try:
+                asyncio.run(main())
+            finally:
+                os._exit(0)
+        children.append(pid)
+
+    def stop(number: int, frame: Any) -> None:
+        for pid in children:
+            os.kill(pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    for pid in children:
+        while True:
+            try:
+                os.waitpid(pid, 0)
+                break
+            except InterruptedError:
+                continue
+
+
 SERVERS = {
     "pywsserver": lambda port: run_pywsserver(port, "asyncio", False),
     "pywsserver-uvloop": lambda port: run_pywsserver(port, "asyncio", True),
@@ -339,6 +415,9 @@ SERVERS = {
     "pywsserver-without-tree": run_pywsserver_without_tree,
     "pywsserver-1-process": lambda port: run_pywsserver_processes(port, 1),
     "pywsserver-2-processes": lambda port: run_pywsserver_processes(port, 2),
+    "pywsserver-cluster-1-node": lambda port: run_pywsserver_cluster(port, 1),
+    "pywsserver-cluster-2-nodes": lambda port: run_pywsserver_cluster(port, 2),
+    "websockets-redis-2-processes": lambda port: run_websockets_redis(port, 2),
     "websockets": lambda port: run_websockets(port, False),
     "websockets-uvloop": lambda port: run_websockets(port, True),
     "aiohttp": run_aiohttp,
