@@ -454,3 +454,39 @@ async def test_the_chat_example_across_two_processes_with_a_cluster(redis_server
                 process.kill()
                 await process.wait()
             await process.aclose()
+
+
+def test_the_reconnect_schedule_never_exceeds_the_cluster_supervisors_intensity() -> None:
+    from pywsserver.cluster._node import PERIOD, backoff, intensity_for
+
+    for maximum in (0.01, 0.3, 1.0, 5.0, 30.0):
+        limit = intensity_for(maximum)
+        times, now = [], 0.0
+        for failures in range(1, 2000):  # an outage of any length: the restarts a long one makes
+            now += backoff(failures, maximum)
+            times.append(now)
+        worst = max(sum(1 for t in times if start <= t < start + PERIOD) for start in times)
+        assert worst < limit, (maximum, worst, limit)
+
+
+@asyncio_only
+async def test_malformed_messages_on_the_channels_are_counted_and_dropped(redis_server: RedisServer) -> None:
+    import redis.asyncio as aioredis
+
+    async with serve_for_test("tests.cluster_node:Handler", cluster=cluster_options(redis_server.url)) as server:
+        node = server.cluster
+        assert node is not None
+        client = aioredis.Redis.from_url(redis_server.url)
+        try:
+            for garbage in (b"", b"B", b"B\x00\xff\xff\xff\xff", b"Zzz", b"S\x00" + b"\x00\x00\x00\x01x"):
+                await client.publish("pywsserver:broadcast", garbage)
+                await client.publish(f"pywsserver:node:{node.name}", garbage)
+
+            async def counted() -> bool:
+                return node.stats.malformed == 10
+
+            await until(counted, "every malformed message counted")
+            async with connect(f"ws://127.0.0.1:{server.port}/") as client_ws:  # the node serves on
+                assert (await ask(client_ws, "nodes")) == json.dumps([node.name])
+        finally:
+            await client.aclose()
