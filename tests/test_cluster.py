@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import shutil
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -490,3 +491,26 @@ async def test_malformed_messages_on_the_channels_are_counted_and_dropped(redis_
                 assert (await ask(client_ws, "nodes")) == json.dumps([node.name])
         finally:
             await client.aclose()
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler to build the load generator")
+def test_the_cluster_benchmark_servers_deliver_every_broadcast(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    from .cluster_tools import ROOT
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import run as bench
+
+    monkeypatch.setenv("BENCH_REDIS_URL", redis_server.url)
+    loadgen = bench.build("loadgen")
+    for name, cpus, processes in bench.CLUSTER_SERVERS:
+        server = bench.Server(name, cpus=cpus, processes=processes)
+        try:
+            arguments = ["broadcast", "--conns", "40", "--count", "5", "--one-at-a-time"]
+            result = bench.run_loadgen(loadgen, server.port, arguments, 1)
+            assert result["deliveries"] == result["expected"] == 5 * 41, name
+        finally:
+            server.stop()
