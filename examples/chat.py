@@ -87,7 +87,8 @@ class ChatRoom(GenServer):
                 log.warning("%d members missed message %d", result.dropped, self.said)
         elif kind == "joined":
             members = groups.count("chat")
-            log.info("%r joined from %s (%d here)", who, detail, members)
+            peer, origin = detail
+            log.info("%r joined from %s, origin %r (%d here)", who, peer, origin, members)
             broadcast("chat", json.dumps({"type": "joined", "who": who, "members": members}))
         elif kind == "left":
             members = groups.count("chat")
@@ -131,7 +132,8 @@ class ChatHandler:
         member = Member(worker, member_name(options["query"], options["connection_id"]))
         worker.join("chat")  # left automatically when the connection closes
         peer = options["peer"]
-        tell_room(("joined", member.name, f"{peer[0]}:{peer[1]}" if peer else "a unix socket"))
+        origin = options["headers"].get("origin")  # a browser's page says where it was loaded from
+        tell_room(("joined", member.name, (f"{peer[0]}:{peer[1]}" if peer else "a unix socket", origin)))
         return member
 
     def handle(self, message: object, member: Member) -> tuple[Any, ...]:

@@ -223,7 +223,10 @@ def test_two_tabs_chat_and_one_sees_the_other_leave(
 
         # Chromium's own handshake: it offered permessage-deflate, and the server agreed.
         assert "permessage-deflate" in ann.evaluate("socket.extensions")
-        server.wait_for_line(r"'ann' joined from 127\.0\.0\.1:\d+ \(1 here\)")
+        # ... and its Origin header names the page's origin.
+        server.wait_for_line(
+            rf"'ann' joined from 127\.0\.0\.1:\d+, origin 'http://127\.0\.0\.1:{server.port}' \(1 here\)"
+        )
 
         say(ann, "hello bob")
         expect(ann.locator("#log .said")).to_have_text(["ann: hello bob"])
@@ -279,7 +282,7 @@ def test_the_page_reconnects_when_the_server_restarts(
         second = ChatServer(server_backend, port=first.port)
         servers.append(second)
         expect(state).to_have_attribute("data-state", "connected")
-        second.wait_for_line(r"'ann' joined from 127\.0\.0\.1:\d+ \(1 here\)")
+        second.wait_for_line(r"'ann' joined from 127\.0\.0\.1:\d+, origin '[^']+' \(1 here\)")
         say(page, "back again")
         expect(page.locator("#log .said")).to_have_text(["ann: back again"])
     finally:
