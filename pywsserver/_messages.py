@@ -13,11 +13,11 @@ tuple                              class
 ``("noreply", S)``                 ``NoReply(S)``
 ``("reply", Data, S)``             ``Reply(Data, S)``
 ``("ping", S)``                    ``SendPing(S)``
-``("ping", Data, S)``              ``SendPing(S, Data)``
+``("ping", Data, S)``              ``SendPing(Data, S)``
 ``("pong", S)``                    ``SendPong(S)``
-``("pong", Data, S)``              ``SendPong(S, Data)``
+``("pong", Data, S)``              ``SendPong(Data, S)``
 ``("close", S)``                   ``Close(S)``
-``("close", Status, Payload, S)``  ``Close(S, Status, Payload)``
+``("close", Status, Payload, S)``  ``Close(Status, Payload, S)``
 =================================  ===================================
 
 `normalize_result` turns either form into the class, or raises
@@ -26,7 +26,8 @@ tuple                              class
 
 from __future__ import annotations
 
-from typing import Any, TypeAlias
+import warnings
+from typing import Any, TypeAlias, overload
 
 import attrs
 
@@ -195,29 +196,106 @@ class Reply:
     state: Any
 
 
-@attrs.frozen
+_UNSET: Any = object()
+
+
+def _shape_error(cls: str, args: tuple[Any, ...], shapes: str) -> TypeError:
+    return TypeError(f"{cls} takes {shapes} (the order of the tuple form), got {len(args)} positional arguments")
+
+
+@attrs.frozen(init=False)
 class SendPing:
-    """Send a ping carrying ``data``."""
+    """Send a ping carrying ``data``: ``SendPing(S)`` or ``SendPing(Data, S)``, as ``("ping", Data, S)``."""
 
+    data: bytes
     state: Any
-    data: bytes = b""
+
+    @overload
+    def __init__(self, state: Any, /) -> None: ...
+    @overload
+    def __init__(self, data: bytes | str, state: Any, /) -> None: ...
+    @overload
+    def __init__(self, *, state: Any, data: bytes | str = b"") -> None: ...
+
+    def __init__(self, *args: Any, data: Any = b"", state: Any = _UNSET) -> None:
+        data, state = _control_arguments("SendPing", args, data, state)
+        self.__attrs_init__(data, state)
 
 
-@attrs.frozen
+@attrs.frozen(init=False)
 class SendPong:
-    """Send an unsolicited pong carrying ``data``."""
+    """Send an unsolicited pong carrying ``data``: ``SendPong(S)`` or ``SendPong(Data, S)``, as the tuple."""
 
+    data: bytes
     state: Any
-    data: bytes = b""
+
+    @overload
+    def __init__(self, state: Any, /) -> None: ...
+    @overload
+    def __init__(self, data: bytes | str, state: Any, /) -> None: ...
+    @overload
+    def __init__(self, *, state: Any, data: bytes | str = b"") -> None: ...
+
+    def __init__(self, *args: Any, data: Any = b"", state: Any = _UNSET) -> None:
+        data, state = _control_arguments("SendPong", args, data, state)
+        self.__attrs_init__(data, state)
 
 
-@attrs.frozen
+def _control_arguments(cls: str, args: tuple[Any, ...], data: Any, state: Any) -> tuple[Any, Any]:
+    if len(args) == 1 and state is _UNSET:
+        return data, args[0]
+    if len(args) == 2 and state is _UNSET:
+        return args[0], args[1]
+    if not args and state is not _UNSET:
+        return data, state
+    raise _shape_error(cls, args, "(State), (Data, State) or keywords data= and state=")
+
+
+@attrs.frozen(init=False)
 class Close:
-    """Close the connection with ``code`` and ``reason``, then stop the worker."""
+    """Close the connection with ``code`` and ``reason``, then stop the worker.
 
+    ``Close(S)`` closes with 1000; ``Close(Code, Reason, S)`` reads as
+    ``("close", Code, Reason, S)``. Keywords work too: ``Close(code=4000,
+    reason="bye", state=S)``. The earlier ``Close(S, Code[, Reason])`` is still
+    understood (its second argument is an int where the new form has the
+    reason) but deprecated.
+    """
+
+    code: int
+    reason: str
     state: Any
-    code: int = 1000
-    reason: str = ""
+
+    @overload
+    def __init__(self, state: Any, /) -> None: ...
+    @overload
+    def __init__(self, code: int, reason: str, state: Any, /) -> None: ...
+    @overload
+    def __init__(self, *, state: Any, code: int = 1000, reason: str = "") -> None: ...
+
+    def __init__(self, *args: Any, code: Any = 1000, reason: Any = "", state: Any = _UNSET) -> None:
+        if state is not _UNSET and not args:
+            pass
+        elif len(args) == 1 and state is _UNSET:
+            state = args[0]
+        elif len(args) in (2, 3) and _is_code(args[1]) and state is _UNSET:
+            warnings.warn(
+                "Close(state, code, reason) is deprecated: write Close(code, reason, state), the tuple's order",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            state, code = args[0], args[1]
+            if len(args) == 3:
+                reason = args[2]
+        elif len(args) == 3 and state is _UNSET:
+            code, reason, state = args
+        else:
+            raise _shape_error("Close", args, "(State), (Code, Reason, State) or keywords code=, reason= and state=")
+        self.__attrs_init__(code, reason, state)
+
+
+def _is_code(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 HandlerResult: TypeAlias = NoReply | Reply | SendPing | SendPong | Close
@@ -264,9 +342,9 @@ def normalize_result(value: object) -> HandlerResult:
         elif tag == "reply" and size == 3:
             result = Reply(value[1], value[2])
         elif tag == "ping" and size in (2, 3):
-            result = SendPing(value[-1], value[1] if size == 3 else b"")
+            result = SendPing(value[1] if size == 3 else b"", value[-1])
         elif tag == "pong" and size in (2, 3):
-            result = SendPong(value[-1], value[1] if size == 3 else b"")
+            result = SendPong(value[1] if size == 3 else b"", value[-1])
         elif tag == "close" and size == 2:
             result = Close(value[1])
         elif tag == "close" and size == 4:
@@ -276,7 +354,7 @@ def normalize_result(value: object) -> HandlerResult:
                     payload = payload.decode()
                 except UnicodeDecodeError:
                     raise InvalidHandlerResult(f"the close payload must be UTF-8, got {value!r}") from None
-            result = Close(value[3], value[1], payload)
+            result = Close(value[1], payload, value[3])
         else:
             raise InvalidHandlerResult(f"expected {_SHAPES}, got {value!r}")
     else:
@@ -286,7 +364,7 @@ def normalize_result(value: object) -> HandlerResult:
     if isinstance(result, SendPing | SendPong):
         payload = _control_payload(result.data, value)
         if payload is not result.data:
-            result = attrs.evolve(result, data=payload)
+            result = type(result)(payload, result.state)
     if isinstance(result, Close):
         if not valid_close_code(result.code):
             raise InvalidHandlerResult(f"close status must be a valid close code (1000-1014, 3000-4999), got {value!r}")

@@ -77,3 +77,23 @@ def test_the_documented_option_tree_is_valid_and_shows_the_defaults() -> None:
     )
     for name in fields:
         assert getattr(doc_ws, name) == getattr(default_ws, name), name
+
+
+#: Pages whose ``print(...)  # text`` comments show exactly what the example prints.
+PRINTING = ["first-server.md", "first-handler.md", "embedding.md"]
+
+
+@pytest.mark.parametrize("name", PRINTING)
+def test_the_printed_values_in_the_comments_are_what_the_examples_print(
+    name: str, logging_restored: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = ROOT / "docs" / name
+    namespace: dict[str, object] = {"__name__": f"docs_{path.stem}"}
+    expected: list[str] = []
+    for number, code in enumerate(blocks(path)):
+        expected += re.findall(r"^\s*print\(.*\)\s+# (.+)$", code, re.MULTILINE)
+        exec(compile(code, f"{path.name}[{number}]", "exec"), namespace)
+    printed = capsys.readouterr().out.splitlines()
+    assert expected
+    for line in expected:
+        assert line.strip() in printed

@@ -85,7 +85,7 @@ async def test_the_handler_driver_runs_a_handler_without_sockets() -> None:
     assert state["name"] == "bob"
     assert driver.worker.groups == {"greeted"}
     assert await driver.handle("hi") == Reply("hello bob (1)", driver.state)
-    assert await driver.handle("ping me") == SendPing(driver.state, b"you")
+    assert await driver.handle("ping me") == SendPing(b"you", driver.state)
     assert await driver.handle("later") == NoReply(driver.state)
     assert driver.worker.sent() == ["later, bob"]
     await driver.close()

@@ -177,15 +177,15 @@ def test_messages_before_the_peers_close_are_delivered_then_the_close_is_echoed(
 def test_every_result_shape_becomes_the_right_frame() -> None:
     module, peer = opened(), Peer()
     for result, kind in [
-        (SendPing(None, b"p"), "Ping"),
-        (SendPong(None, b"q"), "Pong"),
+        (SendPing(b"p", None), "Ping"),
+        (SendPong(b"q", None), "Pong"),
         (Reply("t", None), "TextMessage"),
     ]:
         module.data_received(peer.text("go"))
         events = peer.read(module.handler_returned(result))
         assert type(events[0]).__name__ == kind
     module.data_received(peer.text("go"))
-    effects = module.handler_returned(Close(None, 4000, "done"))
+    effects = module.handler_returned(Close(4000, "done", None))
     close = peer.read(effects)[0]
     assert (close.code, close.reason) == (4000, "done")
     assert SetTimer("close", 10.0) in effects
