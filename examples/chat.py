@@ -31,8 +31,8 @@ other clients::
     python -m websockets ws://127.0.0.1:8080/ws?name=ann
 
 Across several processes (each with its own room and tree, sharing the port), joined into one
-cluster by Redis so that the broadcasts reach the clients of every process (the member counts
-are those of each process)::
+cluster by Redis so that the broadcasts reach the clients of every process (the join and leave
+notices then carry no member count: ``"members": null``; each process logs its own)::
 
     python examples/chat.py --processes 2 --cluster-url redis://127.0.0.1:6379/0
 """
@@ -73,10 +73,15 @@ def member_name(query: str, connection_id: int) -> str:
 
 
 class ChatRoom(GenServer):
-    """Broadcasts what members say, who joined and who left, to the "chat" group; counts the messages."""
+    """Broadcasts what members say, who joined and who left, to the "chat" group; counts the messages.
 
-    def init(self) -> None:
+    In a cluster (``clustered``) the notices say no member count: this process knows only its own
+    members, and the cluster's presence is as of each node's last heartbeat.
+    """
+
+    def init(self, clustered: bool = False) -> None:
         self.said = 0
+        self.clustered = clustered
 
     def handle_cast(self, message: Any) -> None:
         kind, who, detail = message
@@ -89,7 +94,8 @@ class ChatRoom(GenServer):
             members = groups.count("chat")
             peer, origin = detail
             log.info("%r joined from %s, origin %r (%d here)", who, peer, origin, members)
-            broadcast("chat", json.dumps({"type": "joined", "who": who, "members": members}))
+            shown = None if self.clustered else members
+            broadcast("chat", json.dumps({"type": "joined", "who": who, "members": shown}))
         elif kind == "left":
             members = groups.count("chat")
             code, reason = detail
@@ -97,7 +103,8 @@ class ChatRoom(GenServer):
                 log.info("%r left: connection closed with %d %r (%d here)", who, code, reason, members)
             else:
                 log.warning("%r left: connection ended abnormally with %d %r (%d here)", who, code, reason, members)
-            broadcast("chat", json.dumps({"type": "left", "who": who, "code": code, "members": members}))
+            shown = None if self.clustered else members
+            broadcast("chat", json.dumps({"type": "left", "who": who, "code": code, "members": shown}))
 
     def handle_call(self, request: Any, caller: Caller) -> Any:
         if request == "members":
@@ -167,7 +174,10 @@ def chat_tree(port: int = 8080, *, cluster_url: str | None = None, reuse_port: b
         ),
     ]
     return Supervisor(
-        [ChatRoom.child_spec("room", name="chat_room"), pywsserver.server_child_spec(server_options, id="server")],
+        [
+            ChatRoom.child_spec("room", cluster_url is not None, name="chat_room"),
+            pywsserver.server_child_spec(server_options, id="server"),
+        ],
         strategy="one_for_one",
         intensity=5,
         period=10,

@@ -13,6 +13,9 @@ downloads no browser (only ``playwright install`` would); the launch points it a
 (Debian's ``chromium``, or the executable named by ``PYWSSERVER_CHROMIUM``) with ``executable_path``,
 with a fresh profile directory made by Playwright for each launch.
 
+With the cluster backend, two pages served by two server processes (two nodes on one real
+``redis-server``) chat as well.
+
 Where no Chromium is found the tests skip, saying how to install one; in CI (``CI=true``) they fail
 instead. A screenshot of the page after the exchange is saved under ``PYWSSERVER_ARTIFACTS`` (pytest's
 temporary directory when unset) and its path printed.
@@ -32,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from .cluster_tools import RedisServer, running_redis
 
 ROOT = Path(__file__).resolve().parent.parent
 CHAT = ROOT / "examples" / "chat.py"
@@ -109,12 +114,12 @@ def artifacts(tmp_path: Path) -> Path:
 class ChatServer:
     """``examples/chat.py`` as a process of its own; its log (stderr) collected line by line."""
 
-    def __init__(self, backend: str, port: int = 0) -> None:
+    def __init__(self, backend: str, port: int = 0, options: tuple[str, ...] = ()) -> None:
         self.backend = backend
         self.lines: list[str] = []
         self._changed = threading.Condition()
         self.process = subprocess.Popen(
-            [sys.executable, str(CHAT), "--port", str(port), "--backend", backend],
+            [sys.executable, str(CHAT), "--port", str(port), "--backend", backend, *options],
             cwd=ROOT,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
@@ -181,7 +186,7 @@ def server_backend(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def servers(server_backend: str) -> Iterator[list[ChatServer]]:
+def servers() -> Iterator[list[ChatServer]]:
     """The chat servers a test starts (append to the list); whatever is still running is stopped at the end."""
     started: list[ChatServer] = []
     yield started
@@ -288,3 +293,46 @@ def test_the_page_reconnects_when_the_server_restarts(
     finally:
         context.close()
     assert second.stop() == 0
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A real ``redis-server`` on a free port (skipped where it is not installed, failing in CI)."""
+    yield from running_redis(tmp_path)
+
+
+def test_two_pages_on_two_server_processes_chat_through_the_cluster(
+    browser: Any, servers: list[ChatServer], redis_server: RedisServer
+) -> None:
+    from playwright.sync_api import expect
+
+    # Two chat processes, each a node of one cluster (asyncio: the cluster's Redis client runs on it
+    # alone), each with its own port: the two pages are served by different processes for sure.
+    for _ in range(2):
+        servers.append(ChatServer("asyncio", options=("--cluster-url", redis_server.url)))
+    first, second = servers
+    context = browser.new_context()
+    try:
+        ann = open_chat(context, first.port, "ann")
+        bob = open_chat(context, second.port, "bob")
+        first.wait_for_line(r"'ann' joined from")
+        second.wait_for_line(r"'bob' joined from")
+        expect(ann.locator("#log .joined")).to_have_text(["ann joined", "bob joined"])  # no count in a cluster
+
+        say(ann, "hello from the first process")
+        say(bob, "hello from the second")
+        for page in (ann, bob):
+            expect(page.locator("#log .said")).to_have_text(
+                ["ann: hello from the first process", "bob: hello from the second"]
+            )
+
+        bob.close()
+        expect(ann.locator("#log .left")).to_have_text(["bob left"])
+        second.wait_for_line(r"'bob' left: connection closed with (1000|1001)")
+    finally:
+        context.close()
+    for server in servers:
+        assert server.stop() == 0
+    for server in servers:
+        trouble = re.compile(r"^(WARNING|ERROR|CRITICAL)\b|^Traceback|\bpywsserver\.bad_input\b")
+        assert not [line for line in server.lines if trouble.search(line)], server.log
