@@ -27,6 +27,10 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import anyio
+
+from . import _core
+
 if TYPE_CHECKING:
     from ._core import ConnectionCore
 
@@ -140,6 +144,7 @@ class ProtocolDriver(asyncio.BufferedProtocol):
     __slots__ = (
         "_core",
         "_loop",
+        "_lost",
         "_sock",
         "_timer_handle",
         "_tls",
@@ -167,6 +172,7 @@ class ProtocolDriver(asyncio.BufferedProtocol):
         self._timer_handle: asyncio.TimerHandle | None = None
         self._wake: _Wakeup | None = None
         self._transport: asyncio.Transport | None = None
+        self._lost = False  # connection_lost was called: the socket is closed
         core._clock = _loop_clock(loop)
         if tls is None:
             # The default loop: the transport is made now, as asyncio's own servers make one for
@@ -259,15 +265,31 @@ class ProtocolDriver(asyncio.BufferedProtocol):
             self._core._socket_closed = True
             self._transport.abort()
 
-    async def close_now(self) -> None:
-        """Close the open socket at once."""
-        self._drop()
-
-    def _drop(self) -> None:
-        if self._transport is not None:
-            self._transport.abort()
-        else:
+    async def closed(self) -> None:
+        """Close the socket and wait for ``connection_lost``; a graceful close is aborted after the linger."""
+        transport = self._transport
+        if self._lost or transport is None:  # closed, or never wrapped (a failed TLS handshake)
             self._sock.close()
+            return
+        if not transport.is_closing():
+            transport.abort()
+        wake = self._wake
+        if wake is None:  # the task never ran: nothing to wait with
+            transport.abort()
+            return
+        with anyio.move_on_after(_core.CLOSE_LINGER):
+            await self._wait_lost(wake)
+        if not self._lost:  # the peer does not read what is buffered: drop it
+            transport.abort()
+            with anyio.move_on_after(1):
+                await self._wait_lost(wake)
+
+    async def _wait_lost(self, wake: _Wakeup) -> None:
+        while not self._lost:
+            wake.clear()
+            if self._lost:
+                return
+            await wake.future()
 
     def pause_reading(self) -> None:
         """Stop reading."""
@@ -323,8 +345,14 @@ class ProtocolDriver(asyncio.BufferedProtocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        """The socket is closed."""
-        self._core._on_lost()
+        """The socket is closed: let go of the transport (a TLS transport's protocol keeps this
+        driver's ``get_buffer``, so holding it back would make a cycle that only a full garbage
+        collection frees, with its 256 KiB buffer)."""
+        self._lost = True
+        self._transport = None
+        core = self._core
+        core._writer = _core.NOWHERE
+        core._on_lost()
 
     def pause_writing(self) -> None:
         """The write buffer is above its bound: stop reading and let actions wait."""

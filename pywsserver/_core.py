@@ -36,9 +36,10 @@ HANDSHAKING,    the server stops (cancellation): ``GoingAway`` to the     DRAINI
 SERVING         module, then the driver keeps reading until the deadline
 DRAINING        the module stops, the socket closes or the deadline       DONE
 DONE            (end of `ConnectionCore._finish`) the driver has closed   (released)
-                the socket (or begun a graceful close), the handler was
-                told ``connection_close`` once if ``init`` succeeded;
-                then the slot is released
+                the socket (a graceful close that cannot finish is
+                aborted after ``CLOSE_LINGER``), the handler was told
+                ``connection_close`` once if ``init`` succeeded; then
+                the slot is released
 ==============  ========================================================  ============
 
 Whatever ends the connection, `ConnectionCore._finish` runs: the handler's
@@ -94,6 +95,8 @@ logger = logging.getLogger("pywsserver.worker")
 #: Every frame written and message delivered, at DEBUG (checked once per connection: free when off).
 frames_logger = logging.getLogger("pywsserver.frames")
 _connection_ids = itertools.count(1)
+#: Seconds a socket closing gracefully gets to send what is still buffered before it is aborted.
+CLOSE_LINGER = 5.0
 _INFINITY = float("inf")
 
 
@@ -130,8 +133,13 @@ class Driver(Protocol):
     def abort(self) -> None:
         """Drop the connection now; mark the core's socket closed once it is."""
 
-    async def close_now(self) -> None:
-        """At the end: close the socket, which is still open, at once."""
+    async def closed(self) -> None:
+        """At the end: close the socket and return once it is closed, within a bounded time.
+
+        A socket never asked to close is aborted; a graceful close in progress
+        (`close_socket`) gets `CLOSE_LINGER` seconds to send what is buffered,
+        then is aborted: a peer that does not read cannot hold the socket open.
+        """
 
     def pause_reading(self) -> None:
         """Stop reading until `resume_reading` (the core is busy or the peer does not read)."""
@@ -186,7 +194,57 @@ class _Nowhere:
         """Drop ``data``."""
 
 
-_NOWHERE = _Nowhere()
+NOWHERE = _Nowhere()
+
+
+class _Ended:
+    """The driver of a connection that has ended: asks nothing, does nothing.
+
+    The core lets go of its real driver at the end, so that the two (which
+    refer to each other while the connection lives) are freed by reference
+    counting, not by a later garbage collection pass.
+    """
+
+    __slots__ = ()
+
+    def addresses(self) -> tuple[Any, Any]:
+        return None, None
+
+    async def serve(self) -> None:
+        pass
+
+    async def drain(self) -> None:
+        pass
+
+    async def closed(self) -> None:
+        pass
+
+    def close_socket(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def wake(self) -> None:
+        pass
+
+    def wake_at(self, deadline: float) -> None:
+        pass
+
+    def cancel_timer(self) -> None:
+        pass
+
+    def flush_soon(self) -> None:
+        pass
+
+
+_ENDED = _Ended()
 
 
 class ConnectionCore(HandlerCalls):
@@ -241,7 +299,7 @@ class ConnectionCore(HandlerCalls):
         # an empty deque holds 760 bytes, and every connection has this queue for its whole life).
         self._queue: list[Effect] = []
         self._out: list[bytes] = []
-        self._writer: Writer = _NOWHERE
+        self._writer: Writer = NOWHERE
         self._clock: Callable[[], float] = anyio.current_time
         self._backlog: deque[Any] | None = None  # made when input must wait
         self._busy = False
@@ -690,12 +748,10 @@ class ConnectionCore(HandlerCalls):
         self._driver.cancel_timer()
         self._timers.clear()
         try:
-            if self._socket_closed and not (self._opened and not self._told_close):
-                return  # the common end: nothing left to await, no cancel scope needed
             with anyio.CancelScope(shield=True):
-                if not self._socket_closed:
-                    self._socket_closed = True
-                    await self._driver.close_now()
+                # The driver owns the socket's end: the slot goes back once the socket is closed.
+                self._socket_closed = True
+                await self._driver.closed()
                 if self._opened and not self._told_close:
                     if self._aborted is not None:
                         notice = self._aborted
@@ -706,6 +762,8 @@ class ConnectionCore(HandlerCalls):
                     with cleanup_scope():
                         await _run_async(self._deliver_steps(notice))
         finally:
+            self._driver = _ENDED  # no cycle left through the driver (see `_Ended`)
+            self._writer = NOWHERE
             if self._release is not None:
                 release, self._release = self._release, None
                 release()

@@ -1,23 +1,32 @@
 """The anyio stream driver: a connection's bytes through an anyio byte stream (trio and any other backend).
 
-Two tasks, both in the driver's task group (owned by the worker's task): the
+Three tasks, all in the driver's task group (owned by the worker's task): the
 *reader* receives bytes and hands them to the core, runs the core's timers
 (as the deadline of the receive) and makes the async handler calls the core
 asks for; the *mailbox* task hands the core the actions queued by
-``send``/``ping``/``close`` callers. What the core writes (the driver is its writer) is
-gathered and written by whichever task produced it, through one lock, so
-writes keep their order. TLS is anyio's `TLSStream`, its handshake bounded by
+``send``/``ping``/``close`` callers; the *writer* writes what the core
+produced, in order. Like asyncio's transport, the writer holds what waits to
+be written: above ``write_buffer_size`` bytes the reader stops reading and
+the mailbox task stops taking actions (timers still run), until it is down to
+a quarter of that. TLS is anyio's `TLSStream`, its handshake bounded by
 ``tls_handshake_timeout``.
+
+The socket's end: what the core produced is written, then the stream is
+closed; a peer that does not read gets `pywsserver._core.CLOSE_LINGER`
+seconds, then the stream is closed with what is left unsent.
 """
 
 from __future__ import annotations
 
+import math
 import ssl
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
 from anyio.streams.tls import TLSAttribute, TLSStream
+
+from . import _core
 
 if TYPE_CHECKING:
     from ._core import ConnectionCore
@@ -32,13 +41,18 @@ class StreamDriver:
 
     __slots__ = (
         "_close_requested",
+        "_closed",
         "_core",
+        "_finishing",
+        "_output",
         "_pending",
+        "_pending_bytes",
+        "_room",
         "_scope",
         "_stream",
         "_tls",
         "_tls_handshake_timeout",
-        "_write_lock",
+        "_writer_done",
     )
 
     def __init__(
@@ -52,16 +66,24 @@ class StreamDriver:
         self._stream = stream
         self._tls = tls
         self._tls_handshake_timeout = tls_handshake_timeout
-        self._pending: list[bytes] = []  # what the core handed over, to be written
+        self._pending: list[bytes] = []  # what the core produced, for the writer
+        self._pending_bytes = 0
+        self._output = anyio.Event()  # set when there is something for the writer to do
+        self._room: anyio.Event | None = None  # set when the pending bytes are down again
+        self._writer_done: anyio.Event | None = None
         self._close_requested = False
+        self._finishing = False
+        self._closed = False
         self._scope: anyio.CancelScope | None = None
-        self._write_lock = anyio.Lock(fast_acquire=True)
         core._writer = self
         core._clock = anyio.current_time
 
     def write(self, data: bytes) -> None:
-        """The core's output: written by the task that produced it, at its next `_write_pending`."""
+        """The core's output, for the writer task."""
         self._pending.append(data)
+        self._pending_bytes += len(data)
+        if not self._output.is_set():
+            self._output.set()
 
     def addresses(self) -> tuple[Any, Any]:
         """The peer's and the local address."""
@@ -74,28 +96,42 @@ class StreamDriver:
     # ----------------------------------------------------------- the tasks
 
     async def serve(self) -> None:
-        """The TLS handshake, then the reader and the mailbox task until the module stops."""
+        """The TLS handshake, then the reader, mailbox and writer tasks until the module stops."""
         core = self._core
         core._mailbox()  # the mailbox task reads it from the start
         if self._tls is not None and not await self._start_tls():
             return
         async with anyio.create_task_group() as tg:
             self._scope = tg.cancel_scope
+            self._writer_done = anyio.Event()
+            tg.start_soon(self._writer_loop)
             tg.start_soon(self._mailbox_loop)
             core._feed(core._module.start(b"", {}))
             await self._settle()
             await self._reader_loop()
+            await self._finish_writing()
             tg.cancel_scope.cancel()
 
     async def drain(self) -> None:
         """Write what ``GoingAway`` produced, then read until the module stops."""
-        await self._settle()
-        await self._reader_loop()
+        async with anyio.create_task_group() as tg:
+            self._scope = tg.cancel_scope
+            self._writer_done = anyio.Event()
+            self._finishing = False
+            tg.start_soon(self._writer_loop)
+            await self._settle()
+            await self._reader_loop()
+            await self._finish_writing()
+            tg.cancel_scope.cancel()
 
     async def _reader_loop(self) -> None:
         core = self._core
         stream = self._stream
+        limit = core._options.write_buffer_size
         while not core._stopped and not core._socket_closed:
+            if self._pending_bytes > limit:
+                await self._wait_for_room(timers=True)
+                continue
             timers = core._timers
             if timers:
                 with anyio.CancelScope(deadline=min(timers.values())) as scope:
@@ -121,42 +157,83 @@ class StreamDriver:
             core._feed(core._module.data_received(data))
             await self._settle()
 
-    async def _settle(self) -> None:
-        """Write what the core produced; make the async handler calls it waits on, and write again."""
+    async def _wait_for_room(self, *, timers: bool) -> None:
+        """Wait until the writer is down to a quarter of the bound; the reader runs the timers meanwhile."""
         core = self._core
-        await self._write_pending()
+        room = self._room
+        if room is None or room.is_set():
+            room = self._room = anyio.Event()
+        deadline = min(core._timers.values()) if timers and core._timers else math.inf
+        with anyio.CancelScope(deadline=deadline) as scope:
+            await room.wait()
+        if scope.cancelled_caught:
+            core._timers_due()
+            await self._settle()
+
+    async def _settle(self) -> None:
+        """Make the async handler calls the core waits on (what they produce goes to the writer)."""
+        core = self._core
         while core._busy and not core._stopped:
             await core._call_async_handler()
             if core._backlog and not core._busy:
                 core._take_backlog()  # timers that expired together wait there while one is busy
-            await self._write_pending()
 
     async def _mailbox_loop(self) -> None:
         core = self._core
         assert core._mailbox_receive is not None
+        limit = core._options.write_buffer_size
         async for action in core._mailbox_receive:
+            if core._stopped:
+                return
             core._act(action)
-            await self._write_pending()
+            while self._pending_bytes > limit and not core._stopped and not core._socket_closed:
+                await self._wait_for_room(timers=False)
             if core._stopped:
                 return
 
-    async def _write_pending(self) -> None:
-        """Write what is pending, then close if the core asked to; under the lock, so in order."""
+    async def _writer_loop(self) -> None:
+        """Write what is pending, in order; close when the core asked to; end when serving ends."""
+        core = self._core
         pending = self._pending
-        if not pending and not self._close_requested:
-            return
-        async with self._write_lock:
-            while pending:
+        limit = core._options.write_buffer_size
+        try:
+            while True:
+                if not pending:
+                    if self._close_requested:
+                        await self._close()
+                        return
+                    if self._finishing:
+                        return
+                    await self._output.wait()
+                    self._output = anyio.Event()
+                    continue
                 data = pending[0] if len(pending) == 1 else b"".join(pending)
                 pending.clear()
                 try:
                     await self._stream.send(data)
                 except _CLOSED_ERRORS:
-                    self._core._socket_closed = True
-                    pending.clear()
-            if self._close_requested:
-                self._close_requested = False
-                await self._close()
+                    core._socket_closed = True
+                    return
+                finally:
+                    self._pending_bytes -= len(data)
+                if self._room is not None and self._pending_bytes <= limit // 4:
+                    self._room.set()
+        finally:
+            if core._socket_closed and not self._closed:
+                pending.clear()
+                self._pending_bytes = 0
+            if self._room is not None:
+                self._room.set()
+            if self._writer_done is not None:
+                self._writer_done.set()
+
+    async def _finish_writing(self) -> None:
+        """Serving is over: give the writer `CLOSE_LINGER` seconds to write what is pending."""
+        self._finishing = True
+        self._output.set()
+        assert self._writer_done is not None
+        with anyio.move_on_after(_core.CLOSE_LINGER):
+            await self._writer_done.wait()
 
     async def _start_tls(self) -> bool:
         """The TLS handshake, bounded by ``tls_handshake_timeout``; ``False`` if it failed."""
@@ -174,22 +251,27 @@ class StreamDriver:
         return True
 
     async def _close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         with anyio.CancelScope(shield=True), anyio.move_on_after(1):
             await self._stream.aclose()
 
     # ------------------------------------------------------- the core's asks
 
     def close_socket(self) -> None:
-        """Close once what is pending is written (by the task that wrote it)."""
+        """Close once what is pending is written (by the writer)."""
         self._close_requested = True
+        if not self._output.is_set():
+            self._output.set()
 
     def abort(self) -> None:
         """Stop the tasks now; the core's end closes the stream."""
         if self._scope is not None:
             self._scope.cancel()
 
-    async def close_now(self) -> None:
-        """Close the open stream (bounded: a peer that does not read cannot hold it)."""
+    async def closed(self) -> None:
+        """Close the stream, with what is left unsent (the writer had its linger)."""
         await self._close()
 
     def pause_reading(self) -> None:
