@@ -351,6 +351,7 @@ def run_websockets_redis(port: int, count: int) -> None:
     import socket
 
     reserved = socket.socket()
+    reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     reserved.bind(("127.0.0.1", port))
     port = reserved.getsockname()[1]
@@ -388,10 +389,14 @@ def run_websockets_redis(port: int, count: int) -> None:
         if pid == 0:
             reserved.close()
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            code = 1
             try:
                 asyncio.run(main())
+                code = 0
+            except BaseException as error:
+                print(f"websockets-redis process failed: {error!r}", file=sys.stderr, flush=True)
             finally:
-                os._exit(0)
+                os._exit(code)
         children.append(pid)
 
     def stop(number: int, frame: Any) -> None:

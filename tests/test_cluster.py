@@ -507,10 +507,30 @@ def test_the_cluster_benchmark_servers_deliver_every_broadcast(
     monkeypatch.setenv("BENCH_REDIS_URL", redis_server.url)
     loadgen = bench.build("loadgen")
     for name, cpus, processes in bench.CLUSTER_SERVERS:
-        server = bench.Server(name, cpus=cpus, processes=processes)
+        server = bench.start(name, cpus, processes)
         try:
             arguments = ["broadcast", "--conns", "40", "--count", "5", "--one-at-a-time"]
             result = bench.run_loadgen(loadgen, server.port, arguments, 1)
             assert result["deliveries"] == result["expected"] == 5 * 41, name
         finally:
             server.stop()
+
+
+def test_the_command_line_names_the_cluster_option_when_it_cannot_start() -> None:
+    import subprocess
+    import sys
+
+    from .cluster_tools import ROOT, free_port
+
+    def pywsserver_cli(*arguments: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "pywsserver", "--port", "0", *arguments]
+        return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    on_trio = pywsserver_cli("--cluster-url", dead, "--backend", "trio")
+    assert on_trio.returncode == 2
+    assert "pywsserver: cluster: the Redis client (redis.asyncio) runs on asyncio only" in on_trio.stderr
+    unreachable = pywsserver_cli("--cluster-url", dead)
+    assert unreachable.returncode == 2
+    assert f"pywsserver: cluster.url: cannot use the Redis server at {dead}" in unreachable.stderr
+    assert "cluster.url: expected a redis://" in pywsserver_cli("--cluster-url", "http://x").stderr

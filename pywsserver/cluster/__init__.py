@@ -42,15 +42,17 @@ from . import _state, _wire
 from ._address import Address, address_of, local_worker
 from ._errors import ClusterStartError, ClusterUnavailable, NameRegisteredElsewhere
 from ._options import ClusterOptions
+from ._state import ClusterStats
 
 if TYPE_CHECKING:
     from .._worker import Worker
-    from ._node import ClusterNode, ClusterStats
+    from ._node import ClusterNode
 
 __all__ = [
     "Address",
     "ClusterOptions",
     "ClusterStartError",
+    "ClusterStats",
     "ClusterUnavailable",
     "NameRegisteredElsewhere",
     "address",

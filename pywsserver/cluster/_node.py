@@ -40,7 +40,6 @@ from urllib.parse import urlsplit, urlunsplit
 import anyio
 import anyio.abc
 import anyio.lowlevel
-import attrs
 import redis.asyncio as aioredis
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from redis.asyncio.retry import Retry
@@ -55,6 +54,7 @@ from . import _state, _wire
 from ._address import local_worker
 from ._errors import ClusterStartError, ClusterUnavailable, NameRegisteredElsewhere
 from ._options import ClusterOptions
+from ._state import ClusterStats
 from ._wire import Status
 
 __all__ = ["ClusterNode", "ClusterStartError", "ClusterStats", "ClusterUnavailable"]
@@ -81,24 +81,6 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
-
-
-@attrs.define
-class ClusterStats:
-    """Counters of one node since it started (read them with ``pywsserver.cluster.stats()``)."""
-
-    #: Messages published (broadcasts, sends, casts and answers).
-    published: int = 0
-    #: Publishes that failed: Redis down, the link lost with them queued, or the queue full.
-    publish_failed: int = 0
-    #: Broadcasts received from other nodes.
-    received: int = 0
-    #: Messages from the channel that did not decode (logged, dropped).
-    malformed: int = 0
-    #: Times the link to Redis was established (1 + reconnections).
-    connections: int = 0
-    #: Times the link was lost or a connection attempt failed.
-    link_failures: int = 0
 
 
 def _safe_url(url: str) -> str:
@@ -142,10 +124,6 @@ class _Pending:
         if self.status is None:
             self.status = status
             self.done.set()
-
-
-class _LinkLost(Exception):
-    """Redis went away while the link ran (not a crash: the link restarts after its backoff)."""
 
 
 #: Errors that mean "Redis is unreachable or gone", as opposed to a bug.
@@ -442,7 +420,7 @@ class ClusterNode:
         if origin == self._name_bytes:
             return  # delivered locally when it was broadcast
         self.stats.received += 1
-        group = group_raw.decode()
+        group = group_raw.decode("utf-8", "surrogatepass")
         targets = members(group)
         if targets:
             message = payload.decode() if flags & _wire.TEXT else payload
@@ -513,7 +491,9 @@ class ClusterNode:
         flags, payload = _wire.pack(data)
         if slow == "close":
             flags |= _wire.CLOSE
-        message = _wire.encode(b"B", flags, [self._name_bytes, group.encode(), b"%d" % close_code], payload)
+        message = _wire.encode(
+            b"B", flags, [self._name_bytes, group.encode("utf-8", "surrogatepass"), b"%d" % close_code], payload
+        )
         return self._publish(self._broadcast_channel, message)
 
     async def request(
