@@ -8,16 +8,22 @@ It may be given as:
 * a Python module (its functions are called),
 * a class (one instance is made per connection, its methods are called),
 * an instance (shared by every connection; its methods are called),
-* a ``"package.module:attr"`` (or ``"package.module"``) string naming one of those.
+* a ``"package.module:attr"`` (or ``"package.module"``) string naming one of those,
+  or the path of a ``.py`` file (``"handlers/chat.py"``, ``"chat.py:Room"``).
 
-Each callback may be a plain function or ``async``.
+Each callback may be a plain function or ``async``. Whether each can be
+called with the arguments the server passes is checked at start, so that a
+wrong signature fails there rather than at the first connection.
 """
 
 from __future__ import annotations
 
 import inspect
+import os
+import sys
 import types
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from ._optionkit import OptionError, resolve_object
@@ -33,6 +39,68 @@ def _describe(target: Any) -> str:
     return f"instance of {type(target).__module__}.{type(target).__qualname__}"
 
 
+#: The callbacks the server calls, with the arguments it passes.
+_CALLBACKS = (("init", ("options",)), ("handle", ("message", "state")), ("handshake", ("info",)))
+
+
+def _import(reference: str, path: str) -> Any:
+    """Import a handler named ``package.module[:attr]``, or a ``.py`` file (``dir/my_handler.py[:attr]``)."""
+    if not reference.strip():
+        raise OptionError(path, "expected a handler: package.module, package.module:attr or a .py file, got ''")
+    module_name, colon, attribute = reference.partition(":")
+    if module_name.endswith(".py") or os.sep in module_name or "/" in module_name:
+        file = Path(module_name)
+        if not file.is_file():
+            raise OptionError(
+                path,
+                f"no such file {module_name!r}; give a module name (package.module[:attr]) importable from"
+                " the current directory, or the path of a .py file",
+            )
+        if file.suffix != ".py":
+            raise OptionError(path, f"{module_name!r} is not a .py file; give a module name or a .py file")
+        directory = str(file.resolve().parent)
+        if directory not in sys.path:
+            sys.path.insert(0, directory)  # the file's siblings import as they would when run as a script
+        module_name = file.stem
+    return resolve_object(module_name + colon + attribute, path)
+
+
+def _check_signatures(target: Any, description: str, path: str) -> None:
+    """Fail now if the server could not call the handler's callbacks (or make its instance) as it will."""
+    if inspect.isclass(target):
+        error = _call_error(target, "the class", ())
+        if error is not None:
+            raise OptionError(
+                path, f"{description}: one instance is made per connection, with no argument, but {error}"
+            )
+    for name, parameters in _CALLBACKS:
+        function = getattr(target, name, None)
+        if function is None or not callable(function):
+            continue
+        arguments: tuple[str, ...] = parameters
+        if inspect.isclass(target) and not isinstance(inspect.getattr_static(target, name), staticmethod | classmethod):
+            arguments = ("self", *parameters)  # called on the instance made per connection
+        error = _call_error(function, name, arguments)
+        if error is not None:
+            raise OptionError(path, f"{description}: the server calls {name}({', '.join(parameters)}), but {error}")
+
+
+def _call_error(function: Any, name: str, arguments: tuple[str, ...]) -> str | None:
+    """Why ``function`` cannot be called with ``arguments``, or ``None`` if it can (or cannot be told)."""
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):  # a builtin without a signature: nothing to check
+        return None
+    try:
+        signature.bind(*arguments)
+    except TypeError as error:
+        shown = name if name != "the class" else "__init__"
+        empty = inspect.Parameter.empty
+        parameters = ", ".join(str(p.replace(annotation=empty)) for p in signature.parameters.values())
+        return f"{shown}({parameters}) cannot take them: {error}"
+    return None
+
+
 class HandlerModule:
     """A resolved, checked handler module."""
 
@@ -44,12 +112,13 @@ class HandlerModule:
         if isinstance(target, HandlerModule):
             target = target.target
         if isinstance(target, str):
-            target = resolve_object(target, path)
+            target = _import(target, path)
         description = _describe(target)
         kind = "function" if isinstance(target, types.ModuleType) else "method"
         for required in ("init", "handle"):
             if not callable(getattr(target, required, None)):
                 raise OptionError(path, f"{description} has no {kind} {required!r}")
+        _check_signatures(target, description, path)
         #: The module, class or instance as resolved.
         self.target = target
         #: How logs name the handler.

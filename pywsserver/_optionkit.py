@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import traceback
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -89,20 +90,43 @@ def check_bool(value: Any, path: str) -> bool:
 
 
 def resolve_object(reference: str, path: str) -> Any:
-    """Import ``"package.module:attr"``, ``"package.module.attr"`` or ``"package.module"``."""
+    """Import ``"package.module:attr"``, ``"package.module.attr"`` or ``"package.module"``.
+
+    An error raised while importing a module that exists (its own ``import
+    requests`` failing, a syntax error) is reported as it is, naming where it happened.
+    """
     module_name, _, attribute = reference.partition(":")
+    if not module_name or not all(part.isidentifier() for part in module_name.split(".")):
+        raise OptionError(path, f"expected package.module or package.module:attr, got {reference!r}")
     try:
         if attribute:
-            target: Any = importlib.import_module(module_name)
+            target: Any = _import_module(module_name)
             for part in attribute.split("."):
                 target = getattr(target, part)
             return target
         try:
-            return importlib.import_module(module_name)
-        except ImportError:
+            return _import_module(module_name)
+        except ModuleNotFoundError as error:
             parent, _, name = module_name.rpartition(".")
-            if not parent:
+            if not parent or error.name != module_name:  # something the module imports is missing
                 raise
-            return getattr(importlib.import_module(parent), name)
+            return getattr(_import_module(parent), name)
     except (ImportError, AttributeError) as error:
         raise OptionError(path, f"cannot import {reference!r}: {error}") from None
+
+
+class _ImportFailed(ImportError):
+    """A module exists but raised while being imported."""
+
+
+def _import_module(name: str) -> Any:
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise
+    except Exception as error:
+        frames = traceback.extract_tb(error.__traceback__)
+        where = f" ({frames[-1].filename}, line {frames[-1].lineno})" if frames else ""
+        if isinstance(error, SyntaxError):
+            where = ""  # its message says where
+        raise _ImportFailed(f"importing {name} raised {type(error).__name__}: {error}{where}") from error

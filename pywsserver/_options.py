@@ -8,10 +8,12 @@ function 'handle'``. Nothing here touches a socket.
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import os
 import socket
 import ssl
+import types
 from collections.abc import Mapping
 from typing import Any
 
@@ -121,15 +123,30 @@ _TLS_LEVEL = ("certfile", "keyfile", "password", "client_ca", "verify_client", "
 _WORKER_LEVEL = ("protocol_modules", "protocol_modules_options", "initial_module", "mailbox_size", "write_buffer_size")
 
 
+def _near_name(key: Any) -> str:
+    """``; did you mean 'websocket'?`` for a name close to a built-in module's, else nothing."""
+    if not isinstance(key, str):
+        return ""
+    near = difflib.get_close_matches(key, [*BUILTIN_MODULES, *ORIGINAL_MODULE_NAMES], n=1, cutoff=0.75)
+    return f"; did you mean {near[0]!r}?" if near else ""
+
+
 def _resolve_module(key: Any, path: str) -> Any:
     if isinstance(key, str):
         module = BUILTIN_MODULES.get(key)
         if module is None:
-            module = resolve_object(key, path)
+            try:
+                module = resolve_object(key, path)
+            except OptionError as error:
+                raise OptionError(path, f"{str(error).removeprefix(path + ': ')}{_near_name(key)}") from None
     else:
         module = key
     if not inspect.isclass(module):
-        raise OptionError(path, f"expected a protocol module class, a short name or a dotted path, got {module!r}")
+        got = f"the Python module {module.__name__!r}" if isinstance(module, types.ModuleType) else repr(module)
+        raise OptionError(
+            path,
+            f"expected a protocol module class, a short name or a dotted path, got {got}{_near_name(key)}",
+        )
     for method in _MODULE_METHODS:
         if not callable(getattr(module, method, None)):
             raise OptionError(path, f"{module.__qualname__} is not a protocol module: it has no method {method!r}")
@@ -293,14 +310,12 @@ def _parse_tls(raw: Any, path: str) -> ssl.SSLContext:
         value = options.get(name)
         if value is not None and not isinstance(value, str | os.PathLike):
             raise OptionError(join(path, name), f"expected a file path, got {value!r}")
-    try:
-        context.load_cert_chain(options["certfile"], options.get("keyfile"), options.get("password"))
-    except (OSError, ssl.SSLError) as error:
-        raise OptionError(join(path, "certfile"), f"cannot load the certificate and key: {error}") from None
+    _load_cert_chain(context, options, path)
     verify = options.get("verify_client", "required" if options.get("client_ca") else "none")
     if verify not in _VERIFY:
         raise OptionError(join(path, "verify_client"), f"expected one of {', '.join(_VERIFY)}, got {verify!r}")
     if options.get("client_ca") is not None:
+        _read_pem(options["client_ca"], join(path, "client_ca"))
         try:
             context.load_verify_locations(cafile=options["client_ca"])
         except (OSError, ssl.SSLError) as error:
@@ -314,3 +329,55 @@ def _parse_tls(raw: Any, path: str) -> ssl.SSLContext:
     if protocols:
         context.set_alpn_protocols(list(protocols))
     return context
+
+
+def _read_pem(file: Any, path: str) -> bytes:
+    """The contents of a PEM file, or an `OptionError` naming the file and what is wrong with it."""
+    name = os.fspath(file)
+    try:
+        with open(name, "rb") as stream:
+            return stream.read(1 << 20)  # certificates and keys are small; this is only looked into
+    except FileNotFoundError:
+        raise OptionError(path, f"no such file {name!r}") from None
+    except IsADirectoryError:
+        raise OptionError(path, f"{name!r} is a directory, not a PEM file") from None
+    except OSError as error:
+        raise OptionError(path, f"cannot read {name!r}: {error.strerror or error}") from None
+
+
+def _load_cert_chain(context: ssl.SSLContext, options: Mapping[str, Any], path: str) -> None:
+    """Load the certificate and key; every failure names the file and what is wrong with it."""
+    certfile, keyfile, password = options["certfile"], options.get("keyfile"), options.get("password")
+    certificate = _read_pem(certfile, join(path, "certfile"))
+    if b"-----BEGIN CERTIFICATE-----" not in certificate:
+        raise OptionError(join(path, "certfile"), f"{os.fspath(certfile)!r} holds no PEM certificate")
+    key_path, key_file = (join(path, "keyfile"), keyfile) if keyfile is not None else (join(path, "certfile"), certfile)
+    key = _read_pem(keyfile, key_path) if keyfile is not None else certificate
+    if b"PRIVATE KEY-----" not in key:
+        if keyfile is None:
+            raise OptionError(
+                join(path, "keyfile"),
+                f"required: {os.fspath(certfile)!r} holds a certificate but no private key; give the key's file",
+            )
+        raise OptionError(key_path, f"{os.fspath(key_file)!r} holds no PEM private key")
+    if password is None and b"ENCRYPTED" in key:
+        raise OptionError(join(path, "password"), f"required: the private key in {os.fspath(key_file)!r} is encrypted")
+    try:
+        context.load_cert_chain(certfile, keyfile, password)
+    except ssl.SSLError as error:
+        text = str(error)
+        if "KEY_VALUES_MISMATCH" in text:
+            raise OptionError(
+                key_path,
+                f"the private key in {os.fspath(key_file)!r} does not match the certificate in {os.fspath(certfile)!r}",
+            ) from None
+        if password is not None and ("BAD_DECRYPT" in text or "bad decrypt" in text or "PEM lib" in text):
+            raise OptionError(
+                join(path, "password"), f"cannot decrypt the private key in {os.fspath(key_file)!r}: wrong password?"
+            ) from None
+        raise OptionError(
+            join(path, "certfile"),
+            f"cannot load the certificate {os.fspath(certfile)!r} with the key in {os.fspath(key_file)!r}: {error}",
+        ) from None
+    except OSError as error:
+        raise OptionError(join(path, "certfile"), f"cannot load {os.fspath(certfile)!r}: {error}") from None

@@ -87,7 +87,7 @@ async def test_the_echo_example_runs_with_one_command() -> None:
             ["--handler", "json"],
             b"worker_options.protocol_modules.websocket.handler_module: module 'json' has no function",
         ),
-        (["--certfile", "missing.pem"], b"tls.certfile: cannot load the certificate and key"),
+        (["--certfile", "missing.pem"], b"tls.certfile: no such file 'missing.pem'"),
     ],
 )
 async def test_the_cli_refuses_bad_options_with_their_path(arguments: list[str], message: bytes) -> None:
