@@ -50,8 +50,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import anyio
-
 import pywsserver
 from pywsserver import ConnectionClose, Worker, broadcast, groups
 from pywsserver.supervision import Caller, GenServer, MailboxFull, NotRunning, Supervisor, cast
@@ -185,13 +183,6 @@ def chat_tree(port: int = 8080, *, cluster_url: str | None = None, reuse_port: b
     )
 
 
-async def main(port: int, cluster_url: str | None = None, reuse_port: bool = False) -> None:
-    async with chat_tree(port, cluster_url=cluster_url, reuse_port=reuse_port).running():
-        with anyio.open_signal_receiver(2, 15) as signals:
-            async for _ in signals:
-                return
-
-
 def run_processes(count: int, port: int, cluster_url: str | None) -> None:
     """Fork ``count`` processes running the whole tree on one port (SO_REUSEPORT); SIGINT/SIGTERM stops them."""
     children = []
@@ -201,7 +192,7 @@ def run_processes(count: int, port: int, cluster_url: str | None) -> None:
             status = 1
             try:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, _WAITED)
-                anyio.run(main, port, cluster_url, True)
+                pywsserver.run(chat_tree(port, cluster_url=cluster_url, reuse_port=True))  # until SIGTERM
                 status = 0
             finally:
                 os._exit(status)
@@ -233,4 +224,5 @@ if __name__ == "__main__":
         signal.pthread_sigmask(signal.SIG_BLOCK, _WAITED)  # delivered to sigwait, not to handlers
         run_processes(args.processes, args.port, args.cluster_url)
     else:
-        anyio.run(main, args.port, args.cluster_url, backend=args.backend)
+        # Runs the tree until Ctrl+C or SIGTERM, then stops it gracefully (clients get 1001).
+        pywsserver.run(chat_tree(args.port, cluster_url=args.cluster_url), backend=args.backend)

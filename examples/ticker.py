@@ -59,15 +59,8 @@ def ticker_tree(port: int = 8080, interval: float = 1.0) -> Supervisor:
     )
 
 
-async def main(port: int) -> None:
-    async with ticker_tree(port).running():
-        with anyio.open_signal_receiver(2, 15) as signals:
-            async for _ in signals:
-                return
-
-
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Push ticks to every WebSocket client")
     parser.add_argument("--port", type=int, default=8080)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    anyio.run(main, parser.parse_args().port)
+    pywsserver.run(ticker_tree(parser.parse_args().port))  # until Ctrl+C or SIGTERM, then a graceful stop

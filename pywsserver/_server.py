@@ -20,8 +20,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import importlib.metadata
 import logging
 import os
+import platform
 import signal
 import socket
 import stat
@@ -208,7 +210,7 @@ async def _listener(server: Server, *, task_status: anyio.abc.TaskStatus[None]) 
                 _address(listener.extra(anyio.abc.SocketAttribute.local_address)) for listener in listeners
             ]
             server.port = server.addresses[0][1]
-            where = ", ".join(f"{h}:{p}" for h, p in server.addresses)
+            where = ", ".join(f"{_url_host(h)}:{p}" for h, p in server.addresses)
         logger.info("listening on %s%s", where, " (TLS)" if options.tls is not None else "")
         task_status.started()
         await server._listener_broken.wait()
@@ -465,22 +467,145 @@ async def start_link(options: Any) -> AsyncIterator[Server]:
         raise unwrap_group(group) from None
 
 
-async def _run_until_signal(options: ServerOptions) -> None:
+# ------------------------------------------------------------ running a script
+
+
+def describe_version() -> str:
+    """What ``pywsserver --version`` prints: the version, Python's, and whether the C speedups are in use."""
+    from .protocols._mask import SPEEDUPS
+
+    try:
+        version = importlib.metadata.version("pywsserver")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - run from a source tree
+        version = "(not installed)"
+    speedups = "C speedups in use" if SPEEDUPS else "C speedups not built: pure Python"
+    return f"pywsserver {version} on Python {platform.python_version()} ({speedups})"
+
+
+#: The log format of the command line (and of `run` when the application has not configured logging).
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def configure_logging(level: str | int = "info", *, several_processes: bool = False) -> bool:
+    """Log to stderr as the command line does, unless the application has configured logging already.
+
+    Returns whether it configured logging (it does nothing when the root logger has handlers).
+    """
+    if logging.root.handlers:
+        return False
+    if isinstance(level, str):
+        level = logging.getLevelNamesMapping()[level.upper()]
+    process = " [%(process)d]" if several_processes else ""
+    logging.basicConfig(level=level, format=LOG_FORMAT.replace(" %(name)s", f"{process} %(name)s"))
+    return True
+
+
+def _where(server: Server) -> str:
+    """The URLs a server serves on, as a client would write them."""
+    scheme = "wss" if server.options.tls is not None else "ws"
+    if server.options.unix_path is not None:
+        return f"{scheme}:// on the Unix socket {server.options.unix_path}"
+    return ", ".join(f"{scheme}://{_url_host(host)}:{port}/" for host, port in server.addresses)
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _servers(tree: Supervisor) -> list[Server]:
+    """The servers running in ``tree`` (at any depth)."""
+    found: list[Server] = []
+    for child in tree.which_children():
+        if isinstance(child.ref, Server):
+            found.append(child.ref)
+        elif isinstance(child.ref, Supervisor):
+            found.extend(_servers(child.ref))
+    return found
+
+
+class _QuietStartFailure(logging.Filter):
+    """Drops the supervisor's report of a server that could not listen: `run` raises it as one clear line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        reason = record.exc_info[1] if record.exc_info else None
+        while isinstance(reason, ChildStartError):
+            reason = reason.reason
+        return not isinstance(reason, ServerStartError)
+
+
+async def _run_until_signal(target: ServerOptions | Supervisor) -> None:
     # The signals are caught before the server starts, so that one arriving
     # during the start still stops it gracefully.
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with start_link(options) as server:
-            names = ", ".join(f"ws://{h}:{p}/" for h, p in server.addresses)
-            logger.info("serving on %s (Ctrl+C to stop)", names)
-            async for received in signals:
-                logger.info("received %s: stopping", signal.Signals(received).name)
-                break
+        logger.debug("%s", describe_version())
+        quiet = _QuietStartFailure()
+        supervision_log = logging.getLogger("pywsserver.supervision")
+        supervision_log.addFilter(quiet)
+        try:
+            async with anyio.create_task_group() as tg:
+                try:
+                    if isinstance(target, Supervisor):
+                        await tg.start(target.run)
+                        servers, stop = _servers(target), target.stop
+                    else:
+                        server: Server = await tg.start(serve, target)
+                        servers, stop = [server], server.stop
+                finally:
+                    supervision_log.removeFilter(quiet)
+                if not servers and isinstance(target, Supervisor):
+                    logger.info("running %s (Ctrl+C to stop)", target.label)
+                for server in servers:
+                    logger.info("serving on %s (Ctrl+C to stop)", _where(server))
+                received = await signals.__anext__()
+                connections = sum(server.connections for server in servers)
+                drain = max((server.options.drain_timeout for server in servers), default=0.0)
+                logger.info(
+                    "received %s: stopping; %d connection%s draining for up to %gs (Ctrl+C again to stop at once)",
+                    signal.Signals(received).name,
+                    connections,
+                    "" if connections == 1 else "s",
+                    drain,
+                )
+                tg.start_soon(_stop_at_once_on_signal, signals, servers)
+                await stop()
+                tg.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            raise unwrap_group(group) from None
 
 
-def run(options: Any, *, backend: str = "asyncio") -> None:
-    """Run a server until SIGINT or SIGTERM, then stop it gracefully (blocking; for scripts).
+async def _stop_at_once_on_signal(signals: AsyncIterator[int], servers: list[Server]) -> None:
+    """A second signal while draining ends the process now: connections are dropped, not closed."""
+    async for received in signals:
+        connections = sum(server.connections for server in servers)
+        logger.warning(
+            "received %s again: stopping at once, dropping %d connection%s",
+            signal.Signals(received).name,
+            connections,
+            "" if connections == 1 else "s",
+        )
+        for server in servers:
+            if server.options.unix_path is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(server.options.unix_path)
+        for handler in logging.root.handlers:
+            with contextlib.suppress(Exception):
+                handler.flush()
+        os._exit(128 + received)  # the shielded, bounded cleanups would take up to the drain timeout
 
-    Example: ``pywsserver.run([("port", 8080), ("worker_options", [...])], backend="trio")``.
+
+def run(target: Any, *, backend: str = "asyncio") -> None:
+    """Run a server, or your own supervision tree, until SIGINT or SIGTERM; then stop it gracefully.
+
+    Blocking; for scripts. ``target`` is the server's options, or a
+    `Supervisor` (your tree, with servers in it as `server_child_spec`)::
+
+        pywsserver.run([("port", 8080), ("worker_options", [...])])
+        pywsserver.run(Supervisor([Room.child_spec("room"), server_child_spec(options)]), backend="trio")
+
+    The first signal stops gracefully (connections get 1001 and their
+    handlers `ConnectionClose`, within ``drain_timeout``); a second stops at
+    once. If the application has not configured logging, it logs to stderr
+    at INFO as the command line does.
 
     With the ``processes`` option above 1, that many server processes share
     the port under a supervising parent (see `pywsserver._processes`).
@@ -488,7 +613,12 @@ def run(options: Any, *, backend: str = "asyncio") -> None:
     when it cannot start, `RestartIntensityExceeded` when its
     supervisor gives up.
     """
-    parsed = parse_options(options)
+    if isinstance(target, Supervisor):
+        configure_logging()
+        anyio.run(_run_until_signal, target, backend=backend)
+        return
+    parsed = parse_options(target)
+    configure_logging(several_processes=parsed.processes > 1)
     if parsed.cluster is not None:
         _check_cluster_backend(backend == "asyncio")
     if parsed.processes > 1:
