@@ -531,6 +531,6 @@ def test_the_command_line_names_the_cluster_option_when_it_cannot_start() -> Non
     assert on_trio.returncode == 2
     assert "pywsserver: cluster: the Redis client (redis.asyncio) runs on asyncio only" in on_trio.stderr
     unreachable = pywsserver_cli("--cluster-url", dead)
-    assert unreachable.returncode == 2
+    assert unreachable.returncode == 1  # cannot start (as a port in use), not a bad option
     assert f"pywsserver: cluster.url: cannot use the Redis server at {dead}" in unreachable.stderr
     assert "cluster.url: expected a redis://" in pywsserver_cli("--cluster-url", "http://x").stderr
