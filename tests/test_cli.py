@@ -547,3 +547,20 @@ def test_the_config_files_in_the_docs_are_valid_options(page: str) -> None:
         tree.pop("tls", None)  # the files are the reader's
         tree["worker_options"]["protocol_modules"]["websocket"]["handler_module"] = "pywsserver.echo"
         parse_options(tree)
+
+
+def test_run_leaves_logging_alone_when_the_application_configured_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    import logging
+
+    from pywsserver._server import configure_logging
+
+    mine = logging.NullHandler()
+    monkeypatch.setattr(logging.root, "handlers", [mine])
+    assert configure_logging() is False
+    assert logging.root.handlers == [mine]
+    monkeypatch.setattr(logging.root, "handlers", [])
+    monkeypatch.setattr(logging.root, "level", logging.WARNING)
+    assert configure_logging("debug") is True
+    assert logging.root.level == logging.DEBUG
+    assert logging.root.handlers[0].formatter is not None
+    assert logging.root.handlers[0].formatter._fmt == "%(asctime)s %(levelname)s %(name)s: %(message)s"
