@@ -340,6 +340,34 @@ def run_raw_echo(port: int) -> None:
     asyncio.run(main())
 
 
+def run_raw_buffered_echo(port: int) -> None:
+    """The event loop's own limit: raw TCP echoed through an `asyncio.BufferedProtocol` (no WebSocket).
+
+    It reads into one buffer it keeps (``recv_into``) and writes the bytes back: no framing, no
+    handler, nothing between the read and the write but the copy out of the buffer.
+    """
+
+    class Echo(asyncio.BufferedProtocol):
+        def __init__(self) -> None:
+            self.buffer = memoryview(bytearray(65536))
+
+        def connection_made(self, transport: Any) -> None:
+            self.transport = transport
+
+        def get_buffer(self, sizehint: int) -> memoryview:
+            return self.buffer
+
+        def buffer_updated(self, nbytes: int) -> None:
+            self.transport.write(bytes(self.buffer[:nbytes]))
+
+    async def main() -> None:
+        server = await asyncio.get_running_loop().create_server(Echo, "127.0.0.1", port, backlog=4096)
+        ready(server.sockets[0].getsockname()[1])
+        await asyncio.Future()
+
+    asyncio.run(main())
+
+
 def run_websockets_redis(port: int, count: int) -> None:
     """The fan-out a user writes by hand: ``count`` websockets processes sharing the port, redis-py pub/sub.
 
@@ -429,6 +457,7 @@ SERVERS = {
     "picows": run_picows,
     "naive-anyio-wsproto": run_naive,
     "raw-tcp-echo": run_raw_echo,
+    "raw-buffered-echo": run_raw_buffered_echo,
 }
 
 if __name__ == "__main__":

@@ -46,8 +46,7 @@ the module asks the worker to stop.
 from __future__ import annotations
 
 import enum
-import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 from wsproto.connection import Connection, ConnectionState, ConnectionType
@@ -94,6 +93,7 @@ from ._contract import (
 )
 from ._deflate import BoundedDeflate
 from ._endpoint import WebSocketOptions, parse_websocket_options
+from ._frames import BAD_UTF8, INCOMPLETE, OTHER, SPEEDUPS, Parsed, encode_frame
 from ._mask import unmask
 
 __all__ = ["WebSocketOptions", "WebSocketProtocol", "encode_message"]
@@ -106,18 +106,14 @@ def _message_event(data: str | bytes) -> Message[Any]:
 
 def encode_message(data: str | bytes) -> bytes:
     """One unfragmented, unmasked (server-to-client) frame: text for ``str``, binary for ``bytes``."""
-    if isinstance(data, str):
-        first, payload = 0x81, data.encode("utf-8")
-    else:
-        first, payload = 0x82, data
-    size = len(payload)
-    if size < 126:
-        header = bytes((first, size))
-    elif size < 65536:
-        header = struct.pack("!BBH", first, 126, size)
-    else:
-        header = struct.pack("!BBQ", first, 127, size)
-    return header + payload
+    return encode_frame(data)
+
+
+# The C parser of whole frames (see ``_frames``), or None: then the Python loop of ``_receive_fast``
+# parses every frame (``tests/test_frames.py`` holds both to the same answers).
+_parse_frames: Callable[[bytes | bytearray, int], Parsed] | None = None
+if SPEEDUPS:
+    from ._frames import parse_frames as _parse_frames
 
 
 class State(enum.Enum):
@@ -379,12 +375,59 @@ class WebSocketProtocol:
         if self._deflate_extension is not None:
             return self._wsproto().send(_message_event(data))  # compressed by the extension
         # Whole, unfragmented messages leave wsproto's sending state untouched: encode them directly.
-        return encode_message(data)
+        return encode_frame(data)
 
     def _receive(self, data: bytes) -> list[Effect]:
         if self._fast:
-            return self._receive_fast(data)
+            if self._carry or _parse_frames is None:
+                return self._receive_fast(data)
+            return self._receive_frames(data, _parse_frames)
         return self._receive_wsproto(data)
+
+    def _receive_frames(self, data: bytes, parse: Callable[[bytes | bytearray, int], Parsed]) -> list[Effect]:
+        """The fast path in C: the whole frames of a read parsed, unmasked and checked in one call.
+
+        What it buys, in instructions per 64-byte echoed message under callgrind (one connection): the
+        per-frame work of ``_receive_fast`` (header, mask, unmask, UTF-8 check) in one C call instead
+        of a dozen Python operations. It takes the same frames as ``_receive_fast`` and gives the same
+        answers; what it leaves (a frame not complete yet, a frame it does not take, a close frame's
+        payload) is judged as ``_receive_fast`` judges it.
+        """
+        items, position, stop, detail = parse(data, self.options.max_message_size)
+        effects: list[Effect] = []
+        inbox = self._inbox
+        for item in items:
+            if type(item) is not tuple:
+                inbox.append(item)  # a text (str) or binary (bytes) message
+                continue
+            opcode, payload = item
+            if opcode == 9:
+                if self._can_send():
+                    effects.append(Write(bytes((0x8A, len(payload))) + payload))
+                if self.options.control_messages:
+                    inbox.append(Ping(payload))
+            elif opcode == 10:
+                if self._ping_payload is not None:
+                    effects += self._pong_received(payload)
+                if self.options.control_messages:
+                    inbox.append(Pong(payload))
+            else:  # 8: a close frame (the last item); what follows it is never read
+                peer_closed = self._peer_close(payload)
+                if peer_closed is None:  # a close frame wsproto refuses: let it say why
+                    self._fast = False
+                    return effects + self._receive_wsproto(data[position:])
+                inbox.append(peer_closed)
+                return effects
+        if stop == INCOMPLETE:
+            if position < len(data):  # the start of a frame: the Python loop keeps it (and checks its text)
+                effects += self._receive_fast(data[position:] if position else data)
+        elif stop == OTHER:  # a frame this path does not take: wsproto from here on
+            self._fast = False
+            effects += self._receive_wsproto(data[position:])
+        elif stop == BAD_UTF8:
+            assert detail is not None
+            effects += self._fail(1007, detail)
+        return effects
 
     def _receive_fast(self, data: bytes) -> list[Effect]:
         """Parse whole data frames, pings, pongs and a valid close frame here; hand anything else to wsproto.

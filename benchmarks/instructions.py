@@ -1,0 +1,136 @@
+"""Instructions per echoed message, counted by valgrind's callgrind: a figure that load does not move.
+
+    python benchmarks/instructions.py                       # pywsserver, 64 B text messages
+    python benchmarks/instructions.py --server picows raw-buffered-echo --messages 2000 20000
+
+Wall-clock rates on a busy shared machine drift by 10-15% between runs; instruction counts do not. Each
+server of ``servers.py`` is run under ``valgrind --tool=callgrind`` twice, and one client (in this
+process, not under valgrind) opens one connection and echoes N messages one at a time (N1 the first
+time, N2 the second); instructions per message = (total(N2) - total(N1)) / (N2 - N1), so start-up,
+handshake and shutdown cancel out. The instructions are the server process's only (its event loop,
+system-call wrappers and all), not the kernel's. Needs valgrind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+#: Servers that speak no WebSocket (the client then sends and reads raw bytes of the same size).
+RAW = {"raw-tcp-echo", "raw-buffered-echo"}
+
+
+def _receive_exactly(sock: socket.socket, size: int) -> bytes:
+    data = bytearray()
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise ConnectionError("the server closed the connection")
+        data += chunk
+    return bytes(data)
+
+
+def _handshake(sock: socket.socket) -> None:
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(
+        (
+            "GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+    )
+    response = b""
+    while b"\r\n\r\n" not in response:
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise ConnectionError("no handshake response")
+        response += chunk
+    if not response.startswith(b"HTTP/1.1 101"):
+        raise ConnectionError(f"handshake refused: {response[:80]!r}")
+
+
+def _masked_text(payload: bytes) -> bytes:
+    mask = b"\x01\x02\x03\x04"
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return bytes((0x81, 0x80 | len(payload))) + mask + masked
+
+
+def _echo(port: int, count: int, size: int, raw: bool) -> None:
+    payload = b"x" * size
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if raw:
+            request, answer = payload, size
+        else:
+            _handshake(sock)
+            request, answer = _masked_text(payload), 2 + size
+        for _ in range(count):
+            sock.sendall(request)
+            _receive_exactly(sock, answer)
+        if not raw:
+            sock.sendall(b"\x88\x82\x00\x00\x00\x00\x03\xe8")  # close 1000
+            with_deadline = time.monotonic() + 30
+            while time.monotonic() < with_deadline and sock.recv(4096):
+                pass
+
+
+def count_instructions(server: str, count: int, size: int) -> int:
+    """Total instructions of one run of ``server`` echoing ``count`` messages (start-up included)."""
+    with tempfile.TemporaryDirectory() as directory:
+        out = Path(directory) / "callgrind.out"
+        command = [
+            "valgrind",
+            "--tool=callgrind",
+            f"--callgrind-out-file={out}",
+            sys.executable,
+            str(HERE / "servers.py"),
+            server,
+            "0",
+        ]
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        try:
+            assert process.stdout is not None
+            line = process.stdout.readline()
+            if not line.startswith("ready"):
+                raise RuntimeError(f"{server} did not start under valgrind")
+            _echo(int(line.split()[1]), count, size, server in RAW)
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        summary = re.search(r"^(?:summary|totals): (\d+)", out.read_text(), re.MULTILINE)
+        if summary is None:
+            raise RuntimeError(f"no instruction total in {server}'s callgrind output")
+        return int(summary.group(1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--server", nargs="+", default=["pywsserver"], help="servers of servers.py")
+    parser.add_argument("--messages", nargs=2, type=int, default=[2000, 12000], metavar=("N1", "N2"))
+    parser.add_argument("--size", type=int, default=64, help="payload bytes (default 64)")
+    args = parser.parse_args()
+    if shutil.which("valgrind") is None:
+        raise SystemExit("needs valgrind")
+    first, second = args.messages
+    for server in args.server:
+        low = count_instructions(server, first, args.size)
+        high = count_instructions(server, second, args.size)
+        print(f"{server:24} {(high - low) / (second - first):,.0f} instructions per message", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,285 @@
+"""The frame parser and encoder: the C speedup and the pure-Python fallback give the same answers.
+
+Random client frame streams (valid frames and every kind the parser must refuse), parsed whole and
+cut at every byte; random bytes (the C parser fuzzed: no crash, the same answer); and both checked
+against frames built by the RFC's rules here, independently of either.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pywsserver.protocols import _frames, _websocket
+from pywsserver.protocols._frames import (
+    BAD_UTF8,
+    CLOSE,
+    INCOMPLETE,
+    OTHER,
+    encode_frame_python,
+    parse_frames_python,
+)
+
+from .test_websocket_fastpath import client_frames, encode, run
+
+needs_c = pytest.mark.skipif(not _frames.SPEEDUPS, reason="the C speedup was not built (no compiler at install)")
+
+
+def frame(
+    opcode: int,
+    payload: bytes,
+    *,
+    fin: bool = True,
+    rsv: int = 0,
+    mask: bytes | None = b"\x37\xfa\x21\x3d",
+    length_form: int = 0,
+) -> bytes:
+    """A client frame by RFC 6455 section 5.2; ``length_form`` 126 or 127 forces a longer length field."""
+    size = len(payload)
+    first = (0x80 if fin else 0) | (rsv << 4) | opcode
+    masked_bit = 0x80 if mask is not None else 0
+    if size < 126 and length_form == 0:
+        header = bytes((first, masked_bit | size))
+    elif size < 65536 and length_form != 127:
+        header = bytes((first, masked_bit | 126)) + size.to_bytes(2, "big")
+    else:
+        header = bytes((first, masked_bit | 127)) + size.to_bytes(8, "big")
+    if mask is None:
+        return header + payload
+    return header + mask + bytes(octet ^ mask[i % 4] for i, octet in enumerate(payload))
+
+
+masks = st.binary(min_size=4, max_size=4)
+close_payloads = st.one_of(
+    st.just(b""),
+    st.binary(min_size=1, max_size=1),
+    st.builds(
+        lambda code, reason: code.to_bytes(2, "big") + reason,
+        st.one_of(
+            st.sampled_from([999, 1000, 1003, 1004, 1005, 1006, 1007, 1013, 1014, 2999, 3000, 4999, 5000]),
+            st.integers(0, 65535),
+        ),
+        st.one_of(st.text(max_size=30).map(lambda t: t.encode("utf-8")[:123]), st.binary(max_size=10)),
+    ),
+)
+any_frame = st.one_of(
+    st.builds(lambda t, m: frame(1, t.encode("utf-8"), mask=m), st.text(max_size=300), masks),
+    st.builds(lambda b, m: frame(2, b, mask=m), st.binary(max_size=300), masks),
+    st.builds(lambda b, m: frame(1, b, mask=m), st.binary(max_size=20), masks),  # mostly not UTF-8
+    st.builds(lambda b, m: frame(9, b, mask=m), st.binary(max_size=130), masks),  # > 125: refused
+    st.builds(lambda b, m: frame(10, b, mask=m), st.binary(max_size=125), masks),
+    st.builds(lambda p, m: frame(8, p, mask=m), close_payloads, masks),
+    st.builds(lambda b, f: frame(2, b, length_form=f), st.binary(max_size=200), st.sampled_from([126, 127])),
+    st.builds(lambda b: frame(1, b, fin=False), st.binary(max_size=10)),  # a fragment
+    st.builds(lambda b: frame(0, b), st.binary(max_size=10)),  # a continuation
+    st.builds(lambda b, r: frame(2, b, rsv=r), st.binary(max_size=10), st.integers(1, 7)),
+    st.builds(lambda b, o: frame(o, b), st.binary(max_size=10), st.sampled_from([3, 4, 5, 6, 7, 11, 12, 15])),
+    st.builds(lambda b: frame(2, b, mask=None), st.binary(max_size=10)),  # unmasked
+    st.just(frame(2, b"", length_form=127)[:2] + (2**63).to_bytes(8, "big") + b"\x00" * 4),  # absurd length
+)
+streams = st.lists(any_frame, max_size=10).map(b"".join)
+limits = st.one_of(st.just(1 << 20), st.integers(0, 400))
+
+
+@needs_c
+@settings(max_examples=300)
+@given(streams, limits)
+def test_c_and_python_agree_on_any_frame_stream_cut_at_every_byte(data: bytes, limit: int) -> None:
+    for end in range(len(data) + 1):
+        prefix = data[:end]
+        assert _frames.parse_frames(prefix, limit) == parse_frames_python(prefix, limit), end
+    assert _frames.parse_frames(bytearray(data), limit) == parse_frames_python(bytearray(data), limit)
+
+
+@needs_c
+@settings(max_examples=1000)
+@given(st.binary(max_size=400), limits)
+def test_the_c_parser_fuzzed_with_random_bytes_answers_as_python(data: bytes, limit: int) -> None:
+    assert _frames.parse_frames(data, limit) == parse_frames_python(data, limit)
+
+
+@needs_c
+@settings(max_examples=200)
+@given(st.lists(st.tuples(st.sampled_from([0x81, 0x82, 0x88, 0x89, 0x8A]), st.integers(0, 255)), max_size=40))
+def test_the_c_parser_on_headers_with_nothing_behind_them(headers: list[tuple[int, int]]) -> None:
+    # Header bytes only (lengths that announce more than there is): incomplete, never a read past the end.
+    data = b"".join(bytes(pair) for pair in headers)
+    for end in range(len(data) + 1):
+        assert _frames.parse_frames(data[:end], 1 << 20) == parse_frames_python(data[:end], 1 << 20)
+
+
+@needs_c
+def test_c_and_python_agree_on_every_first_two_bytes() -> None:
+    # Every FIN/RSV/opcode byte with every MASK/length byte, followed by enough bytes for any header.
+    tail = bytes(range(40, 140))
+    for first in range(256):
+        for second in range(256):
+            data = bytes((first, second, 0, 0, 0, 0, 0, 0, 0, 30)) + tail
+            for limit in (20, 1 << 20):
+                assert _frames.parse_frames(data, limit) == parse_frames_python(data, limit), (first, second, limit)
+
+
+@needs_c
+def test_c_and_python_agree_on_every_close_status_code() -> None:
+    for code in range(0, 65536, 7):
+        for reason in (b"", b"ok", b"\xff"):
+            data = frame(2, b"x") + frame(8, code.to_bytes(2, "big") + reason) + frame(1, b"after")
+            assert _frames.parse_frames(data, 125) == parse_frames_python(data, 125), (code, reason)
+
+
+@needs_c
+def test_c_and_python_agree_at_the_size_limit() -> None:
+    for opcode in (1, 2, 8, 9, 10):
+        for size in (*range(0, 260), 65535, 65536, 65537):
+            payload = b"\x03\xe8" + b"a" * (size - 2) if opcode == 8 and size >= 2 else b"a" * size
+            for form in (0, 126, 127):
+                data = frame(opcode, payload, length_form=form)
+                for limit in (size - 1, size, size + 1):
+                    if limit >= 0:
+                        assert _frames.parse_frames(data, limit) == parse_frames_python(data, limit), (
+                            opcode,
+                            size,
+                            form,
+                            limit,
+                        )
+
+
+def parse_all(parse: Any, chunks: list[bytes], limit: int) -> list[Any]:
+    """Feed ``chunks`` as the WebSocket module does (keeping an incomplete frame): every answer in order."""
+    answers: list[Any] = []
+    carry = b""
+    for chunk in chunks:
+        carry += chunk
+        items, position, stop, detail = parse(carry, limit)
+        answers += items
+        if stop != INCOMPLETE:
+            answers.append((stop, detail))
+            return answers
+        carry = carry[position:]
+    return answers
+
+
+@needs_c
+@settings(max_examples=200)
+@given(streams, st.lists(st.integers(1, 50), max_size=20), limits)
+def test_c_and_python_agree_when_fed_in_any_pieces(data: bytes, cuts: list[int], limit: int) -> None:
+    chunks, position = [], 0
+    for cut in cuts:
+        chunks.append(data[position : position + cut])
+        position += cut
+    chunks.append(data[position:])
+    assert parse_all(_frames.parse_frames, chunks, limit) == parse_all(parse_frames_python, chunks, limit)
+
+
+@pytest.mark.parametrize("parse", [parse_frames_python, _frames.parse_frames], ids=["python", "default"])
+@given(
+    st.lists(
+        st.one_of(
+            st.text(max_size=200),
+            st.binary(max_size=70000).filter(lambda b: len(b) < 200 or len(b) > 65535),
+            st.tuples(st.sampled_from([9, 10]), st.binary(max_size=125)),
+        ),
+        max_size=5,
+    ),
+    masks,
+)
+@settings(max_examples=50)
+def test_valid_frames_give_their_messages_in_order(parse: Any, messages: list[Any], mask: bytes) -> None:
+    data = b""
+    for message in messages:
+        if isinstance(message, str):
+            data += frame(1, message.encode("utf-8"), mask=mask)
+        elif isinstance(message, bytes):
+            data += frame(2, message, mask=mask)
+        else:
+            data += frame(message[0], message[1], mask=mask)
+    assert parse(data, 1 << 20) == (messages, len(data), INCOMPLETE, None)
+
+
+@pytest.mark.parametrize("parse", [parse_frames_python, _frames.parse_frames], ids=["python", "default"])
+def test_each_way_of_stopping(parse: Any) -> None:
+    hello = frame(1, b"hello")
+    assert parse(hello + hello[:3], 100) == (["hello"], len(hello), INCOMPLETE, None)
+    assert parse(hello + frame(1, b"x", fin=False), 100) == (["hello"], len(hello), OTHER, None)
+    assert parse(frame(2, b"x" * 101), 100) == ([], 0, OTHER, None)  # over the limit
+    assert parse(frame(9, b"x" * 126), 1000) == ([], 0, OTHER, None)  # a control frame over 125 bytes
+    close = frame(8, b"\x03\xe8bye")  # the close frame's payload is the caller's to judge
+    assert parse(hello + close + hello, 100) == (["hello", (8, b"\x03\xe8bye")], len(hello), CLOSE, None)
+    assert parse(frame(8, b"\x03\xed\xff"), 100) == ([(8, b"\x03\xed\xff")], 0, CLOSE, None)
+    assert parse(frame(8, b""), 100) == ([(8, b"")], 0, CLOSE, None)
+    bad = frame(1, b"ok\xff")
+    items, position, stop, detail = parse(hello + bad + hello, 100)
+    assert (items, position, stop) == (["hello"], len(hello) + len(bad), BAD_UTF8)
+    with pytest.raises(UnicodeDecodeError) as error:
+        b"ok\xff".decode()
+    assert detail == str(error.value)
+
+
+def by_the_rfc(data: str | bytes) -> bytes:
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    return frame(1 if isinstance(data, str) else 2, payload, mask=None)
+
+
+@pytest.mark.parametrize("encode", [encode_frame_python, _frames.encode_frame], ids=["python", "default"])
+@given(st.one_of(st.text(max_size=300), st.binary(max_size=300), st.sampled_from(["é" * 40000, b"x" * 70000])))
+@settings(max_examples=100)
+def test_server_frames_are_encoded_by_the_rfc(encode: Any, data: str | bytes) -> None:
+    assert encode(data) == by_the_rfc(data)
+
+
+@needs_c
+def test_the_c_encoder_takes_any_bytes_like_and_refuses_lone_surrogates_as_python_does() -> None:
+    assert _frames.encode_frame(bytearray(b"ab")) == _frames.encode_frame(memoryview(b"ab")) == b"\x82\x02ab"
+    with pytest.raises(UnicodeEncodeError) as c_error:
+        _frames.encode_frame("\ud800")
+    with pytest.raises(UnicodeEncodeError) as python_error:
+        encode_frame_python("\ud800")
+    assert str(c_error.value) == str(python_error.value)
+    with pytest.raises(TypeError):
+        _frames.encode_frame(12)  # type: ignore[arg-type]
+
+
+@needs_c
+def test_the_c_parser_refuses_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="negative"):
+        _frames.parse_frames(b"", -1)
+    with pytest.raises(TypeError):
+        _frames.parse_frames("text", 10)  # type: ignore[arg-type]
+
+
+@needs_c
+@settings(max_examples=200, deadline=None)
+@given(frames=client_frames(), cuts=st.lists(st.integers(0, 4000), max_size=8), limit=st.sampled_from([64, 1 << 20]))
+def test_the_websocket_module_answers_the_same_with_and_without_the_c_parser(
+    frames: list[Any], cuts: list[int], limit: int
+) -> None:
+    data = encode(frames)
+    with_c = run(data, cuts, fast=True, limit=limit)
+    saved = _websocket._parse_frames
+    _websocket._parse_frames = None  # the Python loop parses every frame
+    try:
+        assert run(data, cuts, fast=True, limit=limit) == with_c
+    finally:
+        _websocket._parse_frames = saved
+
+
+@needs_c
+def test_the_websocket_module_uses_the_c_parser_for_a_read_of_whole_frames() -> None:
+    calls: list[int] = []
+    saved = _websocket._parse_frames
+    assert saved is not None
+
+    def counting(data: bytes | bytearray, limit: int) -> Any:
+        calls.append(len(data))
+        return saved(data, limit)
+
+    _websocket._parse_frames = counting
+    try:
+        data = frame(1, b"one") + frame(2, b"two")
+        assert run(data, [], fast=True, limit=100) == (["Opened", "one", b"two"], b"")
+        assert calls == [len(data)]
+    finally:
+        _websocket._parse_frames = saved
