@@ -14,7 +14,7 @@ downloads no browser (only ``playwright install`` would); the launch points it a
 with a fresh profile directory made by Playwright for each launch.
 
 With the cluster backend, two pages served by two server processes (two nodes on one real
-``redis-server``) chat as well.
+``redis-server``, or the two processes of ``--processes 2``) chat as well.
 
 Where no Chromium is found the tests skip, saying how to install one; in CI (``CI=true``) they fail
 instead. A screenshot of the page after the exchange is saved under ``PYWSSERVER_ARTIFACTS`` (pytest's
@@ -36,7 +36,7 @@ from typing import Any
 
 import pytest
 
-from .cluster_tools import RedisServer, running_redis
+from .cluster_tools import RedisServer, free_port, running_redis
 
 ROOT = Path(__file__).resolve().parent.parent
 CHAT = ROOT / "examples" / "chat.py"
@@ -114,7 +114,7 @@ def artifacts(tmp_path: Path) -> Path:
 class ChatServer:
     """``examples/chat.py`` as a process of its own; its log (stderr) collected line by line."""
 
-    def __init__(self, backend: str, port: int = 0, options: tuple[str, ...] = ()) -> None:
+    def __init__(self, backend: str, port: int = 0, options: tuple[str, ...] = (), processes: int = 1) -> None:
         self.backend = backend
         self.lines: list[str] = []
         self._changed = threading.Condition()
@@ -130,12 +130,12 @@ class ChatServer:
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
-        try:
-            listening = self.wait_for_line(r"listening on 127\.0\.0\.1:(\d+)")
+        try:  # each process says where it listens
+            listening = self.wait_for_lines(r"listening on 127\.0\.0\.1:(\d+)", processes)
         except BaseException:
             self.stop()
             raise
-        self.port = int(listening.group(1))
+        self.port = int(listening[0].group(1))
 
     def _read(self) -> None:
         assert self.process.stdout is not None
@@ -153,18 +153,24 @@ class ChatServer:
 
     def wait_for_line(self, pattern: str, timeout: float = TIMEOUT) -> re.Match[str]:
         """The first log line matching ``pattern``, waiting for it at most ``timeout`` seconds."""
+        return self.wait_for_lines(pattern, 1, timeout)[0]
+
+    def wait_for_lines(self, pattern: str, count: int, timeout: float = TIMEOUT) -> list[re.Match[str]]:
+        """The first ``count`` log lines matching ``pattern``, waiting for them at most ``timeout`` seconds."""
         compiled = re.compile(pattern)
         with self._changed:
             found: list[re.Match[str]] = []
 
             def seen() -> bool:
-                found[:] = [m for m in map(compiled.search, self.lines) if m][:1]
-                return bool(found) or not self._reader.is_alive()
+                found[:] = [m for m in map(compiled.search, self.lines) if m][:count]
+                return len(found) == count or not self._reader.is_alive()
 
             self._changed.wait_for(seen, timeout)
-            if not found:
-                raise AssertionError(f"no log line matching {pattern!r} within {timeout} s; the log:\n{self.log}")
-            return found[0]
+            if len(found) < count:
+                raise AssertionError(
+                    f"{len(found)} of {count} log lines matching {pattern!r} within {timeout} s; the log:\n{self.log}"
+                )
+            return found
 
     def stop(self) -> int:
         """Stop the server as Ctrl+C does, and return its exit code (killed if it does not stop in time)."""
@@ -336,3 +342,42 @@ def test_two_pages_on_two_server_processes_chat_through_the_cluster(
     for server in servers:
         trouble = re.compile(r"^(WARNING|ERROR|CRITICAL)\b|^Traceback|\bpywsserver\.bad_input\b")
         assert not [line for line in server.lines if trouble.search(line)], server.log
+
+
+def test_the_chat_over_two_processes_of_one_server_in_a_cluster(
+    browser: Any, servers: list[ChatServer], redis_server: RedisServer
+) -> None:
+    """``--processes 2 --cluster-url``: tabs opened until one lands on the other process, and they chat."""
+    from playwright.sync_api import expect
+
+    port = free_port()  # the processes share it (SO_REUSEPORT), so it is chosen before they start
+    options = ("--processes", "2", "--cluster-url", redis_server.url)
+    server = ChatServer("asyncio", port=port, options=options, processes=2)
+    servers.append(server)
+    joined = r"\[(\d+)\] chat: '{}' joined from"
+    context = browser.new_context()
+    try:
+        ann = open_chat(context, port, "ann")
+        ann_process = server.wait_for_line(joined.format("ann")).group(1)
+        # The kernel spreads connections over the processes by their addresses: a new tab lands on the
+        # other process half of the time. Tabs that land on ann's are closed again.
+        bob = None
+        for number in range(20):
+            tab = open_chat(context, port, f"bob-{number}")
+            if server.wait_for_line(joined.format(f"bob-{number}")).group(1) != ann_process:
+                bob, name = tab, f"bob-{number}"
+                break
+            tab.close()
+        assert bob is not None, f"20 tabs all served by process {ann_process}: {server.log}"
+
+        say(ann, "hello from one process")
+        expect(bob.locator("#log .said")).to_have_text(["ann: hello from one process"])
+        say(bob, "hello from the other")
+        expect(ann.locator("#log .said")).to_have_text(["ann: hello from one process", f"{name}: hello from the other"])
+        bob.close()
+        expect(ann.locator("#log .left").last).to_have_text(f"{name} left")
+    finally:
+        context.close()
+    assert server.stop() == 0
+    trouble = re.compile(r"^(WARNING|ERROR|CRITICAL)\b|^Traceback|\bpywsserver\.bad_input\b")
+    assert not [line for line in server.lines if trouble.search(line)], server.log
