@@ -7,12 +7,19 @@ The module has three states, all in `HTTPProtocol.data_received`:
 * ``READING``: request bytes are buffered until the blank line ending the
   head (at most ``max_request_size`` bytes, else 431). A handshake timer runs
   from `start`; when it expires the connection is closed without a word.
-* the head is parsed and checked against RFC 6455 section 4.2.1 (GET,
-  HTTP/1.1, ``Host``, ``Upgrade: websocket`` and ``Connection: upgrade`` as
-  case-insensitive tokens, a 16-byte base64 ``Sec-WebSocket-Key``, version 13).
+* the head is parsed strictly (RFC 9112: a request line of three parts,
+  header names that are tokens, no control character but HTAB in a header
+  value, so no CR, bare LF or NUL; a request target of visible ASCII only;
+  a path whose percent-decoding is UTF-8 without control characters and
+  encodes no character that could have been sent as it is) and checked
+  against RFC 6455 section 4.2.1 (GET, HTTP/1.1, ``Host``, ``Upgrade:
+  websocket`` and ``Connection: upgrade`` as case-insensitive tokens, a
+  16-byte base64 ``Sec-WebSocket-Key``, version 13, and no body: no
+  ``Transfer-Encoding``, no ``Content-Length`` but 0).
   A request that fails answers with an HTTP error and ``DONE``:
   400 (malformed), 405 (not GET), 426 with ``Upgrade: websocket`` (no upgrade
-  asked for), 426 with ``Sec-WebSocket-Version: 13`` (another version).
+  asked for), 426 with ``Sec-WebSocket-Version: 13`` (another version),
+  505 (an HTTP major version other than 1).
 * on success it answers 101 and switches the worker to ``upgrade_to`` (the
   WebSocket module by default), handing over any bytes that followed the head
   and the parsed request in the context.
@@ -66,8 +73,17 @@ _REASONS = {
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",
     503: "Service Unavailable",
+    505: "HTTP Version Not Supported",
 }
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-zA-Z]+")
+# RFC 9110 5.5: a field value holds no control character but HTAB (so no CR, LF or NUL).
+_BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+# RFC 9112 3.2: a request target is visible ASCII.
+_BAD_TARGET = re.compile(r"[^\x21-\x7e]")
+# Percent-encodings of what may appear in a path as it is (RFC 3986 unreserved characters and "/"):
+# decoded, they would let "/%61dmin" reach "/admin" past a rule on the raw path.
+_NEEDLESS_ESCAPE = re.compile(r"%(?:[46][1-9a-fA-F]|[57][0-9aA]|3[0-9]|2[dDeEfF]|5[fF]|7[eE])")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 @attrs.frozen
@@ -111,16 +127,39 @@ def parse_request_head(head: bytes) -> Request:
         version = (int(version_text[5]), int(version_text[7]))
     except ValueError:
         raise BadRequest("malformed HTTP version") from None
-    if not target or any(c in target for c in " \t\x00"):
+    if not target or _BAD_TARGET.search(target):
         raise BadRequest("malformed request target")
     raw: list[tuple[str, str]] = []
     for line in lines[1:]:
         name, colon, value = line.partition(":")
         if not colon or not _TOKEN.fullmatch(name):
             raise BadRequest(f"malformed header line {line[:40]!r}")
+        if _BAD_VALUE.search(value):
+            raise BadRequest(f"a control character in the value of header {name!r}")
         raw.append((name, value.strip(" \t")))
     raw_path, _, query = target.partition("?")
-    return Request(method, target, unquote(raw_path), query, version, Headers(raw))
+    return Request(method, target, decode_path(raw_path), query, version, Headers(raw))
+
+
+def decode_path(raw_path: str) -> str:
+    """The percent-decoded path that handlers see and routing matches; raises `BadRequest`.
+
+    Refused: a decoding that is not UTF-8 or holds a control character (CR, LF,
+    NUL, ...), and an escape of a character that may be sent as it is
+    (``%61`` for ``a``, ``%2F`` for ``/``): the decoded path then holds no
+    character that a rule on the raw path (in a proxy) would not have seen.
+    """
+    if "%" not in raw_path:
+        return raw_path
+    if _NEEDLESS_ESCAPE.search(raw_path):
+        raise BadRequest("the path escapes a character that needs no escape")
+    try:
+        path = unquote(raw_path, errors="strict")
+    except UnicodeDecodeError:
+        raise BadRequest("the path is not UTF-8 once decoded") from None
+    if _CONTROL.search(path):
+        raise BadRequest("the decoded path holds a control character")
+    return path
 
 
 def accept_key(key: str) -> str:
@@ -250,6 +289,8 @@ class HTTPProtocol:
 
     def _handshake(self, request: Request, rest: bytes) -> list[Effect]:
         headers = request.headers
+        if request.version[0] != 1:
+            return self._fail(505, "only HTTP/1.1 is served")
         upgrade = "websocket" in _tokens(headers, "upgrade")
         health = self.options.health_check_path
         if not upgrade and health is not None and request.path == health and request.method in ("GET", "HEAD"):
@@ -262,11 +303,11 @@ class HTTPProtocol:
                 body,
                 [("Content-Type", content_type), ("Cache-Control", "no-cache")],
                 head_only=request.method == "HEAD",
-                reason=f"served page {request.path}",
+                reason=f"served page {request.path!r}",
             )
         if not upgrade:
             return self._fail(426, "this is a WebSocket endpoint", [("Upgrade", "websocket")])
-        if request.version < (1, 1):
+        if request.version != (1, 1):
             return self._fail(400, "WebSocket requires HTTP/1.1")
         if request.method != "GET":
             return self._fail(405, "WebSocket handshakes use GET", [("Allow", "GET")])
@@ -274,6 +315,9 @@ class HTTPProtocol:
             return self._fail(400, "missing Host header")
         if "upgrade" not in _tokens(headers, "connection"):
             return self._fail(400, "the Connection header must contain 'upgrade'")
+        # A body would be read as WebSocket frames: none is allowed (Content-Length: 0 says there is none).
+        if "transfer-encoding" in headers or any(value != "0" for value in headers.get_all("content-length")):
+            return self._fail(400, "an upgrade request has no body")
         versions = headers.get_all("sec-websocket-version")
         if versions != ["13"]:
             return self._fail(426, "unsupported WebSocket version", [("Sec-WebSocket-Version", "13")])
