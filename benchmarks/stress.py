@@ -9,6 +9,9 @@ count and in time, and everything targets 127.0.0.1. Phases:
 * resets: connections that send half a frame and vanish with a TCP reset;
 * storm: handshakes opened and closed, many in parallel;
 * garbage: random bytes instead of HTTP, and after a valid handshake;
+* fragments: connections each sending a 1 MiB message as 1-byte fragments (the server refuses it
+  after ``max_fragments`` frames) while a normal client echoes: the server's CPU time and RSS growth,
+  and the normal client's slowest echo;
 * recovery: how long until the server's descriptors are back to their baseline, and whether a
   fresh client is served.
 
@@ -56,7 +59,7 @@ class StressHandler:
         return ("noreply", state)
 
 
-def serve(backend: str) -> None:
+def serve(backend: str, max_fragments: int | None) -> None:
     import logging
 
     import anyio
@@ -64,13 +67,16 @@ def serve(backend: str) -> None:
     import pywsserver
 
     logging.basicConfig(level=logging.CRITICAL)  # injected faults are expected: keep the output clean
+    websocket: list[tuple[str, Any]] = [("handler_module", StressHandler)]
+    if max_fragments is not None:
+        websocket.append(("max_fragments", max_fragments))
     options = [
         ("port", 0),
         ("max_connections", 100_000),
         ("backlog", 4096),
         (
             "worker_options",
-            [("protocol_modules", [("websocket", [("handler_module", StressHandler)])])],
+            [("protocol_modules", [("websocket", websocket)])],
         ),
     ]
 
@@ -143,9 +149,10 @@ class Connection:
 class Server:
     """The server process and what /proc says of it."""
 
-    def __init__(self, backend: str) -> None:
+    def __init__(self, backend: str, max_fragments: int | None = None) -> None:
+        extra = ["--max-fragments", str(max_fragments)] if max_fragments is not None else []
         self.process = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--serve", "--backend", backend],
+            [sys.executable, str(Path(__file__).resolve()), "--serve", "--backend", backend, *extra],
             stdout=subprocess.PIPE,
             text=True,
         )
@@ -161,6 +168,11 @@ class Server:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
         return 0
+
+    def cpu_seconds(self) -> float:
+        """User plus system CPU time the server process has used."""
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def descriptors(self) -> int:
         return len(os.listdir(f"/proc/{self.process.pid}/fd"))
@@ -286,6 +298,86 @@ async def phase_garbage(server: Server, count: int, seed: int) -> dict[str, Any]
     return {"garbage connections": count, "answered or closed": answered, "time": f"{time.monotonic() - started:.1f} s"}
 
 
+async def phase_fragments(server: Server, attackers: int, size: int) -> dict[str, Any]:
+    """``attackers`` connections each send one ``size``-byte binary message as 1-byte fragments."""
+    first = bytes((0x02, 0x81)) + b"\0\0\0\0" + b"x"  # FIN=0, binary, 1 byte, a zero mask
+    middle = bytes((0x00, 0x81)) + b"\0\0\0\0" + b"x"  # FIN=0, continuation
+    last = bytes((0x80, 0x81)) + b"\0\0\0\0" + b"x"  # FIN=1, continuation
+    chunk_frames = 8192
+    chunk = middle * chunk_frames
+
+    async def attack() -> str:
+        connection = await Connection.open(server.port)
+        writer = connection.writer
+        try:
+            writer.write(first)
+            sent = 1
+            while sent < size - 1:
+                count = min(chunk_frames, size - 1 - sent)
+                writer.write(chunk if count == chunk_frames else middle * count)
+                sent += count
+                await writer.drain()
+            writer.write(last)
+            await writer.drain()
+            opcode, payload = await asyncio.wait_for(connection.receive(), 120)
+            for _ in range(10):  # keepalive pings may come first
+                if opcode != 9:
+                    break
+                opcode, payload = await asyncio.wait_for(connection.receive(), 120)
+            return f"echoed {len(payload)} bytes" if opcode == 2 else f"closed {int.from_bytes(payload[:2], 'big')}"
+        except (ConnectionError, asyncio.IncompleteReadError):
+            # Refused: the close frame may be waiting behind the reset of our unread writes.
+            with contextlib.suppress(Exception):
+                opcode, payload = await asyncio.wait_for(connection.receive(), 5)
+                if opcode == 8:
+                    return f"closed {int.from_bytes(payload[:2], 'big')}"
+            return "connection closed by the server"
+        finally:
+            writer.close()
+
+    async def bystander(done: asyncio.Event) -> float:
+        connection = await Connection.open(server.port)
+        slowest = 0.0
+        number = 0
+        while not done.is_set() and number < 100_000:
+            started = time.monotonic()
+            await asyncio.wait_for(connection.echo(f"b{number}"), 60)
+            slowest = max(slowest, time.monotonic() - started)
+            number += 1
+            await asyncio.sleep(0.01)  # paces the bystander: about 100 echoes a second
+        await connection.close()
+        return slowest
+
+    async def sample_rss(done: asyncio.Event) -> int:
+        peak = server.rss_kib()
+        while not done.is_set():
+            peak = max(peak, server.rss_kib())
+            await asyncio.sleep(0.05)  # another process's RSS: nothing to wait on but /proc
+        return peak
+
+    rss_before, cpu_before = server.rss_kib(), server.cpu_seconds()
+    started = time.monotonic()
+    done = asyncio.Event()
+    watcher = asyncio.ensure_future(bystander(done))
+    sampler = asyncio.ensure_future(sample_rss(done))
+    try:
+        outcomes = await bounded_gather([attack for _ in range(attackers)], attackers, 300)
+    finally:
+        done.set()
+        slowest, peak = await asyncio.gather(watcher, sampler)
+    seconds = time.monotonic() - started
+    cpu = server.cpu_seconds() - cpu_before
+    kinds = sorted({str(o) for o in outcomes})
+    return {
+        "attackers": f"{attackers}, each one {size // 1024} KiB message in 1-byte fragments",
+        "outcome": ", ".join(kinds),
+        "server CPU": f"{cpu:.2f} s ({cpu / attackers:.2f} s per message)",
+        "server peak RSS growth": f"{(peak - rss_before) / 1024:.1f} MiB",
+        "a normal client's slowest echo meanwhile": f"{slowest * 1000:.0f} ms",
+        "time": f"{seconds:.1f} s",
+    }
+
+
 async def recovery(server: Server, baseline_fds: int) -> dict[str, Any]:
     started = time.monotonic()
     # Another process's descriptors: nothing to wait on but /proc, read every 50 ms for at most a minute.
@@ -303,8 +395,10 @@ async def recovery(server: Server, baseline_fds: int) -> dict[str, Any]:
     }
 
 
-async def ordeal(scale: float, rounds: int, backend: str) -> list[tuple[str, dict[str, Any]]]:
-    server = Server(backend)
+async def ordeal(
+    scale: float, rounds: int, backend: str, max_fragments: int | None = None
+) -> list[tuple[str, dict[str, Any]]]:
+    server = Server(backend, max_fragments)
     try:
         warm = await Connection.open(server.port)
         await warm.echo("warm up")
@@ -322,10 +416,25 @@ async def ordeal(scale: float, rounds: int, backend: str) -> list[tuple[str, dic
             phases.append(("resets" + label, await phase_resets(server, max(10, int(5000 * scale)))))
             phases.append(("storm" + label, await phase_storm(server, max(10, int(5000 * scale)))))
             phases.append(("garbage" + label, await phase_garbage(server, max(10, int(1000 * scale)), number)))
+            phases.append(("fragments" + label, await phase_fragments(server, 3, max(4096, int((1 << 20) * scale)))))
             phases.append(("recovery" + label, await recovery(server, baseline_fds)))
             phases.append(
                 ("after" + label, {"server alive": server.alive(), "server RSS": f"{server.rss_kib() / 1024:.1f} MiB"})
             )
+        return phases
+    finally:
+        server.stop()
+
+
+async def fragments_alone(scale: float, backend: str, max_fragments: int | None) -> list[tuple[str, dict[str, Any]]]:
+    server = Server(backend, max_fragments)
+    try:
+        warm = await Connection.open(server.port)
+        await warm.echo("warm up")
+        await warm.close()
+        phases: list[tuple[str, dict[str, Any]]] = [("baseline", {"server RSS": f"{server.rss_kib() / 1024:.1f} MiB"})]
+        phases.append(("fragments", await phase_fragments(server, 3, max(4096, int((1 << 20) * scale)))))
+        phases.append(("after", {"server alive": server.alive(), "server RSS": f"{server.rss_kib() / 1024:.1f} MiB"}))
         return phases
     finally:
         server.stop()
@@ -344,16 +453,25 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every count (default 1)")
     parser.add_argument("--rounds", type=int, default=2, help="run the ordeal this many times (default 2)")
     parser.add_argument("--backend", default="asyncio", choices=["asyncio", "trio"], help="the server's backend")
+    parser.add_argument(
+        "--max-fragments", type=int, default=None, help="the server's max_fragments option (default: its default)"
+    )
+    parser.add_argument("--only", choices=["fragments"], help="run this phase alone (one round)")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     raise_descriptor_limit()
     if args.serve:
-        serve(args.backend)
+        serve(args.backend, args.max_fragments)
         return
-    phases = asyncio.run(ordeal(args.scale, max(1, args.rounds), args.backend))
+    if args.only == "fragments":
+        phases = asyncio.run(fragments_alone(args.scale, args.backend, args.max_fragments))
+    else:
+        phases = asyncio.run(ordeal(args.scale, max(1, args.rounds), args.backend, args.max_fragments))
     command = "python benchmarks/stress.py" + (f" --scale {args.scale:g}" if args.scale != 1 else "")
     command += f" --rounds {args.rounds}" if args.rounds != 2 else ""
     command += f" --backend {args.backend}" if args.backend != "asyncio" else ""
+    command += f" --max-fragments {args.max_fragments}" if args.max_fragments is not None else ""
+    command += f" --only {args.only}" if args.only else ""
     text = report(phases, command)
     print(text)
     results = HERE / "results"

@@ -11,7 +11,15 @@ WebSocket module then builds a `BoundedDeflate` (wsproto's
   frame that inflates to gigabytes ("zip bomb") closes the connection with
   1009 having held at most the limit in memory;
 * the compressor's window and memory level are the server's options (a
-  smaller window and level cost less memory per connection).
+  smaller window and level cost less memory per connection);
+* a control frame (a ping) between the fragments of a compressed message
+  leaves the message's inflation alone (wsproto's class ends the message
+  there, garbling it and the next one).
+
+A client's offer of ``client_max_window_bits=8`` is answered with 8 (RFC
+7692 section 7.1.2.2: at most what the client offered); the server inflates
+with a 9-bit window, which reads both what an 8-bit compressor writes and
+what zlib writes when asked for 8 (zlib's raw deflate uses 9 then).
 
 Pure functions and zlib objects: no I/O.
 """
@@ -154,7 +162,8 @@ def negotiate(offers: Iterable[str], options: DeflateOptions) -> DeflateParamete
             response.append(f"server_max_window_bits={our_bits}")
         client_bits = 15  # the client's window when it did not offer to limit it
         if client_bits_offered:
-            client_bits = max(9, min(client_bits_limit, options.client_max_window_bits))
+            # Never above what the client offered (RFC 7692 7.1.2.2), even when that is 8.
+            client_bits = min(client_bits_limit, options.client_max_window_bits)
             response.append(f"client_max_window_bits={client_bits}")
         return DeflateParameters(
             server_max_window_bits=our_bits,
@@ -172,7 +181,8 @@ class BoundedDeflate(PerMessageDeflate):
     def __init__(self, parameters: DeflateParameters, options: DeflateOptions, max_message_size: int) -> None:
         super().__init__(
             client_no_context_takeover=parameters.client_no_context_takeover,
-            client_max_window_bits=parameters.client_max_window_bits,
+            # The inflating window: 9 bits read an 8-bit client's frames too (wsproto takes 9 to 15).
+            client_max_window_bits=max(9, parameters.client_max_window_bits),
             server_no_context_takeover=parameters.server_no_context_takeover,
             server_max_window_bits=parameters.server_max_window_bits,
         )
@@ -180,10 +190,21 @@ class BoundedDeflate(PerMessageDeflate):
         self._options = options
         self._limit = max_message_size
         self._inflated = 0
+        self._control = False  # the frame being read is a control frame
+
+    def frame_inbound_header(
+        self, proto: FrameDecoder | FrameProtocol, opcode: Opcode, rsv: RsvBits, payload_length: int
+    ) -> CloseReason | RsvBits:
+        """A control frame between a message's fragments leaves the message's compression state alone."""
+        if opcode.iscontrol():
+            self._control = True
+            return CloseReason.PROTOCOL_ERROR if rsv.rsv1 else RsvBits(True, False, False)
+        self._control = False
+        return super().frame_inbound_header(proto, opcode, rsv, payload_length)
 
     def frame_inbound_payload_data(self, proto: FrameDecoder | FrameProtocol, data: bytes) -> bytes | CloseReason:
         """Inflate a piece of a compressed frame, refusing to produce more than the limit."""
-        if not self._inbound_compressed or not self._inbound_is_compressible:
+        if self._control or not self._inbound_compressed or not self._inbound_is_compressible:
             return data
         return self._inflate(bytes(data))
 
@@ -201,7 +222,7 @@ class BoundedDeflate(PerMessageDeflate):
 
     def frame_inbound_complete(self, proto: FrameDecoder | FrameProtocol, fin: bool) -> bytes | CloseReason | None:
         """At the end of a compressed message, inflate the flush marker (bounded too) and reset the count."""
-        if not fin:
+        if not fin or self._control:
             return None
         if not self._inbound_is_compressible or not self._inbound_compressed:
             self._inbound_compressed = None

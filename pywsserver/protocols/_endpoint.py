@@ -30,6 +30,7 @@ _OPTIONS = (
     "compression",
     "allowed_origins",
     "max_message_size",
+    "max_fragments",
     "close_timeout",
     "control_messages",
     "ping_interval",
@@ -61,6 +62,8 @@ class WebSocketOptions:
     require_origin: bool = False
     #: The largest message accepted, in bytes, after reassembly and decompression (1009 beyond).
     max_message_size: int = 1024 * 1024
+    #: The most frames one message may come in (1009 beyond), empty continuation frames included.
+    max_fragments: int = 4096
     #: Seconds to wait for the peer's close frame after sending ours.
     close_timeout: float = 10.0
     #: Whether pings and pongs from the peer reach ``handle`` as ``Ping``/``Pong`` (the original's behaviour);
@@ -211,6 +214,8 @@ def parse_websocket_options(raw: Any, path: str) -> WebSocketOptions:
         )
     if "max_message_size" in options:
         fields["max_message_size"] = check_int(options["max_message_size"], join(path, "max_message_size"), minimum=1)
+    if "max_fragments" in options:
+        fields["max_fragments"] = check_int(options["max_fragments"], join(path, "max_fragments"), minimum=1)
     if "close_timeout" in options:
         fields["close_timeout"] = check_number(options["close_timeout"], join(path, "close_timeout"))
     for name in ("ping_interval", "ping_timeout", "idle_timeout"):

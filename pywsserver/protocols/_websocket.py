@@ -45,7 +45,9 @@ the module asks the worker to stop.
 
 from __future__ import annotations
 
+import codecs
 import enum
+import io
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
@@ -63,7 +65,7 @@ from wsproto.events import (
     Pong as WsPong,
 )
 from wsproto.extensions import Extension
-from wsproto.frame_protocol import CloseReason, FrameDecoder, FrameProtocol, Opcode, RsvBits
+from wsproto.frame_protocol import CloseReason, Frame, FrameDecoder, FrameProtocol, Opcode, RsvBits
 
 from .._messages import (
     Close,
@@ -127,12 +129,27 @@ class State(enum.Enum):
 
 class _SizeGuard(Extension):
     """Not a negotiated extension: wsproto shows every frame header to its extensions, and this one
-    refuses a data frame announcing more than the size limit before any of its payload is read."""
+    refuses, before any of the frame's payload is read, a message whose frames announce more than the
+    size limit or that comes in more than ``max_fragments`` frames (empty ones included).
+
+    A compressed message (RSV1 on its first frame) is bounded after inflation (`BoundedDeflate`): its
+    frames' lengths on the wire are only held to twice the limit plus 64 KiB, far above what deflate
+    adds to incompressible data, so that a stream inflating to nothing cannot run forever either."""
 
     name = "pywsserver-size-guard"
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, max_fragments: int, compressed: bool) -> None:
         self.limit = limit
+        self.max_fragments = max_fragments
+        self.compression = compressed  # permessage-deflate was agreed
+        self.compressed = False  # the message being read is compressed
+        self.frames = 0  # frames of the message being read
+        self.announced = 0  # bytes its frames announced so far
+        # What the three above were before the header being read: wsproto reads a header again when
+        # its mask had not arrived yet, and a header read twice must count once.
+        self._before: tuple[int, int, bool] | None = None
+        #: Why the last refusal (the close frame's reason).
+        self.refusal = ""
 
     def enabled(self) -> bool:
         return True
@@ -143,9 +160,48 @@ class _SizeGuard(Extension):
     def frame_inbound_header(
         self, proto: FrameDecoder | FrameProtocol, opcode: Opcode, rsv: RsvBits, payload_length: int
     ) -> CloseReason | RsvBits:
-        if payload_length > self.limit and not opcode.iscontrol():
+        if opcode.iscontrol():
+            return RsvBits(False, False, False)
+        if self._before is not None:  # the same header again
+            self.frames, self.announced, self.compressed = self._before
+        self._before = (self.frames, self.announced, self.compressed)
+        if opcode is Opcode.CONTINUATION:
+            self.frames += 1
+            if self.frames > self.max_fragments:
+                self.refusal = f"message in more than {self.max_fragments} frames"
+                return CloseReason.MESSAGE_TOO_BIG
+            self.announced += payload_length
+        else:
+            self.frames, self.announced = 1, payload_length
+            self.compressed = self.compression and rsv.rsv1
+        if self.announced > (2 * self.limit + 65536 if self.compressed else self.limit):
+            self.refusal = f"message larger than {self.limit} bytes"
             return CloseReason.MESSAGE_TOO_BIG
         return RsvBits(False, False, False)
+
+    def frame_inbound_payload_data(self, proto: FrameDecoder | FrameProtocol, data: bytes) -> bytes | CloseReason:
+        self._before = None  # the header was read for good
+        return data
+
+    def frame_inbound_complete(self, proto: FrameDecoder | FrameProtocol, fin: bool) -> bytes | CloseReason | None:
+        self._before = None
+        return None
+
+
+class _FrameProtocol(FrameProtocol):
+    """wsproto's frame parser taking the close code 1014 (Bad Gateway, in RFC 6455's registry since
+    2012), which wsproto's list of codes lacks and would refuse with 1002."""
+
+    def _process_close(self, frame: Frame) -> Frame:
+        data = frame.payload
+        if isinstance(data, bytes | bytearray) and len(data) >= 2 and data[:2] == b"\x03\xf6":
+            try:
+                reason = bytes(data[2:]).decode("utf-8")
+            except UnicodeDecodeError:
+                pass  # wsproto says why
+            else:
+                return Frame(frame.opcode, (1014, reason), frame.frame_finished, frame.message_finished)
+        return super()._process_close(frame)
 
 
 #: What every end of a connection does first: stop its timers, close the socket (effects are frozen: shared).
@@ -171,9 +227,12 @@ class _PeerClosed:
 
 
 _FAST_OPCODES = frozenset((1, 2, 8, 9, 10))
-# Status codes a peer may send (RFC 6455 7.4.1, 7.4.2; wsproto also knows 1012 and 1013); the fast
-# path takes a close frame only with one of these, wsproto judges any other.
-_VALID_CLOSE_CODES = frozenset((1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, *range(3000, 5000)))
+# Status codes a peer may send (RFC 6455 7.4.1, 7.4.2, and the registry's 1012 to 1014); the fast
+# path takes a close frame only with one of these, wsproto (with _FrameProtocol's 1014) judges any other.
+_VALID_CLOSE_CODES = frozenset(
+    (1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014, *range(3000, 5000))
+)
+_UTF8 = codecs.getincrementaldecoder("utf-8")
 
 
 def _text_size(text: str) -> int:
@@ -190,18 +249,21 @@ class WebSocketProtocol:
     __slots__ = (
         "_awaiting",
         "_carry",
+        "_checked",
         "_close_code",
         "_close_reason",
         "_deflate_extension",
         "_fast",
+        "_guard",
         "_idle_timer",
         "_inbox",
+        "_message",
         "_next",
         "_notified",
-        "_parts",
         "_ping_payload",
         "_pings_sent",
         "_size",
+        "_utf8",
         "_ws",
         "connection",
         "options",
@@ -220,18 +282,23 @@ class WebSocketProtocol:
         # wsproto's connection (with its extensions) is made when first needed (a fragment, a
         # close we send, a ping to send, compression): an idle connection does without it.
         self._ws: Connection | None = None
+        self._guard: _SizeGuard | None = None
         self._deflate_extension: BoundedDeflate | None = None
         # Messages waiting for the handler: a list read from ``_next`` (a deque costs 760 bytes even empty).
         self._inbox: list[Any] = []
         self._next = 0
         self._awaiting: Any = None  # the message whose handler call is outstanding
-        self._parts: list[Any] | tuple[()] = ()  # a fragmented message's parts (a list once there are some)
+        # A fragmented message being reassembled (in wsproto's path): one growing buffer, never a list of parts.
+        self._message: bytearray | io.StringIO | None = None
         self._size = 0
         self._close_code = 1006
         self._close_reason = ""
         self._notified = False
         self._fast = True  # see _receive_fast
         self._carry: bytes | bytearray = b""  # an incomplete frame (a bytearray once there is one)
+        # The UTF-8 check of an incomplete text frame in ``_carry``, and how much of its payload it has read.
+        self._utf8: codecs.IncrementalDecoder | None = None
+        self._checked = 0
         self._ping_payload: bytes | None = None  # the keepalive ping waiting for its pong
         self._pings_sent = 0
         self._idle_timer = SetTimer("idle", options.idle_timeout) if options.idle_timeout is not None else None
@@ -360,10 +427,15 @@ class WebSocketProtocol:
         """wsproto's connection, made on first use."""
         ws = self._ws
         if ws is None:
-            extensions: list[Extension] = [_SizeGuard(self.options.max_message_size)]
+            options = self.options
+            guard = self._guard = _SizeGuard(
+                options.max_message_size, options.max_fragments, self._deflate_extension is not None
+            )
+            extensions: list[Extension] = [guard]
             if self._deflate_extension is not None:
                 extensions.append(self._deflate_extension)
             ws = self._ws = Connection(ConnectionType.SERVER, extensions=extensions)
+            ws._proto = _FrameProtocol(False, extensions)  # nothing parsed yet: the same parser, taking 1014
         return ws
 
     def _can_send(self) -> bool:
@@ -466,12 +538,20 @@ class WebSocketProtocol:
                 break
             end = position + header + 4 + length
             if end > size:  # a frame not complete yet, within the size limit: keep it
+                if opcode == 1 and size > position + header + 4:  # text: its UTF-8 is checked as it arrives
+                    failure = self._check_text(buffer, position + header + 4, size)
+                    if failure is not None:
+                        return effects + self._fail(1007, failure)
                 self._keep(buffer, position)
                 return effects
             mask = buffer[position + header : position + header + 4]
             payload = unmask(buffer[position + header + 4 : end], mask)
             start, position = position, end
             if opcode == 1:
+                if self._utf8 is not None:  # checked in part already: the rest, as wsproto would
+                    failure = self._check_text(buffer, start + header + 4, end, final=True)
+                    if failure is not None:
+                        return effects + self._fail(1007, failure)
                 try:
                     inbox.append(payload.decode("utf-8"))
                 except UnicodeDecodeError as error:
@@ -519,12 +599,37 @@ class WebSocketProtocol:
         self.state = State.REMOTE_CLOSING
         return _PeerClosed(code, reason, bytes((0x88, len(payload))) + payload)
 
+    def _check_text(self, buffer: bytes | bytearray, payload: int, end: int, *, final: bool = False) -> str | None:
+        """Check the UTF-8 of a text frame's payload that arrived since the last check (up to ``end``);
+        ``payload`` is where the payload starts in ``buffer``, after the 4-byte mask. Returns why it is
+        invalid, or ``None``."""
+        decoder = self._utf8
+        if decoder is None:
+            decoder = self._utf8 = _UTF8()
+            self._checked = 0
+        checked = self._checked
+        mask = bytes(buffer[payload - 4 : payload])
+        shift = checked % 4
+        if shift:
+            mask = mask[shift:] + mask[:shift]
+        try:
+            decoder.decode(unmask(buffer[payload + checked : end], mask), final)
+        except UnicodeDecodeError as error:
+            self._utf8 = None
+            return str(error)
+        if final:
+            self._utf8 = None
+        else:
+            self._checked = end - payload
+        return None
+
     def _keep(self, buffer: bytes | bytearray, position: int) -> None:
         self._carry = buffer if position == 0 and isinstance(buffer, bytearray) else bytearray(buffer[position:])
 
     def _leave_fast_path(self) -> list[Effect]:
         """From now on wsproto parses everything (for instance once we have sent a close frame)."""
         self._fast = False
+        self._utf8 = None  # wsproto reads the carried frame again from its start
         carry, self._carry = self._carry, b""
         return self._receive_wsproto(bytes(carry)) if carry else []
 
@@ -540,7 +645,8 @@ class WebSocketProtocol:
             if isinstance(event, Message):
                 chunk = event.data
                 size = _text_size(chunk) if isinstance(chunk, str) else len(chunk)
-                if event.message_finished and not self._parts:
+                message = self._message
+                if event.message_finished and message is None:
                     if size > limit:
                         return effects + self._fail(1009, f"message larger than {limit} bytes")
                     self._inbox.append(chunk if isinstance(chunk, str | bytes) else bytes(chunk))
@@ -548,13 +654,16 @@ class WebSocketProtocol:
                 self._size += size
                 if self._size > limit:
                     return effects + self._fail(1009, f"message larger than {limit} bytes")
-                parts = self._parts
-                if not isinstance(parts, list):
-                    parts = self._parts = []
-                parts.append(chunk)
+                # One growing buffer per message, whatever the framing (frames and parts of frames).
+                if message is None:
+                    message = self._message = io.StringIO() if isinstance(chunk, str) else bytearray()
+                if isinstance(message, io.StringIO):
+                    message.write(chunk)
+                else:
+                    message += chunk
                 if event.message_finished:
-                    self._parts, self._size = (), 0
-                    self._inbox.append("".join(parts) if isinstance(chunk, str) else b"".join(parts))
+                    self._message, self._size = None, 0
+                    self._inbox.append(message.getvalue() if isinstance(message, io.StringIO) else bytes(message))
             elif isinstance(event, WsPing):
                 if self.state is State.OPEN:
                     effects.append(Write(ws.send(event.response())))
@@ -574,7 +683,8 @@ class WebSocketProtocol:
                 else:  # wsproto found a protocol violation (1002, 1007, 1009 from the size guard, ...)
                     reason = event.reason or ""
                     if event.code == CloseReason.MESSAGE_TOO_BIG:
-                        reason = f"message larger than {limit} bytes"
+                        guard = self._guard
+                        reason = (guard.refusal if guard else "") or f"message larger than {limit} bytes"
                     return effects + self._fail(event.code, reason)
         return effects
 
@@ -626,7 +736,7 @@ class WebSocketProtocol:
     def _closed(self, code: int, reason: str) -> list[Effect]:
         was_open = self.state is State.OPEN or self.state is State.REMOTE_CLOSING
         self.state = State.CLOSED
-        self._parts, self._size = (), 0
+        self._message, self._size, self._utf8 = None, 0, None
         # Messages that had fully arrived while the connection was open are still delivered (without
         # replies), then the close notice: what the handler sees does not depend on whether the
         # violation was found in the same read. Nothing is delivered if init has not run yet.
