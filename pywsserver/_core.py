@@ -619,7 +619,17 @@ class ConnectionCore(HandlerCalls):
         while queue and not self._busy and not self._stopped:
             effect = queue.pop()
             if type(effect) is Deliver:
-                if self._needs_task(effect.message):
+                message = effect.message
+                handler = self._handler
+                if (
+                    (type(message) is str or type(message) is bytes)
+                    and handler is not None
+                    and self._opened
+                    and not handler.async_handle
+                ):
+                    queue.extend(reversed(self._handle_sync(message)))  # the common case, without steps
+                    continue
+                if self._needs_task(message):
                     queue.append(effect)
                     self._busy = True
                     self._pause_reading()

@@ -333,6 +333,9 @@ def _control_payload(data: object, value: object) -> bytes:
 
 def normalize_result(value: object) -> HandlerResult:
     """The result class for a handler's return value, or `InvalidHandlerResult`."""
+    # The commonest result first, with exact type checks (see HandlerCalls._handle_sync for the figure).
+    if type(value) is tuple and len(value) == 3 and value[0] == "reply" and type(value[1]) in (str, bytes):
+        return Reply(value[1], value[2])
     if isinstance(value, _RESULT_TYPES):
         result = value
     elif isinstance(value, tuple) and value and isinstance(value[0], str):
