@@ -338,19 +338,20 @@ async def test_simple_one_for_one_starts_many_children_of_one_template() -> None
     template = ChildSpec("conn", probe.child, restart="transient")
     async with Supervisor([template], strategy="simple_one_for_one", intensity=5).running() as sup:
         assert sup.which_children() == []
-        refs = [await sup.start_child(f"c{i}") for i in range(3)]
+        handles = [await sup.start_child(f"c{i}") for i in range(3)]
+        assert [h.ref for h in handles] == [probe.controls[f"c{i}"] for i in range(3)]
         assert sup.count_children().active == 3
-        await sup.terminate_child(refs[0])
-        assert [c.ref for c in sup.which_children()] == refs[1:]
+        await sup.terminate_child(handles[0])
+        assert [c.id for c in sup.which_children()] == handles[1:]
         await probe.controls["c1"].end("crash", sup)  # transient + crash: restarted with its args
         assert probe.starts("c1") == 2
         await probe.controls["c2"].end("exit", sup)  # transient + normal: gone
         assert [c.ref.child_id for c in sup.which_children()] == ["c1"]
         with pytest.raises(SupervisorError):
-            await sup.restart_child(1)
+            await sup.restart_child(handles[1])
         with pytest.raises(SupervisorError):
-            await sup.delete_child(1)
-        with pytest.raises(ChildNotFound):
+            await sup.delete_child(handles[1])
+        with pytest.raises(SupervisorError):
             await sup.terminate_child(object())
     assert probe.events[-1] == ("stop", "c1")
 

@@ -15,12 +15,14 @@ from ._errors import (
     ChildAlreadyPresent,
     ChildAlreadyStarted,
     ChildNotFound,
+    ChildRestarting,
     ChildRunning,
     ChildStartError,
     MailboxFull,
     NameAlreadyRegistered,
     NotRunning,
     RestartIntensityExceeded,
+    SimpleOneForOneError,
     SupervisionError,
     SupervisorError,
 )
@@ -37,7 +39,7 @@ from ._spec import (
     StartFunction,
     Strategy,
 )
-from ._supervisor import ChildCounts, ChildInfo, Supervisor
+from ._supervisor import ChildCounts, ChildHandle, ChildInfo, ChildState, Supervisor
 
 __all__ = [
     "BRUTAL_KILL",
@@ -50,11 +52,14 @@ __all__ = [
     "ChildAlreadyStarted",
     "ChildContext",
     "ChildCounts",
+    "ChildHandle",
     "ChildInfo",
     "ChildNotFound",
+    "ChildRestarting",
     "ChildRunning",
     "ChildSpec",
     "ChildStartError",
+    "ChildState",
     "ChildType",
     "GenServer",
     "MailboxFull",
@@ -64,6 +69,7 @@ __all__ = [
     "RestartIntensityExceeded",
     "ServerRef",
     "Shutdown",
+    "SimpleOneForOneError",
     "StartFunction",
     "Strategy",
     "SupervisionError",

@@ -11,6 +11,7 @@ long, then cancel". ``brutal_kill`` leaves no time at all, ``infinity`` waits.
 from __future__ import annotations
 
 import math
+import weakref
 from contextvars import ContextVar
 
 import anyio
@@ -21,7 +22,7 @@ __all__ = ["ChildContext", "cleanup_scope", "current_child"]
 class ChildContext:
     """What a supervised child knows about itself while it runs."""
 
-    __slots__ = ("child_id", "shutdown_seconds", "stop_deadline")
+    __slots__ = ("_cleanups", "child_id", "shutdown_seconds", "stop_deadline")
 
     def __init__(self, child_id: object, shutdown_seconds: float) -> None:
         #: The child's id in its supervisor.
@@ -30,6 +31,20 @@ class ChildContext:
         self.shutdown_seconds = shutdown_seconds
         #: Set by the supervisor when it asks the child to stop.
         self.stop_deadline: float | None = None
+        # The cleanup scopes the child opened, so that its supervisor can end them (made on first use).
+        self._cleanups: weakref.WeakSet[anyio.CancelScope] | None = None
+
+    def kill(self, now: float) -> None:
+        """End the child's cleanup now: its supervisor's own shutdown time is up (OTP would kill it)."""
+        self.stop_deadline = now
+        for scope in list(self._cleanups or ()):
+            scope.cancel()
+
+    def _track(self, scope: anyio.CancelScope) -> anyio.CancelScope:
+        if self._cleanups is None:
+            self._cleanups = weakref.WeakSet()
+        self._cleanups.add(scope)
+        return scope
 
 
 _current: ContextVar[ChildContext | None] = ContextVar("pywsserver_child", default=None)
@@ -63,11 +78,11 @@ def cleanup_scope(default_timeout: float = 5.0) -> anyio.CancelScope:
     """
     context = _current.get()
     if context is None:
-        deadline = anyio.current_time() + default_timeout
-    elif context.stop_deadline is not None:
+        return anyio.CancelScope(shield=True, deadline=anyio.current_time() + default_timeout)
+    if context.stop_deadline is not None:
         deadline = context.stop_deadline
     elif math.isinf(context.shutdown_seconds):
         deadline = math.inf
     else:
         deadline = anyio.current_time() + context.shutdown_seconds
-    return anyio.CancelScope(shield=True, deadline=deadline)
+    return context._track(anyio.CancelScope(shield=True, deadline=deadline))

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 from collections.abc import Hashable
 
+from ._spec import Shutdown
+
 __all__ = [
     "CallTimeout",
     "ChildAlreadyPresent",
     "ChildAlreadyStarted",
     "ChildNotFound",
+    "ChildRestarting",
     "ChildRunning",
     "ChildStartError",
     "MailboxFull",
     "NameAlreadyRegistered",
     "NotRunning",
     "RestartIntensityExceeded",
+    "SimpleOneForOneError",
     "SupervisionError",
     "SupervisorError",
 ]
@@ -61,6 +65,25 @@ class ChildRunning(SupervisorError):
         self.child_id = child_id
 
 
+class ChildRestarting(SupervisorError):
+    """``restart_child`` or ``delete_child`` on a child whose restart failed and is being retried.
+
+    OTP answers ``{error, restarting}``. `Supervisor.terminate_child` stops the retries.
+    """
+
+    def __init__(self, child_id: object) -> None:
+        super().__init__(f"child {child_id!r} is being restarted (its last restart attempt failed)")
+        self.child_id = child_id
+
+
+class SimpleOneForOneError(SupervisorError):
+    """A call a simple_one_for_one supervisor does not take (OTP: ``{error, simple_one_for_one}``).
+
+    ``restart_child`` and ``delete_child`` on such a supervisor, and
+    ``terminate_child`` with anything else than the `ChildHandle` of one of its children.
+    """
+
+
 class ChildStartError(SupervisorError):
     """A child raised, or returned, before reporting that it was ready."""
 
@@ -70,11 +93,14 @@ class ChildStartError(SupervisorError):
         self.reason = reason
 
 
-class RestartIntensityExceeded(SupervisionError):
+class RestartIntensityExceeded(SupervisionError, Shutdown):
     """A supervisor restarted more often than its intensity allows, and gave up.
 
-    Its children have all been stopped. A parent supervisor treats this as
-    the crash of that supervisor child (escalation).
+    Its children have all been stopped. As in OTP, a supervisor that gives up
+    exits with the reason "shutdown": this error is a `Shutdown`, so a parent
+    supervisor restarts the child supervisor only if its spec is permanent
+    (not transient or temporary). At the top of a tree, `Supervisor.run`
+    and `Supervisor.running` raise it to tell the caller the tree gave up.
     """
 
     def __init__(self, supervisor: str, child_id: object, reason: BaseException | None) -> None:

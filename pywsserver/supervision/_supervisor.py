@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import enum
 import itertools
 import logging
 import math
@@ -43,40 +44,61 @@ import anyio.abc
 import attrs
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from ._context import ChildContext, _set_current, cleanup_scope
+from ._context import ChildContext, _set_current, cleanup_scope, current_child
 from ._errors import (
     ChildAlreadyPresent,
     ChildAlreadyStarted,
     ChildNotFound,
+    ChildRestarting,
     ChildRunning,
     ChildStartError,
     NotRunning,
     RestartIntensityExceeded,
+    SimpleOneForOneError,
     SupervisorError,
     unwrap_group,
 )
 from ._registry import register, unregister
 from ._spec import INFINITY, AutoShutdown, ChildSpec, ChildType, Restart, Shutdown, ShutdownValue, Strategy
 
-__all__ = ["ChildCounts", "ChildInfo", "Supervisor"]
+__all__ = ["ChildCounts", "ChildHandle", "ChildInfo", "ChildState", "Supervisor"]
 
 logger = logging.getLogger("pywsserver.supervision")
+
+#: How long after its shutdown deadline a stopped child may take to finish unwinding before
+#: the supervisor reports that it ignores cancellation and goes on without it.
+_UNWIND_GRACE = 1.0
+
+
+class ChildState(enum.Enum):
+    """Where a child stands, as `Supervisor.which_children` reports it."""
+
+    #: Started by `Supervisor.start_child_soon` and not yet ready (it has not called ``started``).
+    STARTING = "starting"
+    #: Ready and running (OTP: a pid).
+    RUNNING = "running"
+    #: Its last restart attempt failed; the supervisor retries through its mailbox (OTP: ``restarting``).
+    RESTARTING = "restarting"
+    #: Its spec is kept but it does not run (OTP: ``undefined``).
+    NOT_RUNNING = "not_running"
 
 
 @attrs.frozen
 class ChildInfo:
     """One row of `Supervisor.which_children`."""
 
-    #: The child's id (an ``int`` for children of a simple_one_for_one supervisor).
+    #: The child's id; for a child of a simple_one_for_one supervisor, its `ChildHandle`.
     id: Hashable
     #: What the child passed to ``task_status.started``; ``None`` when not running.
     ref: Any
-    #: Whether the child is running now.
+    #: Whether the child is running now and ready (``state is ChildState.RUNNING``).
     running: bool
     #: Worker or supervisor.
     type: ChildType
     #: The child's restart type.
     restart: Restart
+    #: Running, starting, restarting or not running.
+    state: ChildState = ChildState.NOT_RUNNING
 
 
 @attrs.frozen
@@ -115,11 +137,12 @@ class _StartedProxy:
             raise RuntimeError("task_status.started() called twice")
         self.called = True
         self._instance.ref = value
+        self._instance.ready = True
         self._real.started(value)
 
 
 class _Instance:
-    __slots__ = ("_done_event", "cancel", "child", "context", "finished", "handled", "ref", "stopping")
+    __slots__ = ("_done_event", "cancel", "child", "context", "finished", "handled", "ready", "ref", "stopping")
 
     def __init__(self, child: _Child) -> None:
         self.child = child
@@ -130,6 +153,7 @@ class _Instance:
         # Made only when someone waits for the end (a stop): thousands of workers never need one.
         self._done_event: anyio.Event | None = None
         self.ref: Any = None
+        self.ready = False
         self.stopping = False
         self.handled = False
 
@@ -146,14 +170,47 @@ class _Instance:
         await self._done_event.wait()
 
 
-class _Child:
-    __slots__ = ("args", "instance", "key", "spec")
+class ChildHandle:
+    """Names one child of its supervisor, as a pid names an Erlang process.
 
-    def __init__(self, key: Hashable, spec: ChildSpec, args: tuple[Any, ...]) -> None:
+    `Supervisor.start_child` on a simple_one_for_one supervisor returns it
+    and `Supervisor.terminate_child` takes it; it is the ``id`` of that
+    child's `ChildInfo` row. Two handles are the same child only if they are
+    the same object. It names the child across its restarts (its `ref`
+    changes, the handle does not); once the child has ended for good,
+    terminating it again succeeds quietly, as OTP does for a pid that is no
+    longer alive.
+    """
+
+    __slots__ = ("args", "instance", "key", "owner", "restarting", "spec")
+
+    def __init__(self, owner: Supervisor, key: Hashable, spec: ChildSpec, args: tuple[Any, ...]) -> None:
+        self.owner = owner
         self.key = key
         self.spec = spec
         self.args = args
         self.instance: _Instance | None = None
+        self.restarting = False
+
+    def __repr__(self) -> str:
+        return f"<ChildHandle {self.key!r} of supervisor {self.owner.label}>"
+
+    @property
+    def ref(self) -> Any:
+        """What the child's current run passed to ``task_status.started`` (``None`` when not running)."""
+        instance = self.instance
+        return instance.ref if instance is not None else None
+
+    @property
+    def state(self) -> ChildState:
+        """Whether the child is starting, running, restarting or not running."""
+        instance = self.instance
+        if instance is not None:
+            return ChildState.RUNNING if instance.ready else ChildState.STARTING
+        return ChildState.RESTARTING if self.restarting else ChildState.NOT_RUNNING
+
+
+_Child = ChildHandle
 
 
 @attrs.frozen
@@ -183,6 +240,15 @@ class _Reply:
         if self._error is not None:
             raise self._error
         return self._value
+
+
+@attrs.frozen
+class _Retry:
+    """Try again a restart that failed (OTP's ``try_again_restart``, sent to itself)."""
+
+    child: _Child
+    group: list[_Child]
+    reason: BaseException | None
 
 
 @attrs.frozen
@@ -398,8 +464,12 @@ class Supervisor:
                 error = start_error
             finally:
                 self._running = False
-                with cleanup_scope():
+                # As a child, the supervisor's own shutdown time bounds the stop of its children
+                # (its parent's deadline); at the top nothing does: each child's own shutdown governs.
+                stop_scope = cleanup_scope() if current_child() is not None else anyio.CancelScope(shield=True)
+                with stop_scope:
                     await self._terminate_all()
+                self._kill_remaining()
                 assert self._host_release is not None
                 self._host_release.set()
                 send.close()
@@ -421,7 +491,7 @@ class Supervisor:
         await stopped.wait()
 
     def _reset(self) -> None:
-        self._children = {spec.id: _Child(spec.id, spec, spec.args) for spec in self.specs}
+        self._children = {spec.id: _Child(self, spec.id, spec, spec.args) for spec in self.specs}
         if self.strategy is Strategy.SIMPLE_ONE_FOR_ONE:
             self._children = {}
         self._restarts.clear()
@@ -447,6 +517,8 @@ class Supervisor:
                 except _AutoShutdownNow:
                     logger.debug("supervisor %s shutting down: significant child ended", self.label)
                     return
+            elif isinstance(message, _Retry):
+                await self._retry(message)
             elif isinstance(message, _Request):
                 try:
                     value = await message.operation(*message.args)
@@ -556,9 +628,36 @@ class Supervisor:
         if instance is None:
             return
         self._ask_to_stop(child)
-        await instance.wait_done()
+        deadline = instance.context.stop_deadline
+        with anyio.move_on_after(math.inf) as scope:
+            if deadline is not None:
+                scope.deadline = deadline + _UNWIND_GRACE
+            await instance.wait_done()
+        if not instance.finished and scope.cancelled_caught:
+            # OTP would now kill it; Python cannot end a task that ignores cancellation. Report it
+            # and go on with the next child: the supervisor's task group still waits for it.
+            logger.error(
+                "child %r of supervisor %s did not stop within its shutdown time (%s): it ignores "
+                "cancellation, which cannot be forced in Python; going on without it, the supervisor "
+                "ends only when it does",
+                child.key,
+                self.label,
+                child.spec.shutdown,
+            )
         if child.instance is instance:
             child.instance = None
+
+    def _kill_remaining(self) -> None:
+        """Cancel at once, cleanup included, every child still running (the supervisor's own time is up)."""
+        now = anyio.current_time()
+        for child in self._children.values():
+            instance = child.instance
+            if instance is None or instance.finished:
+                continue
+            instance.stopping = instance.handled = True
+            instance.context.kill(now)
+            if instance.cancel is not None:
+                instance.cancel()
 
     async def _terminate_all(self) -> None:
         while True:  # again, for instances started concurrently by start_child
@@ -654,31 +753,51 @@ class Supervisor:
                     group.append(sibling)
             group.append(child)
             group.sort(key=order.index)
-        failed_id: object = child.key
-        while True:
-            self._add_restart(failed_id, reason)
-            self._restart_count += 1
-            try:
-                await self._start_group(group)
-            except ChildStartError as error:
-                failed_id, reason = error.child_id, error.reason
-                continue
-            logger.info(
-                "supervisor %s restarted %s after %r",
-                self.label,
-                ", ".join(repr(c.key) for c in group),
-                reason,
-            )
-            return
+        await self._attempt_restart(child, group, reason)
 
-    async def _start_group(self, group: list[_Child]) -> None:
+    async def _attempt_restart(self, child: _Child, group: list[_Child], reason: BaseException | None) -> None:
+        """One restart attempt of ``group`` for ``child``; a failed one is retried through the mailbox.
+
+        As in OTP, every attempt counts toward the intensity, and between
+        attempts the supervisor serves its mailbox with the child that failed
+        to start marked restarting.
+        """
+        self._add_restart(child.key, reason)
+        self._restart_count += 1
+        child.restarting = False
+        try:
+            await self._start_group(group, stop_started=False)
+        except ChildStartError as error:
+            failed = self._children.get(error.child_id, child)
+            failed.restarting = True
+            assert self._send is not None
+            self._send.send_nowait(_Retry(failed, group, error.reason))
+            return
+        logger.info(
+            "supervisor %s restarted %s after %r",
+            self.label,
+            ", ".join(repr(c.key) for c in group),
+            reason,
+        )
+
+    async def _retry(self, retry: _Retry) -> None:
+        child = retry.child
+        if not child.restarting or self._children.get(child.key) is not child:
+            return  # terminated or deleted meanwhile: no more attempts (OTP ignores the retry too)
+        group = [c for c in retry.group if self._children.get(c.key) is c]
+        for sibling in reversed(group):  # those started by the failed attempt start again with the rest
+            await self._terminate(sibling)
+        await self._attempt_restart(child, group, retry.reason)
+
+    async def _start_group(self, group: list[_Child], *, stop_started: bool = True) -> None:
         started: list[_Child] = []
         for child in group:
             try:
                 await self._start(child)
             except ChildStartError:
-                for done in reversed(started):
-                    await self._terminate(done)
+                if stop_started:
+                    for done in reversed(started):
+                        await self._terminate(done)
                 raise
             started.append(child)
 
@@ -696,13 +815,14 @@ class Supervisor:
         return await reply.wait()
 
     async def start_child(self, *args: Any) -> Any:
-        """Start a new child and return its ref once it is ready.
+        """Start a new child and return once it is ready.
 
         For a static supervisor pass one `ChildSpec`; it is added after
-        the existing children. For a simple_one_for_one supervisor pass extra
-        positional arguments, appended to the template's ``args``. Raises
-        `ChildAlreadyStarted`, `ChildAlreadyPresent` or
-        `ChildStartError`.
+        the existing children and its ref is returned. For a simple_one_for_one
+        supervisor pass extra positional arguments, appended to the template's
+        ``args``; the `ChildHandle` naming that child is returned (OTP returns
+        its pid), its ``ref`` being what the child reported. Raises
+        `ChildAlreadyStarted`, `ChildAlreadyPresent` or `ChildStartError`.
         """
         if self.strategy is Strategy.SIMPLE_ONE_FOR_ONE and self._running and self._children_tg is not None:
             # Starting one more instance of the template touches no other child: it runs in the
@@ -711,48 +831,56 @@ class Supervisor:
             return await self._start_child(args)
         return await self._request(self._start_child, args)
 
-    def start_child_soon(self, *args: Any) -> None:
+    def start_child_soon(self, *args: Any) -> ChildHandle:
         """Start a new child of a simple_one_for_one supervisor without waiting for it to be ready.
 
-        The arguments are those of `start_child`. The child starts when the
-        caller next yields; a child that fails to start is logged and forgotten,
-        as a failed `start_child` would be, but nobody receives the error. Raises
-        `NotRunning` when the supervisor is not running. The server's acceptors
-        start a worker per connection this way, as Ranch's acceptors hand
-        connections to their connection supervisor.
+        The arguments are those of `start_child`; the `ChildHandle` of the
+        child is returned at once (its state is ``starting`` until it is
+        ready). The child starts when the caller next yields; a child that
+        fails to start is logged and forgotten, as a failed `start_child`
+        would be, but nobody receives the error. Raises `NotRunning` when the
+        supervisor is not running. The server's acceptors start a worker per
+        connection this way, as Ranch's acceptors hand connections to their
+        connection supervisor.
         """
         self._no_static("start_child_soon")
         tg = self._children_tg
         if not self._running or tg is None:
             raise NotRunning(f"supervisor {self.label} is not running")
         template = self.specs[0]
-        child = _Child(next(self._keys), template, template.args + args)
+        child = _Child(self, next(self._keys), template, template.args + args)
         self._children[child.key] = child
         instance = child.instance = _Instance(child)
         # A name given once (anyio would otherwise build one string per task).
         instance.cancel = tg.start_soon(self._run_instance, instance, name=_DYNAMIC_CHILD_TASK).cancel
+        return child
 
     async def terminate_child(self, child_id: object) -> None:
         """Stop a running child (its spec is kept unless it is temporary or dynamic).
 
-        For a simple_one_for_one supervisor ``child_id`` is the child's id or
-        its ref. Raises `ChildNotFound`.
+        For a simple_one_for_one supervisor ``child_id`` is the child's
+        `ChildHandle`; a handle whose child has already ended is no error (as
+        OTP's pid that is no longer alive), one of another supervisor raises
+        `ChildNotFound`, anything else `SimpleOneForOneError`. A child being
+        restarted (state ``restarting``) is stopped: no more attempts are made.
+        Raises `ChildNotFound`.
         """
         await self._request(self._terminate_child, child_id)
 
     async def restart_child(self, child_id: Hashable) -> Any:
         """Start again a stopped child whose spec is kept; return its new ref.
 
-        Raises `ChildNotFound`, `ChildRunning` or
-        `ChildStartError`; not available for simple_one_for_one.
+        Raises `ChildNotFound`, `ChildRunning`, `ChildRestarting` (its
+        restart is being retried) or `ChildStartError`; on a simple_one_for_one
+        supervisor, `SimpleOneForOneError`.
         """
         return await self._request(self._restart_child, child_id)
 
     async def delete_child(self, child_id: Hashable) -> None:
         """Forget the spec of a stopped child.
 
-        Raises `ChildNotFound` or `ChildRunning`; not available
-        for simple_one_for_one.
+        Raises `ChildNotFound`, `ChildRunning` or `ChildRestarting`; on a
+        simple_one_for_one supervisor, `SimpleOneForOneError`.
         """
         await self._request(self._delete_child, child_id)
 
@@ -765,36 +893,85 @@ class Supervisor:
         await self._request(_noop)
 
     def which_children(self) -> list[ChildInfo]:
-        """Every child the supervisor knows, in start order."""
-        return [
-            ChildInfo(
-                id=child.key,
-                ref=child.instance.ref if child.instance is not None else None,
-                running=child.instance is not None,
-                type=child.spec.type,
-                restart=child.spec.restart,
-            )
-            for child in self._children.values()
-        ]
+        """Every child the supervisor knows, in start order: a snapshot taken now.
+
+        The snapshot includes every call already answered and every dynamic
+        child already started (or started soon), but not exits still waiting in
+        the mailbox: a child that has just ended may show as running until the
+        supervisor handles its exit. `children` is the call form, ordered with
+        everything asked of the supervisor before it, as OTP's ``which_children``.
+        """
+        return [self._info(child) for child in self._children.values()]
 
     def count_children(self) -> ChildCounts:
-        """How many specs, running children, supervisors and workers there are."""
+        """How many specs, running children, supervisors and workers there are: a snapshot taken now.
+
+        ``active`` counts every child whose task runs (starting ones
+        included). On a simple_one_for_one supervisor ``specs`` is 1 (the
+        template) and ``supervisors``/``workers`` count the children, as in
+        OTP. `counts` is the call form (see `which_children`).
+        """
         children = self._children.values()
+        active = sum(1 for c in children if c.instance is not None)
+        if self.strategy is Strategy.SIMPLE_ONE_FOR_ONE:
+            dynamic = len(self._children)
+            is_supervisor = self.specs[0].type is ChildType.SUPERVISOR
+            return ChildCounts(
+                specs=1,
+                active=active,
+                supervisors=dynamic if is_supervisor else 0,
+                workers=0 if is_supervisor else dynamic,
+            )
         supervisors = sum(1 for c in children if c.spec.type is ChildType.SUPERVISOR)
         return ChildCounts(
             specs=len(self._children),
-            active=sum(1 for c in children if c.instance is not None),
+            active=active,
             supervisors=supervisors,
             workers=len(self._children) - supervisors,
         )
 
+    async def children(self) -> list[ChildInfo]:
+        """`which_children` as a call: answered after everything asked of the supervisor before it.
+
+        Exits and restarts already in the mailbox are handled first, so the
+        answer agrees with every `start_child`, `terminate_child` or crash that
+        came before it. Raises `NotRunning`.
+        """
+        result: list[ChildInfo] = await self._request(self._answer, self.which_children)
+        return result
+
+    async def counts(self) -> ChildCounts:
+        """`count_children` as a call, ordered as `children` is. Raises `NotRunning`."""
+        result: ChildCounts = await self._request(self._answer, self.count_children)
+        return result
+
+    @staticmethod
+    async def _answer(question: Callable[[], Any]) -> Any:
+        return question()
+
+    def _info(self, child: _Child) -> ChildInfo:
+        state = child.state
+        return ChildInfo(
+            id=child if self.strategy is Strategy.SIMPLE_ONE_FOR_ONE else child.key,
+            ref=child.ref,
+            running=state is ChildState.RUNNING,
+            type=child.spec.type,
+            restart=child.spec.restart,
+            state=state,
+        )
+
     def _find(self, child_id: object) -> _Child:
+        if self.strategy is Strategy.SIMPLE_ONE_FOR_ONE:
+            if not isinstance(child_id, ChildHandle):
+                raise SimpleOneForOneError(
+                    f"the simple_one_for_one supervisor {self.label} names its children by the ChildHandle "
+                    f"start_child returned, not {child_id!r}"
+                )
+            if child_id.owner is not self:
+                raise ChildNotFound(child_id)
+            return child_id
         with contextlib.suppress(KeyError, TypeError):
             return self._children[child_id]
-        if self.strategy is Strategy.SIMPLE_ONE_FOR_ONE:
-            for child in self._children.values():
-                if child.instance is not None and child.instance.ref is child_id:
-                    return child
         raise ChildNotFound(child_id)
 
     def _no_static(self, operation: str) -> None:
@@ -803,12 +980,14 @@ class Supervisor:
 
     def _no_dynamic(self, operation: str) -> None:
         if self.strategy is Strategy.SIMPLE_ONE_FOR_ONE:
-            raise SupervisorError(f"{operation} is not available on the simple_one_for_one supervisor {self.label}")
+            raise SimpleOneForOneError(
+                f"{operation} is not available on the simple_one_for_one supervisor {self.label}"
+            )
 
     async def _start_child(self, args: tuple[Any, ...]) -> Any:
         if self.strategy is Strategy.SIMPLE_ONE_FOR_ONE:
             template = self.specs[0]
-            child = _Child(next(self._keys), template, template.args + args)
+            child = _Child(self, next(self._keys), template, template.args + args)
         else:
             if len(args) != 1 or not isinstance(args[0], ChildSpec):
                 raise TypeError("start_child on a static supervisor takes one ChildSpec")
@@ -818,16 +997,20 @@ class Supervisor:
                 if existing.instance is not None:
                     raise ChildAlreadyStarted(spec.id, existing.instance.ref)
                 raise ChildAlreadyPresent(spec.id)
-            child = _Child(spec.id, spec, spec.args)
+            child = _Child(self, spec.id, spec, spec.args)
         self._children[child.key] = child
         try:
-            return await self._start(child)
+            ref = await self._start(child)
         except ChildStartError:
             self._children.pop(child.key, None)
             raise
+        return child if self.strategy is Strategy.SIMPLE_ONE_FOR_ONE else ref
 
     async def _terminate_child(self, child_id: object) -> None:
         child = self._find(child_id)
+        if self._children.get(child.key) is not child:
+            return  # a dynamic child that has already ended: nothing to do, as for OTP's dead pid
+        child.restarting = False
         await self._terminate(child)
         if child.spec.restart is Restart.TEMPORARY or self.strategy is Strategy.SIMPLE_ONE_FOR_ONE:
             self._children.pop(child.key, None)
@@ -835,6 +1018,8 @@ class Supervisor:
     async def _restart_child(self, child_id: Hashable) -> Any:
         self._no_dynamic("restart_child")
         child = self._find(child_id)
+        if child.restarting:
+            raise ChildRestarting(child_id)
         if child.instance is not None:
             raise ChildRunning(child_id)
         return await self._start(child)
@@ -842,6 +1027,8 @@ class Supervisor:
     async def _delete_child(self, child_id: Hashable) -> None:
         self._no_dynamic("delete_child")
         child = self._find(child_id)
+        if child.restarting:
+            raise ChildRestarting(child_id)
         if child.instance is not None:
             raise ChildRunning(child_id)
         del self._children[child.key]
