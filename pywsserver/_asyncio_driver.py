@@ -24,7 +24,7 @@ import asyncio
 import socket
 import ssl
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -190,13 +190,24 @@ class ProtocolDriver(asyncio.BufferedProtocol):
 
     # ------------------------------------------------------------- the task
 
-    async def serve(self) -> None:
-        """Open the transport (after the TLS handshake, for ``wss``), start the module, then serve.
+    def serve(self) -> Awaitable[None]:
+        """Start the module and return the task's loop; first open the transport (TLS, other loops).
 
-        In the worker's own task and frame: an idle connection's task holds
-        as few frames as can be, and no cancel scope of its own (one is
-        1.7 KiB): `ConnectionCore._abort` stops it by flag and wake-up.
+        With the transport made already (the default), the module starts here
+        and the worker's task awaits `_continue` directly: an idle
+        connection's task holds as few frames as can be, and no cancel scope
+        of its own (one is 1.7 KiB): `ConnectionCore._abort` stops it by flag
+        and wake-up.
         """
+        if self._tls is None and self._transport is not None:
+            self._wake = _Wakeup(self._loop)
+            core = self._core
+            core._can_write = True
+            core._feed(core._module.start(b"", {}))
+            return self._continue()
+        return self._open_and_serve()
+
+    async def _open_and_serve(self) -> None:
         core = self._core
         core._busy = True  # bytes arriving before the module has started wait in the backlog
         if await self._open():

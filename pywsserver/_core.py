@@ -59,7 +59,7 @@ import enum
 import itertools
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import anyio
@@ -75,12 +75,14 @@ from ._messages import ConnectionClose
 from ._options import WorkerOptions
 from .protocols import (
     Action,
+    BroadcastAction,
     CloseSocket,
     ConnectionInfo,
     Deliver,
     Effect,
     GoingAway,
     ProtocolModule,
+    SendAction,
     SetTimer,
     Stop,
     Switch,
@@ -121,8 +123,13 @@ class Driver(Protocol):
     def addresses(self) -> tuple[Any, Any]:
         """The peer's and the local address, as the socket gives them (``None`` when unknown)."""
 
-    async def serve(self) -> None:
-        """Serve the connection until it ends: TLS handshake, ``start`` of the module, reading."""
+    def serve(self) -> Awaitable[None]:
+        """What serves the connection until it ends (TLS handshake, ``start`` of the module, reading).
+
+        A driver may start the module here and return the coroutine that goes
+        on: the worker's task awaits it directly, one coroutine frame fewer
+        for every idle connection.
+        """
 
     async def drain(self) -> None:
         """After ``GoingAway`` was fed: write what it produced and read until the module stops."""
@@ -197,6 +204,16 @@ class _Nowhere:
 NOWHERE = _Nowhere()
 
 
+def _size(action: Action) -> int:
+    """The bytes a queued action holds (its message's; control actions count as nothing)."""
+    kind = type(action)
+    if kind is SendAction:
+        return len(action.data)  # type: ignore[union-attr]
+    if kind is BroadcastAction:
+        return len(action.frame)  # type: ignore[union-attr]
+    return 0
+
+
 class _Ended:
     """The driver of a connection that has ended: asks nothing, does nothing.
 
@@ -210,8 +227,8 @@ class _Ended:
     def addresses(self) -> tuple[Any, Any]:
         return None, None
 
-    async def serve(self) -> None:
-        pass
+    def serve(self) -> Awaitable[None]:
+        return self.drain()
 
     async def drain(self) -> None:
         pass
@@ -271,8 +288,10 @@ class ConnectionCore(HandlerCalls):
         "_options",
         "_out",
         "_queue",
+        "_queued_bytes",
         "_reading_paused",
         "_release",
+        "_room",
         "_socket_closed",
         "_stopped",
         "_timers",
@@ -309,6 +328,10 @@ class ConnectionCore(HandlerCalls):
         # The mailbox is made when an action first has to wait (or at once, by the stream driver).
         self._mailbox_send: MemoryObjectSendStream[Action] | None = None
         self._mailbox_receive: MemoryObjectReceiveStream[Action] | None = None
+        # Bytes of the messages waiting in the mailbox: ``await send`` waits while they reach
+        # ``write_buffer_size`` (whatever the message sizes), until the driver takes some (``_room``).
+        self._queued_bytes = 0
+        self._room: anyio.Event | None = None
         # Timers are deadlines by name; the driver is asked to wake the core at the earliest (``_wake_at``).
         self._timers: dict[str, float] = {}
         self._wake_at = _INFINITY
@@ -392,7 +415,11 @@ class ConnectionCore(HandlerCalls):
         return self._mailbox_send, self._mailbox_receive
 
     def _offer(self, action: Action) -> bool:
-        """Queue ``action`` without waiting; ``False`` when the mailbox is full."""
+        """Queue ``action`` without waiting; ``False`` when the mailbox is full (``mailbox_size`` actions).
+
+        Broadcasts count actions, not bytes: a member that keeps up must not miss broadcasts of
+        large messages. ``await send`` and ``send_nowait`` also look at the bytes queued.
+        """
         if not self.alive:
             raise ConnectionClosed(f"{self!r} is closed")
         if self._act_now(action):
@@ -403,6 +430,7 @@ class ConnectionCore(HandlerCalls):
             return False
         except (anyio.ClosedResourceError, anyio.BrokenResourceError):
             raise ConnectionClosed(f"{self!r} is closed") from None
+        self._queued_bytes += _size(action)
         self._driver.wake()
         return True
 
@@ -414,19 +442,44 @@ class ConnectionCore(HandlerCalls):
             await anyio.lowlevel.checkpoint()
             return
         mailbox = self._mailbox()[0]
+        waited = False
+        while self._queued_bytes >= self._options.write_buffer_size:
+            room = self._room
+            if room is None:
+                room = self._room = anyio.Event()
+            self._driver.wake()
+            await room.wait()
+            waited = True
+            if not self.alive:
+                raise ConnectionClosed(f"{self!r} is closed")
+        size = _size(action)
+        self._queued_bytes += size
         try:
             mailbox.send_nowait(action)
         except anyio.WouldBlock:
             self._driver.wake()
             try:
                 await mailbox.send(action)
-            except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-                raise ConnectionClosed(f"{self!r} is closed") from None
+            except BaseException as error:
+                self._queued_bytes -= size
+                if isinstance(error, anyio.ClosedResourceError | anyio.BrokenResourceError):
+                    raise ConnectionClosed(f"{self!r} is closed") from None
+                raise
         except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            self._queued_bytes -= size
             raise ConnectionClosed(f"{self!r} is closed") from None
         else:
-            await anyio.lowlevel.checkpoint()
+            if not waited:
+                await anyio.lowlevel.checkpoint()
         self._driver.wake()
+
+    def _took(self, action: Action) -> None:
+        """The driver took ``action`` from the mailbox: its bytes no longer count, senders may go on."""
+        self._queued_bytes -= _size(action)
+        room = self._room
+        if room is not None and self._queued_bytes < self._options.write_buffer_size:
+            self._room = None
+            room.set()
 
     def _act_now(self, action: Action) -> bool:
         """Carry ``action`` out at once when nothing is queued before it and the peer reads.
@@ -471,6 +524,7 @@ class ConnectionCore(HandlerCalls):
                 action = mailbox.receive_nowait()
             except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
                 return
+            self._took(action)
             self._act(action)
 
     def _act(self, action: Action) -> None:
@@ -667,10 +721,12 @@ class ConnectionCore(HandlerCalls):
         return None
 
     def _stopping(self, stop: Stop) -> None:
+        # Reasons may carry what the client sent: logged escaped (%r), so that no client forges a line.
         if self._debug:
-            self.log.debug("stopping: %s", stop.reason)
-        if stop.bad_input:
-            bad_input("bad handshakes", f"{self._peer_text}: {stop.reason}", self._context())
+            self.log.debug("stopping: %r", stop.reason)
+        if stop.bad_input:  # the module closed because the client broke the protocol
+            kind = "bad handshakes" if self.state is WorkerState.HANDSHAKING else "protocol violations"
+            bad_input(kind, f"{self._peer_text}: {stop.reason!r}", self._context())
 
     def _switch(self, switch: Switch) -> list[Effect]:
         config = self._options.modules.get(switch.module)
@@ -754,6 +810,9 @@ class ConnectionCore(HandlerCalls):
             self._mailbox_send.close()
         if self._mailbox_receive is not None:
             self._mailbox_receive.close()
+        if self._room is not None:  # senders waiting for room find the connection closed
+            self._room.set()
+            self._room = None
         self.state = WorkerState.DONE
         self._driver.cancel_timer()
         self._timers.clear()

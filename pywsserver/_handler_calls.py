@@ -105,10 +105,6 @@ class HandlerCalls:
                 self.log.debug("established")
             return module.handler_returned(None)
         if isinstance(message, ConnectionClose):
-            if message.code in (1002, 1007, 1009):
-                bad_input(
-                    "protocol violations", f"{self._peer_text}: closed {message.code} {message.reason}", self._context()
-                )
             groups.leave_all(self)  # a closed connection is no longer reachable through its groups
             if self._opened and not self._told_close:
                 self._told_close = True

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import ssl
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -95,8 +96,11 @@ class StreamDriver:
 
     # ----------------------------------------------------------- the tasks
 
-    async def serve(self) -> None:
+    def serve(self) -> Awaitable[None]:
         """The TLS handshake, then the reader, mailbox and writer tasks until the module stops."""
+        return self._serve()
+
+    async def _serve(self) -> None:
         core = self._core
         core._mailbox()  # the mailbox task reads it from the start
         if self._tls is not None and not await self._start_tls():
@@ -185,6 +189,7 @@ class StreamDriver:
         async for action in core._mailbox_receive:
             if core._stopped:
                 return
+            core._took(action)
             core._act(action)
             while self._pending_bytes > limit and not core._stopped and not core._socket_closed:
                 await self._wait_for_room(timers=False)

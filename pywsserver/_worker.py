@@ -88,11 +88,13 @@ class Worker(ConnectionCore):
         await self._put(SendAction(data if isinstance(data, str | bytes) else bytes(data)))
 
     def send_nowait(self, data: str | bytes) -> None:
-        """Like `send` but never waits: raises `MailboxFull` when the mailbox is full."""
+        """Like `send` but never waits: raises `MailboxFull` when the mailbox is full (in messages or bytes)."""
         if not isinstance(data, str | bytes):
             raise TypeError(f"send_nowait() takes str or bytes, got {type(data).__name__}")
         if not self.alive:
             raise ConnectionClosed(f"{self!r} is closed")
+        if self._queued_bytes >= self._options.write_buffer_size and not self._writable_now():
+            raise MailboxFull(f"the mailbox of {self!r} holds {self._queued_bytes} bytes")
         if not self._offer(SendAction(data)):
             raise MailboxFull(f"the mailbox of {self!r} is full")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import logging
 import socket
 import ssl
 import weakref
@@ -14,11 +15,14 @@ import anyio.abc
 import anyio.lowlevel
 import pytest
 import trustme
+from wsproto.events import CloseConnection
 
 from pywsserver import ConnectionClose, Worker, _core, start_link
+from pywsserver._worker import bad_input
 from pywsserver.testing import Client
 
 from .reliability_tools import UPGRADE, masked_frame, open_descriptors
+from .wstools import RawClient
 
 pytestmark = pytest.mark.anyio
 
@@ -149,3 +153,72 @@ async def test_closed_connections_free_their_workers_without_a_garbage_collectio
         alive = [ref() for ref in seen["workers"] if ref() is not None]
         assert alive == [], f"{len(alive)} of 10 closed connections' workers are still alive"
         assert all(isinstance(worker, Worker) for worker in alive)
+
+
+async def test_a_clients_own_close_is_not_our_violation_and_its_reason_is_logged_escaped(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A client closing cleanly with 1002 broke nothing; its reason (with a newline) forges no log line.
+    A frame we close the connection for is reported once, as a protocol violation."""
+    bad_input.reset()  # another test may have reported within the interval
+    seen = new_seen()
+    with caplog.at_level(logging.DEBUG, "pywsserver"):
+        async with start_link(options(seen)) as server:
+            client = await RawClient.connect(server.port)
+            await client.send(CloseConnection(code=1002, reason="forged\nline"))
+            assert isinstance(await client.next_event(), CloseConnection)  # our answer
+            await client.aclose()
+            offender = await RawClient.connect(server.port)
+            await offender.send_raw(bytes((0x81, 0x01, ord("x"))))  # unmasked: 1002 from us
+            event = await offender.next_event()
+            assert isinstance(event, CloseConnection) and event.code == 1002
+            await offender.aclose()
+            await wait_until(lambda: len(seen["closes"]) == 2 and server.connections == 0)
+    assert [close.code for close in seen["closes"]] == [1002, 1002]
+    messages = [record.getMessage() for record in caplog.records if record.name.startswith("pywsserver")]
+    assert not [message for message in messages if "forged\n" in message], "a client's text made a log line"
+    reports = [r.getMessage() for r in caplog.records if r.name == "pywsserver.bad_input"]
+    assert len(reports) == 1 and reports[0].startswith("protocol violations: 127.0.0.1:"), reports
+
+
+def held_bytes(worker: Worker) -> int:
+    """What the server holds for one connection: the messages waiting in its mailbox and its driver's buffer."""
+    mailbox = worker._mailbox_send
+    queued = mailbox.statistics().current_buffer_used if mailbox is not None else 0
+    driver: Any = worker._driver
+    transport = getattr(driver, "_transport", None)
+    buffered = transport.get_write_buffer_size() if transport is not None else getattr(driver, "_pending_bytes", 0)
+    return int(queued * 65536 + buffered)
+
+
+async def test_await_send_waits_on_the_bytes_queued_not_the_number_of_messages() -> None:
+    """A task pushing 64 KiB messages to clients that never read: what each connection holds stays
+    near ``write_buffer_size`` (mailbox plus buffer), not ``mailbox_size`` messages of any size."""
+    seen = new_seen()
+    async with start_link(options(seen)) as server:
+        sockets = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(2)]
+        for sock in sockets:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.sendall(UPGRADE)  # and never reads
+        try:
+            await wait_until(lambda: len(seen["workers"]) == 2)
+            workers = [ref() for ref in seen["workers"]]
+            chunk = b"x" * 65536
+            most = 0
+            for worker in workers:
+                assert worker is not None
+                for _ in range(1000):
+                    with anyio.move_on_after(0.5) as waited:
+                        await worker.send(chunk)
+                    if waited.cancelled_caught:
+                        break  # await send waits: the connection holds all it may
+                    most = max(most, held_bytes(worker))
+                else:
+                    pytest.fail("await send never waited")
+                most = max(most, held_bytes(worker))
+            # The mailbox's bound (64 KiB, the write_buffer_size) plus the driver's (64 KiB), each
+            # passed by at most one message: 256 KiB, where 64 messages of 64 KiB would be 4 MiB.
+            assert most <= 4 * 65536, most
+        finally:
+            for sock in sockets:
+                sock.close()

@@ -80,8 +80,10 @@ class CloseSocket:
 class Stop:
     """End the worker: close the socket if it is open and stop. ``reason`` is for the log.
 
-    ``bad_input`` says the peer broke the protocol (a malformed or stalled handshake): the worker
-    reports it on the rate-limited ``pywsserver.bad_input`` logger.
+    ``bad_input`` says the peer broke the protocol (a malformed or stalled handshake, or a frame
+    the module closed the connection for): the worker reports it on the rate-limited
+    ``pywsserver.bad_input`` logger, with ``reason`` escaped. A close the peer itself started is not
+    bad input, whatever its code.
     """
 
     reason: str = "normal"

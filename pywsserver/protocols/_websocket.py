@@ -264,6 +264,7 @@ class WebSocketProtocol:
         "_pings_sent",
         "_size",
         "_utf8",
+        "_violation",
         "_ws",
         "connection",
         "options",
@@ -291,6 +292,7 @@ class WebSocketProtocol:
         # A fragmented message being reassembled (in wsproto's path): one growing buffer, never a list of parts.
         self._message: bytearray | io.StringIO | None = None
         self._size = 0
+        self._violation: str | None = None  # why we closed, when the peer broke the protocol
         self._close_code = 1006
         self._close_reason = ""
         self._notified = False
@@ -394,7 +396,7 @@ class WebSocketProtocol:
         """Turn the handler's result into frames, then deliver the next message."""
         delivered, self._awaiting = self._awaiting, None
         if isinstance(delivered, ConnectionClose):
-            return [Stop("connection closed")]
+            return [self._stop()]
         effects: list[Effect] = []
         if self._can_send() and result is not None and not isinstance(result, NoReply):
             if isinstance(result, Reply):
@@ -411,7 +413,7 @@ class WebSocketProtocol:
         """The handler raised or returned nonsense: close with 1011 (internal error)."""
         delivered, self._awaiting = self._awaiting, None
         if isinstance(delivered, ConnectionClose):
-            return [Stop("connection closed")]
+            return [self._stop()]
         self._inbox = [m for m in self._inbox[self._next :] if isinstance(m, _PeerClosed)]
         self._next = 0
         effects = self._start_closing(1011, "internal error") if self._can_send() else []
@@ -727,7 +729,15 @@ class WebSocketProtocol:
         # The peer's answer moves wsproto's closing state: wsproto parses from now on.
         return [write, SetTimer("close", self.options.close_timeout), *self._leave_fast_path()]
 
+    def _stop(self) -> Stop:
+        """The last effect: a close we started because the peer broke the protocol is reported as bad input."""
+        if self._violation is not None:
+            return Stop(self._violation, bad_input=True)
+        return Stop("connection closed")
+
     def _fail(self, code: int, reason: str) -> list[Effect]:
+        if code in (1002, 1007, 1009):  # the peer's fault (not a 1011 of ours)
+            self._violation = f"closed {code} {reason!r}"
         effects: list[Effect] = []
         ws = self._wsproto()
         if ws.state is ConnectionState.OPEN:
