@@ -127,7 +127,8 @@ def broadcast(
     result = _deliver(group, groups.members(group), data, slow, close_code)
     node = _cluster.current
     if node is not None:
-        return attrs.evolve(result, published=node.publish_broadcast(group, data, slow, close_code))
+        published = node.publish_broadcast(group, data, slow, close_code)
+        return BroadcastResult(result.delivered, result.dropped, result.closed, published)
     if _cluster.island_processes:
         _warn_island()
     return result

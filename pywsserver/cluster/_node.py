@@ -144,6 +144,9 @@ class ClusterNode:
         prefix = options.prefix
         self._broadcast_channel = f"{prefix}:broadcast".encode()
         self._inbox = self.inbox_of(self.name)
+        # A broadcast's origin field as this node writes it: its own come back from Redis, skipped unread.
+        self._own_origin = len(self.name.encode()).to_bytes(4, "big") + self.name.encode()
+        self._own_end = 2 + len(self._own_origin)
         self._nodes_key = f"{prefix}:nodes"
         self._started_at = time.time()
         self._client: aioredis.Redis | None = None
@@ -397,6 +400,8 @@ class ClusterNode:
         try:
             kind = data[:1]
             if kind == b"B":
+                if data[2 : self._own_end] == self._own_origin:
+                    return  # this node's own broadcast, delivered locally when it was made
                 self._on_broadcast(data)
             elif kind == b"S":
                 self._on_send(data)
