@@ -541,7 +541,8 @@ class WebSocketProtocol:
                 break
             end = position + header + 4 + length
             if end > size:  # a frame not complete yet, within the size limit: keep it
-                if opcode == 1 and size > position + header + 4:  # text: its UTF-8 is checked as it arrives
+                # A large text frame's UTF-8 is checked as it arrives (a small one is checked once whole).
+                if opcode == 1 and length >= 4096 and size > position + header + 4:
                     failure = self._check_text(buffer, position + header + 4, size)
                     if failure is not None:
                         return effects + self._fail(1007, failure)
