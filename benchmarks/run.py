@@ -159,11 +159,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     duration = args.duration
     # The generator's own ceiling: a C TCP echo server, no WebSocket framing. And the same with a
     # Python asyncio Protocol echo, the floor under every asyncio server.
-    for label, command in (
-        ("C TCP echo (generator ceiling)", [str(build("echoserver")), "0"]),
-        ("Python asyncio TCP echo", None),
+    # The event loop's own limit: the same through a BufferedProtocol (one reused read buffer).
+    for label, name, command in (
+        ("C TCP echo (generator ceiling)", "raw-tcp-echo", [str(build("echoserver")), "0"]),
+        ("Python asyncio TCP echo", "raw-tcp-echo", None),
+        ("Python asyncio BufferedProtocol echo", "raw-buffered-echo", None),
     ):
-        server = Server("raw-tcp-echo", command)
+        server = Server(name, command)
         try:
             for scenario in ("small", "pipelined"):
                 arguments, _, _ = SCENARIOS[scenario]
