@@ -39,7 +39,7 @@ from ._spec import (
     StartFunction,
     Strategy,
 )
-from ._supervisor import ChildCounts, ChildHandle, ChildInfo, ChildState, Supervisor
+from ._supervisor import ChildCounts, ChildHandle, ChildInfo, ChildState, Supervisor, add_observer, remove_observer
 
 __all__ = [
     "BRUTAL_KILL",
@@ -75,6 +75,7 @@ __all__ = [
     "SupervisionError",
     "Supervisor",
     "SupervisorError",
+    "add_observer",
     "call",
     "cast",
     "cleanup_scope",
@@ -82,6 +83,7 @@ __all__ = [
     "groups",
     "register",
     "registered",
+    "remove_observer",
     "send_info",
     "unregister",
     "whereis",

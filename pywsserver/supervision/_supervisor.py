@@ -61,7 +61,7 @@ from ._errors import (
 from ._registry import register, unregister
 from ._spec import INFINITY, AutoShutdown, ChildSpec, ChildType, Restart, Shutdown, ShutdownValue, Strategy
 
-__all__ = ["ChildCounts", "ChildHandle", "ChildInfo", "ChildState", "Supervisor"]
+__all__ = ["ChildCounts", "ChildHandle", "ChildInfo", "ChildState", "Supervisor", "add_observer", "remove_observer"]
 
 logger = logging.getLogger("pywsserver.supervision")
 
@@ -452,6 +452,7 @@ class Supervisor:
                 task_status.started(self)
                 await self._loop(receive)
             except _GiveUp as give_up:
+                _notify(self, "give_up", give_up.child_id)
                 logger.error(
                     "supervisor %s gave up: restart intensity %d in %gs exceeded; last child to fail was %r",
                     self.label,
@@ -764,6 +765,7 @@ class Supervisor:
         """
         self._add_restart(child.key, reason)
         self._restart_count += 1
+        _notify(self, "restart", child.key)
         child.restarting = False
         try:
             await self._start_group(group, stop_started=False)
@@ -1032,3 +1034,34 @@ class Supervisor:
         if child.instance is not None:
             raise ChildRunning(child_id)
         del self._children[child.key]
+
+
+#: See `add_observer`.
+_observers: list[Callable[[Supervisor, str, Hashable], None]] = []
+
+
+def add_observer(observer: Callable[[Supervisor, str, Hashable], None]) -> None:
+    """Call ``observer(supervisor, event, child_id)`` at every restart and give-up of any supervisor.
+
+    ``event`` is ``"restart"`` (once per restart counted against the
+    intensity, with the id of the child whose exit caused it) or
+    ``"give_up"`` (the supervisor exceeded its intensity and fails). The
+    observer runs inside the supervisor: it must be quick and must not
+    block; an exception it raises is logged and ignored. The server's
+    metrics count restarts this way.
+    """
+    _observers.append(observer)
+
+
+def remove_observer(observer: Callable[[Supervisor, str, Hashable], None]) -> None:
+    """Stop calling an observer given to `add_observer` (nothing happens if it was not given)."""
+    with contextlib.suppress(ValueError):
+        _observers.remove(observer)
+
+
+def _notify(supervisor: Supervisor, event: str, child_id: Hashable) -> None:
+    for observer in tuple(_observers):
+        try:
+            observer(supervisor, event, child_id)
+        except Exception:
+            logger.exception("supervisor observer %r failed on %s of %r", observer, event, child_id)
