@@ -9,6 +9,7 @@ Protocol modules live in `pywsserver.protocols`.
 from . import groups
 from ._broadcast import BroadcastResult, broadcast, broadcast_threadsafe
 from ._errors import ConnectionClosed, OptionError, ServerStartError
+from ._logs import JSONFormatter
 from ._messages import (
     Accept,
     Close,
@@ -77,6 +78,7 @@ __all__ = [
     "HandlerResult",
     "Headers",
     "InvalidHandlerResult",
+    "JSONFormatter",
     "NoReply",
     "OptionError",
     "Ping",

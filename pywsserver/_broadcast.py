@@ -56,6 +56,18 @@ class BroadcastResult:
         )
 
 
+class _Totals:
+    """What every broadcast of this process came to, member by member (read by the server's metrics)."""
+
+    __slots__ = ("closed", "delivered", "dropped")
+
+    def __init__(self) -> None:
+        self.delivered = self.dropped = self.closed = 0
+
+
+totals = _Totals()
+
+
 def _check(data: Any, slow: str) -> None:
     if not isinstance(data, str | bytes):
         raise TypeError(f"broadcast() takes str or bytes, got {type(data).__name__}")
@@ -92,7 +104,10 @@ def _deliver(group: str, targets: Sequence[Hashable], data: str | bytes, slow: s
                 dropped += 1
             except NotRunning:
                 continue
+    totals.delivered += delivered
     if dropped or closed:
+        totals.dropped += dropped
+        totals.closed += closed
         logger.warning(
             "broadcast to %r: %d of %d members could not keep up (%d dropped this message, %d closed)",
             group,

@@ -180,6 +180,26 @@ FLAGS: tuple[Flag, ...] = (
         metavar="PATH",
     ),
     Flag(
+        ("--metrics-path",),
+        (*HTTP, "metrics_path"),
+        "serve Prometheus metrics at this path of the server's port, e.g. /metrics (needs pywsserver[metrics])",
+        metavar="PATH",
+    ),
+    Flag(
+        ("--metrics-port",),
+        ("metrics_port",),
+        "serve Prometheus metrics on this port of --host too (needs pywsserver[metrics])",
+        parse=int,
+        metavar="PORT",
+    ),
+    Flag(
+        ("--no-access-log",),
+        ("access_log",),
+        "no pywsserver.access line per connection (on by default)",
+        parse=None,
+        constant=False,
+    ),
+    Flag(
         ("--cluster-url",),
         ("cluster", "url"),
         "join the cluster on this Redis server (redis://host:port/db): "
@@ -228,6 +248,12 @@ def _parser() -> argparse.ArgumentParser:
         parser.add_argument(old, dest=f"renamed_{index}", type=parse, default=_UNSET, help=argparse.SUPPRESS)
     parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"], help="default: info"
+    )
+    parser.add_argument(
+        "--log-format",
+        default="text",
+        choices=["text", "json"],
+        help="json: one JSON object per line, for log shippers (default: text)",
     )
     parser.add_argument("--backend", default="asyncio", choices=["asyncio", "trio"], help="default: asyncio")
     return parser
@@ -338,7 +364,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         options, by_flag, notices = build_options(args)
         processes = options.get("processes", 1)
-        configure_logging(args.log_level, several_processes=isinstance(processes, int) and processes > 1)
+        configure_logging(
+            args.log_level, several_processes=isinstance(processes, int) and processes > 1, log_format=args.log_format
+        )
         for notice in notices:
             logger.warning("%s", notice)
         if args.backend == "trio" and importlib.util.find_spec("trio") is None:

@@ -91,7 +91,7 @@ from .protocols import (
 )
 from .supervision import cleanup_scope, groups
 
-__all__ = ["ConnectionCore", "ConnectionLogger", "Driver", "WorkerState", "bad_input", "describe_output"]
+__all__ = ["ConnectionCore", "ConnectionLogger", "Driver", "Observer", "WorkerState", "bad_input", "describe_output"]
 
 logger = logging.getLogger("pywsserver.worker")
 #: Every frame written and message delivered, at DEBUG (checked once per connection: free when off).
@@ -165,6 +165,16 @@ class Driver(Protocol):
 
     def flush_soon(self) -> None:
         """Call the core's ``_flush`` at the end of this event-loop turn (broadcast frames)."""
+
+
+class Observer(Protocol):
+    """Told of each connection's start and end (the server's access log and metrics)."""
+
+    def started(self, core: ConnectionCore) -> None:
+        """The connection's worker began to serve it."""
+
+    def ended(self, core: ConnectionCore) -> None:
+        """The connection has ended (socket closed, handler told), just before its slot is released."""
 
 
 class ConnectionLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
@@ -273,6 +283,8 @@ class ConnectionCore(HandlerCalls):
         "_aborted",
         "_backlog",
         "_busy",
+        "_bytes_in",
+        "_bytes_out",
         "_can_write",
         "_clock",
         "_debug",
@@ -281,10 +293,12 @@ class ConnectionCore(HandlerCalls):
         "_frames_log",
         "_log",
         "_log_context",
+        "_mailbox_full",
         "_mailbox_receive",
         "_mailbox_send",
         "_module",
         "_module_config",
+        "_observer",
         "_options",
         "_out",
         "_queue",
@@ -293,6 +307,7 @@ class ConnectionCore(HandlerCalls):
         "_release",
         "_room",
         "_socket_closed",
+        "_started_at",
         "_stopped",
         "_timers",
         "_token",
@@ -354,6 +369,15 @@ class ConnectionCore(HandlerCalls):
         self._log: ConnectionLogger | None = None  # made at the first line logged
         self._log_context: dict[str, Any] | None = None
         self._frames_log: ConnectionLogger | None = None
+        # What the connection carried, for the access log and the metrics (plain integers: no cost to speak of).
+        self._bytes_in = self._bytes_out = self._messages_in = self._messages_out = 0
+        self._handler_errors = self._mailbox_full = 0
+        self._path: str | None = None
+        self._subprotocol: str | None = None
+        self._close: ConnectionClose | None = None
+        self._started_at = 0.0
+        #: Told when the connection starts and ends (the server's access log and metrics), or ``None``.
+        self._observer: Observer | None = None
 
     def _attach(self, driver: Driver) -> None:
         """Take ``driver`` as the connection's driver and make the first protocol module."""
@@ -427,6 +451,7 @@ class ConnectionCore(HandlerCalls):
         try:
             self._mailbox()[0].send_nowait(action)
         except anyio.WouldBlock:
+            self._mailbox_full += 1
             return False
         except (anyio.ClosedResourceError, anyio.BrokenResourceError):
             raise ConnectionClosed(f"{self!r} is closed") from None
@@ -509,6 +534,7 @@ class ConnectionCore(HandlerCalls):
         if raw_frames_ok is None or not raw_frames_ok():
             return False
         out = self._out
+        self._messages_out += 1
         out.append(frame)  # after any reply this connection has produced but not yet written
         if len(out) == 1:
             # Written at the end of this loop turn, with the other broadcasts' frames of the same
@@ -570,6 +596,7 @@ class ConnectionCore(HandlerCalls):
                 "received %d bytes" if kind == "data" else "%s", len(value) if kind == "data" else kind
             )
         if kind == "data":
+            self._bytes_in += len(value)
             self._feed(self._module.data_received(value))
         elif kind == "eof":
             self._feed(self._module.eof_received())
@@ -666,6 +693,7 @@ class ConnectionCore(HandlerCalls):
             if self._frames_log is not None:
                 self._frames_log.debug("sent %s", describe_output(data))
             if not self._socket_closed:
+                self._bytes_out += len(data)
                 self._writer.write(data)
 
     def _run_queue(self) -> None:
@@ -784,6 +812,10 @@ class ConnectionCore(HandlerCalls):
         task_status.started(self)
         if self._debug:
             self.log.debug("accepted")
+        observer = self._observer
+        if observer is not None:
+            self._started_at = self._clock()
+            observer.started(self)
         try:
             await self._driver.serve()
         finally:
@@ -833,6 +865,10 @@ class ConnectionCore(HandlerCalls):
         finally:
             self._driver = _ENDED  # no cycle left through the driver (see `_Ended`)
             self._writer = NOWHERE
+            observer = self._observer
+            if observer is not None:
+                self._observer = None
+                observer.ended(self)
             if self._release is not None:
                 release, self._release = self._release, None
                 release()

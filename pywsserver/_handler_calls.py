@@ -36,13 +36,32 @@ class HandlerCalls:
     """The connection core's part that calls the handler (a base of `pywsserver._core.ConnectionCore`)."""
 
     # The handler's side of the connection (set by the core's __init__).
-    __slots__ = ("_handler", "_handler_object", "_handler_state", "_opened", "_told_close")
+    __slots__ = (
+        "_close",
+        "_handler",
+        "_handler_errors",
+        "_handler_object",
+        "_handler_state",
+        "_messages_in",
+        "_messages_out",
+        "_opened",
+        "_path",
+        "_subprotocol",
+        "_told_close",
+    )
 
     _handler: HandlerModule | None
     _handler_object: Any
     _handler_state: Any
     _opened: bool  # init succeeded
     _told_close: bool  # connection_close was delivered
+    # For the access log and the metrics.
+    _messages_in: int  # messages handed to handle
+    _messages_out: int  # broadcast frames written by the core (the module counts the rest)
+    _handler_errors: int  # callbacks that raised or returned nonsense
+    _path: str | None  # the path the connection was opened on
+    _subprotocol: str | None
+    _close: ConnectionClose | None  # the close the handler was told
 
     # Kept by the core.
     _debug: bool
@@ -92,6 +111,8 @@ class HandlerCalls:
                 options = dict(getattr(self._module_config.options, "handler_options", None) or {})
                 options.update(message.info)
             options["worker"] = self
+            self._path = message.info.get("path")
+            self._subprotocol = message.info.get("subprotocol")
             try:
                 if self._handler is not handler or self._handler_object is None:
                     self._handler_object = handler.for_connection()
@@ -105,6 +126,8 @@ class HandlerCalls:
                 self.log.debug("established")
             return module.handler_returned(None)
         if isinstance(message, ConnectionClose):
+            if self._close is None:
+                self._close = message
             groups.leave_all(self)  # a closed connection is no longer reachable through its groups
             if self._opened and not self._told_close:
                 self._told_close = True
@@ -115,6 +138,7 @@ class HandlerCalls:
             return module.handler_returned(None)
         if not self._opened:
             return module.handler_failed(RuntimeError("message before init"))
+        self._messages_in += 1
         if self._frames_log is not None:
             self._frames_log.debug("handle(%.200r)", message)
         try:
@@ -125,6 +149,7 @@ class HandlerCalls:
         try:
             result = normalize_result(raw)
         except TypeError as error:
+            self._handler_errors += 1
             self.log.error("handler %s returned an invalid result: %s", self._handler_name, error)
             return module.handler_failed(error)
         self._handler_state = result.state
@@ -139,6 +164,7 @@ class HandlerCalls:
         (``benchmarks/instructions.py``).
         """
         module = self._module
+        self._messages_in += 1
         if self._frames_log is not None:
             self._frames_log.debug("handle(%.200r)", message)
         handle = self._handler_object.handle
@@ -155,6 +181,7 @@ class HandlerCalls:
         try:
             result = normalize_result(raw)
         except TypeError as error:
+            self._handler_errors += 1
             self.log.error("handler %s returned an invalid result: %s", self._handler_name, error)
             return module.handler_failed(error)
         self._handler_state = result.state
@@ -176,6 +203,7 @@ class HandlerCalls:
         try:
             decision = normalize_decision(raw)
         except TypeError as error:
+            self._handler_errors += 1
             self.log.error("handler %s returned an invalid handshake decision: %s", self._handler_name, error)
             return module.handler_failed(error)
         if isinstance(decision, Reject):
@@ -187,6 +215,7 @@ class HandlerCalls:
         return self._handler.name if self._handler is not None else "?"
 
     def _report(self, what: str, error: BaseException) -> None:
+        self._handler_errors += 1
         # Text only: a log record kept by a handler must not keep the traceback's frames (and this worker).
         self.log.error(
             "handler %s %s: %s\n%s",

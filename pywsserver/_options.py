@@ -9,6 +9,7 @@ function 'handle'``. Nothing here touches a socket.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import inspect
 import os
 import socket
@@ -98,6 +99,18 @@ class ServerOptions:
     processes: int = 1
     #: The cluster on Redis this server is a node of (``None``: groups stay within the process).
     cluster: ClusterOptions | None = None
+    #: Write one ``pywsserver.access`` INFO line per connection when it ends.
+    access_log: bool = True
+    #: Serve the Prometheus metrics on this TCP port of ``host`` too, at any path (``None``: not on a port
+    #: of their own; the HTTP module's ``metrics_path`` serves them on the server's port).
+    metrics_port: int | None = None
+
+    @property
+    def metrics(self) -> bool:
+        """Whether metrics are on: a ``metrics_port``, or an HTTP module with a ``metrics_path``."""
+        return self.metrics_port is not None or any(
+            getattr(config.options, "metrics_path", None) is not None for config in self.worker.modules.values()
+        )
 
 
 #: The Erlang original's module names, accepted for the built-in modules (for configurations ported as they are).
@@ -118,6 +131,8 @@ _TOP_LEVEL = (
     "reuse_port",
     "processes",
     "cluster",
+    "access_log",
+    "metrics_port",
 )
 _TLS_LEVEL = ("certfile", "keyfile", "password", "client_ca", "verify_client", "minimum_version", "alpn_protocols")
 _WORKER_LEVEL = ("protocol_modules", "protocol_modules_options", "initial_module", "mailbox_size", "write_buffer_size")
@@ -287,7 +302,30 @@ def parse_options(raw: Any) -> ServerOptions:
                 raise OptionError("processes", "several processes cannot share a Unix socket; use one process")
     if options.get("cluster") is not None:
         fields["cluster"] = parse_cluster(options["cluster"], "cluster")
-    return ServerOptions(**fields)
+    if "access_log" in options:
+        fields["access_log"] = check_bool(options["access_log"], "access_log")
+    if options.get("metrics_port") is not None:
+        fields["metrics_port"] = check_int(options["metrics_port"], "metrics_port", minimum=0, maximum=65535)
+        if fields["metrics_port"] == 0 and fields.get("processes", 1) > 1:
+            raise OptionError("metrics_port", "several processes need a fixed port for their metrics, not 0")
+        if fields["metrics_port"] == fields.get("port", 8080) != 0 and fields.get("unix_path") is None:
+            raise OptionError("metrics_port", "must differ from port (or use metrics_path to share the port)")
+    parsed = ServerOptions(**fields)
+    if parsed.metrics:
+        _check_metrics_library("metrics_port" if parsed.metrics_port is not None else _metrics_path_option(parsed))
+    return parsed
+
+
+def _metrics_path_option(options: ServerOptions) -> str:
+    for name, config in options.worker.modules.items():
+        if getattr(config.options, "metrics_path", None) is not None:
+            return f"worker_options.protocol_modules.{name}.metrics_path"
+    return "metrics_port"  # pragma: no cover - only called with metrics on
+
+
+def _check_metrics_library(path: str) -> None:
+    if importlib.util.find_spec("prometheus_client") is None:
+        raise OptionError(path, "metrics need prometheus-client: pip install 'pywsserver[metrics]'")
 
 
 _VERIFY = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}

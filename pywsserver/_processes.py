@@ -27,9 +27,11 @@ import contextlib
 import ctypes
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 from collections import deque
 from collections.abc import Callable
@@ -89,6 +91,7 @@ def run_processes(options: ServerOptions, serve: Callable[[ServerOptions], Any])
             base,
             options.processes - 1,
         )
+    metrics_directory = _metrics_directory(options)
     children: dict[int, int] = {}  # pid -> slot
     restarts: deque[float] = deque()
     stopping = False
@@ -129,6 +132,7 @@ def run_processes(options: ServerOptions, serve: Callable[[ServerOptions], Any])
                     continue
                 slot = children.pop(pid)
                 reason = _describe(status)
+                _metrics_process_dead(metrics_directory, pid)
                 now = time.monotonic()
                 restarts.append(now)
                 while restarts and now - restarts[0] > PERIOD:
@@ -158,9 +162,44 @@ def run_processes(options: ServerOptions, serve: Callable[[ServerOptions], Any])
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         reserved.close()
+        if metrics_directory is not None and metrics_directory[1]:
+            os.environ.pop(_MULTIPROCESS_DIRECTORY, None)
+            shutil.rmtree(metrics_directory[0], ignore_errors=True)
     if gave_up is not None:
         slot, reason = gave_up
         raise RestartIntensityExceeded("of server processes", f"server process {slot}", ChildProcessError(reason))
+
+
+_MULTIPROCESS_DIRECTORY = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's multiprocess mode reads it
+
+
+def _metrics_directory(options: ServerOptions) -> tuple[str, bool] | None:
+    """With metrics on: the directory where every process writes its figures, and whether it is ours.
+
+    The children inherit it through the environment (prometheus-client's
+    multiprocess mode); a directory the user gave is used and kept, one made
+    here is removed when the parent ends.
+    """
+    if not options.metrics:
+        return None
+    given = os.environ.get(_MULTIPROCESS_DIRECTORY)
+    if given:
+        return given, False
+    directory = tempfile.mkdtemp(prefix="pywsserver-metrics-")
+    os.environ[_MULTIPROCESS_DIRECTORY] = directory
+    return directory, True
+
+
+def _metrics_process_dead(directory: tuple[str, bool] | None, pid: int) -> None:
+    """A server process ended: its live gauges (connections open, event-loop lag) leave the scrape."""
+    if directory is None:
+        return
+    from prometheus_client import multiprocess
+
+    try:
+        multiprocess.mark_process_dead(pid, directory[0])  # type: ignore[no-untyped-call]
+    except OSError as error:
+        logger.warning("cannot remove the metrics of server process %d: %s", pid, error)
 
 
 def _for_slot(options: ServerOptions, slot: int, processes: int) -> ServerOptions:

@@ -28,17 +28,21 @@ import signal
 import socket
 import stat
 import weakref
-from collections.abc import AsyncIterator, Coroutine, Hashable
+from collections.abc import AsyncIterator, Callable, Coroutine, Hashable
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
 import anyio.lowlevel
+import attrs
 from anyio.abc import SocketListener
 
 from ._errors import OptionError, ServerStartError
+from ._logs import JSONFormatter
 from ._options import ServerOptions, parse_options
+from ._telemetry import Telemetry
 from ._worker import Worker
+from .protocols import HTTPOptions
 from .supervision import (
     INFINITY,
     ChildSpec,
@@ -48,12 +52,15 @@ from .supervision import (
     Restart,
     Strategy,
     Supervisor,
+    add_observer,
     register,
+    remove_observer,
     unregister,
 )
 from .supervision._errors import unwrap_group
 
 if TYPE_CHECKING:
+    from ._metrics import Metrics
     from .cluster._node import ClusterNode
 
 __all__ = ["Server", "run", "serve", "server_child_spec", "start_link", "stop"]
@@ -72,6 +79,18 @@ class Server:
     """The handle on a running server: its address, its tree, and ``stop``."""
 
     def __init__(self, options: ServerOptions) -> None:
+        metrics_on = options.metrics
+        #: The observer of every connection (the access log, the totals the metrics read), or ``None``.
+        self._telemetry = (
+            Telemetry(access_log=options.access_log, metrics=metrics_on) if options.access_log or metrics_on else None
+        )
+        #: The server's Prometheus metrics (``None`` unless ``metrics_port`` or a ``metrics_path`` is given).
+        self.metrics: Metrics | None = None
+        if metrics_on:
+            from ._metrics import Metrics
+
+            self.metrics = Metrics(self)
+            options = _with_metrics(options, self.metrics.render)
         #: The parsed options.
         self.options = options
         #: The port actually listened on (useful with port 0); set once listening.
@@ -121,6 +140,9 @@ class Server:
             self.cluster = ClusterNode(options.cluster)
             # Last: a restart of the cluster's subtree (rest_for_one) touches nothing else.
             children.append(self.cluster.child_spec("cluster"))
+        if self.metrics is not None:
+            # Last: its restart touches nothing else; the figures live in the Metrics object, not the task.
+            children.append(ChildSpec("metrics", self.metrics.run, shutdown=1.0))
         #: The server's own supervisor (rest_for_one), the root of its tree.
         self.supervisor = Supervisor(
             children,
@@ -171,6 +193,7 @@ def _run_worker(
         tls_handshake_timeout=options.tls_handshake_timeout,
         token=server._token,
     )
+    worker._observer = server._telemetry
     return worker.run(task_status=task_status)
 
 
@@ -252,6 +275,15 @@ def _remove_stale_socket(path: str) -> None:
         pass
     finally:
         probe.close()
+
+
+def _with_metrics(options: ServerOptions, render: Callable[[], tuple[str, bytes]]) -> ServerOptions:
+    """The options with ``render`` given to every HTTP module that serves a ``metrics_path``."""
+    modules = dict(options.worker.modules)
+    for name, config in modules.items():
+        if isinstance(config.options, HTTPOptions) and config.options.metrics_path is not None:
+            modules[name] = attrs.evolve(config, options=attrs.evolve(config.options, metrics=render))
+    return attrs.evolve(options, worker=attrs.evolve(options.worker, modules=modules))
 
 
 def _address(raw: Any) -> tuple[str, int]:
@@ -395,11 +427,15 @@ async def serve(options: Any, *, task_status: anyio.abc.TaskStatus[Server] = any
     server = Server(parsed)
     if parsed.register is not None:
         register(parsed.register, server)
+    if server.metrics is not None:
+        add_observer(server.metrics.observe)
     try:
         await server.supervisor.run(task_status=_ReportServer(task_status, server))
     except ChildStartError as error:
         raise _start_error(error) from error
     finally:
+        if server.metrics is not None:
+            remove_observer(server.metrics.observe)
         if parsed.register is not None:
             unregister(parsed.register)
 
@@ -486,9 +522,10 @@ def describe_version() -> str:
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-def configure_logging(level: str | int = "info", *, several_processes: bool = False) -> bool:
+def configure_logging(level: str | int = "info", *, several_processes: bool = False, log_format: str = "text") -> bool:
     """Log to stderr as the command line does, unless the application has configured logging already.
 
+    ``log_format`` is ``"text"`` or ``"json"`` (one JSON object per line, `JSONFormatter`).
     Returns whether it configured logging (it does nothing when the root logger has handlers).
     """
     if logging.root.handlers:
@@ -496,7 +533,12 @@ def configure_logging(level: str | int = "info", *, several_processes: bool = Fa
     if isinstance(level, str):
         level = logging.getLevelNamesMapping()[level.upper()]
     process = " [%(process)d]" if several_processes else ""
-    logging.basicConfig(level=level, format=LOG_FORMAT.replace(" %(name)s", f"{process} %(name)s"))
+    handler = logging.StreamHandler()
+    if log_format == "json":
+        handler.setFormatter(JSONFormatter())
+    else:
+        handler.setFormatter(logging.Formatter(LOG_FORMAT.replace(" %(name)s", f"{process} %(name)s")))
+    logging.basicConfig(level=level, handlers=[handler])
     return True
 
 

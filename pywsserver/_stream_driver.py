@@ -158,6 +158,7 @@ class StreamDriver:
                     return
             if core._frames_log is not None:
                 core._frames_log.debug("received %d bytes", len(data))
+            core._bytes_in += len(data)
             core._feed(core._module.data_received(data))
             await self._settle()
 

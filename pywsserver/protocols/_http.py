@@ -34,7 +34,7 @@ import binascii
 import enum
 import hashlib
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 from urllib.parse import unquote
 
@@ -196,6 +196,11 @@ class HTTPOptions:
     health_check_path: str | None = None
     #: Small static pages served to plain ``GET``/``HEAD`` requests: path -> (content type, body).
     pages: Mapping[str, tuple[str, bytes]] = attrs.field(factory=dict)
+    #: A path answered with the server's Prometheus metrics to plain ``GET``/``HEAD`` requests (``None``: none).
+    metrics_path: str | None = None
+    #: What renders the metrics, as ``(content_type, body)`` (set by the server when metrics are on;
+    #: the module itself does no I/O and keeps no metrics).
+    metrics: Callable[[], tuple[str, bytes]] | None = attrs.field(default=None, eq=False, repr=False)
     #: The options of the ``upgrade_to`` module when it is the WebSocket module (set at ``start_link``):
     #: its resources, origins, subprotocols and compression are decided here, before the 101 answer.
     endpoint: WebSocketOptions | None = attrs.field(default=None, eq=False, repr=False)
@@ -217,7 +222,16 @@ class HTTPProtocol:
     def parse_options(cls, raw: Any, path: str) -> HTTPOptions:
         """Check ``handshake_timeout``, ``max_request_size``, ``upgrade_to`` and ``health_check_path``."""
         options = as_mapping(
-            raw, path, allowed=("handshake_timeout", "max_request_size", "upgrade_to", "health_check_path", "pages")
+            raw,
+            path,
+            allowed=(
+                "handshake_timeout",
+                "max_request_size",
+                "upgrade_to",
+                "health_check_path",
+                "pages",
+                "metrics_path",
+            ),
         )
         result = HTTPOptions()
         if "handshake_timeout" in options:
@@ -241,6 +255,13 @@ class HTTPProtocol:
             result = attrs.evolve(result, health_check_path=health)
         if "pages" in options:
             result = attrs.evolve(result, pages=_parse_pages(options["pages"], join(path, "pages")))
+        if options.get("metrics_path") is not None:
+            metrics = options["metrics_path"]
+            if not isinstance(metrics, str) or not metrics.startswith("/"):
+                raise OptionError(join(path, "metrics_path"), f"expected a path such as '/metrics', got {metrics!r}")
+            if metrics == result.health_check_path:
+                raise OptionError(join(path, "metrics_path"), f"{metrics!r} is already the health_check_path")
+            result = attrs.evolve(result, metrics_path=metrics)
         return result
 
     def __init__(self, options: HTTPOptions, connection: ConnectionInfo) -> None:
@@ -249,6 +270,10 @@ class HTTPProtocol:
         self._buffer = bytearray()
         self._phase = _Phase.READING
         self._pending: _Pending | None = None
+        #: The request, once its head is parsed (for the access log).
+        self.request: Request | None = None
+        #: The status answered, once answered (101 when the connection was upgraded).
+        self.status: int | None = None
 
     def start(self, data: bytes, context: Mapping[str, Any]) -> list[Effect]:
         """Start the handshake timer and handle any bytes already received."""
@@ -285,6 +310,7 @@ class HTTPProtocol:
             request = parse_request_head(head)
         except BadRequest as error:
             return self._fail(400, str(error))
+        self.request = request
         return self._handshake(request, rest)
 
     def _handshake(self, request: Request, rest: bytes) -> list[Effect]:
@@ -295,6 +321,17 @@ class HTTPProtocol:
         health = self.options.health_check_path
         if not upgrade and health is not None and request.path == health and request.method in ("GET", "HEAD"):
             return self._respond(200, b"OK\n", head_only=request.method == "HEAD", reason="health check")
+        metrics = self.options.metrics
+        if not upgrade and request.path == self.options.metrics_path and metrics is not None:
+            if request.method not in ("GET", "HEAD"):
+                return self._fail(405, "the metrics are read with GET", [("Allow", "GET, HEAD")])
+            try:
+                content_type, body = metrics()
+            except Exception:  # the renderer has logged why
+                return self._fail(500, "the metrics could not be rendered")
+            return self._respond(
+                200, body, [("Content-Type", content_type)], head_only=request.method == "HEAD", reason="metrics"
+            )
         page = self.options.pages.get(request.path) if not upgrade else None
         if page is not None and request.method in ("GET", "HEAD"):
             content_type, body = page
@@ -385,6 +422,7 @@ class HTTPProtocol:
         headers.extend(extra)
         self._phase = _Phase.DONE
         self._pending = None
+        self.status = 101
         context = {"request": pending.request, "info": info, "handler": pending.handler, "deflate": pending.deflate}
         return [
             SetTimer("handshake", None),
@@ -405,6 +443,7 @@ class HTTPProtocol:
         """Answer with an HTTP response (``Connection: close``) and stop."""
         self._phase = _Phase.DONE
         self._pending = None
+        self.status = status
         response = http_response(status, headers or [("Content-Type", "text/plain; charset=utf-8")], body)
         if head_only:
             response = response[: len(response) - len(body)]
@@ -447,6 +486,7 @@ class HTTPProtocol:
         if isinstance(result, Reject):
             self._phase = _Phase.DONE
             self._pending = None
+            self.status = result.status
             body = result.body.encode() if isinstance(result.body, str) else result.body
             headers = list(result.headers)
             if body and not any(name.lower() == "content-type" for name, _ in headers):

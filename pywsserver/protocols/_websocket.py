@@ -266,7 +266,9 @@ class WebSocketProtocol:
         "_utf8",
         "_violation",
         "_ws",
+        "closed_by",
         "connection",
+        "messages_out",
         "options",
         "state",
     )
@@ -304,6 +306,11 @@ class WebSocketProtocol:
         self._ping_payload: bytes | None = None  # the keepalive ping waiting for its pong
         self._pings_sent = 0
         self._idle_timer = SetTimer("idle", options.idle_timeout) if options.idle_timeout is not None else None
+        #: Who began the close: ``"client"`` (its close frame, or it dropped the connection) or
+        #: ``"server"`` (a close frame of ours: the handler, ``close``, a timeout, a protocol error).
+        self.closed_by: str | None = None
+        #: Messages written (replies, ``send``, broadcasts encoded here), for the access log and metrics.
+        self.messages_out = 0
 
     # ------------------------------------------------------------- inputs
 
@@ -342,6 +349,8 @@ class WebSocketProtocol:
         """The peer went away; without a close frame that is code 1006."""
         if self.state is State.CLOSED:
             return []
+        if self.closed_by is None:
+            self.closed_by = "client"
         return self._closed(1006, "connection lost")
 
     def action(self, action: Action) -> list[Effect]:
@@ -349,8 +358,10 @@ class WebSocketProtocol:
         if not self._can_send():
             return []
         if isinstance(action, BroadcastAction):
+            self.messages_out += 1
             return [Write(self._frame(action.data) if self._deflate_extension is not None else action.frame)]
         if isinstance(action, SendAction):
+            self.messages_out += 1
             return [Write(self._frame(action.data))]
         if isinstance(action, PingAction):
             return [Write(self._wsproto().send(WsPing(payload=action.data)))]
@@ -400,6 +411,7 @@ class WebSocketProtocol:
         effects: list[Effect] = []
         if self._can_send() and result is not None and not isinstance(result, NoReply):
             if isinstance(result, Reply):
+                self.messages_out += 1
                 effects.append(Write(self._frame(result.data)))
             elif isinstance(result, SendPing):
                 effects.append(Write(self._wsproto().send(WsPing(payload=result.data))))
@@ -601,6 +613,8 @@ class WebSocketProtocol:
             except UnicodeDecodeError:
                 return None
         self.state = State.REMOTE_CLOSING
+        if self.closed_by is None:
+            self.closed_by = "client"
         return _PeerClosed(code, reason, bytes((0x88, len(payload))) + payload)
 
     def _check_text(self, buffer: bytes | bytearray, payload: int, end: int, *, final: bool = False) -> str | None:
@@ -681,6 +695,8 @@ class WebSocketProtocol:
             elif isinstance(event, CloseConnection):
                 if ws.state is ConnectionState.REMOTE_CLOSING:
                     self.state = State.REMOTE_CLOSING
+                    if self.closed_by is None:
+                        self.closed_by = "client"
                     self._inbox.append(_PeerClosed(int(event.code), event.reason or "", None))
                 elif ws.state is ConnectionState.CLOSED:  # the answer to our close frame
                     return effects + self._closed(self._close_code, self._close_reason)
@@ -724,6 +740,8 @@ class WebSocketProtocol:
         return [Deliver(message)]
 
     def _start_closing(self, code: int, reason: str) -> list[Effect]:
+        if self.closed_by is None:
+            self.closed_by = "server"
         self.state = State.LOCAL_CLOSING
         self._close_code, self._close_reason = code, reason
         write = Write(self._wsproto().send(CloseConnection(code=code, reason=reason)))
@@ -737,6 +755,8 @@ class WebSocketProtocol:
         return Stop("connection closed")
 
     def _fail(self, code: int, reason: str) -> list[Effect]:
+        if self.closed_by is None:
+            self.closed_by = "server"
         if code in (1002, 1007, 1009):  # the peer's fault (not a 1011 of ours)
             self._violation = f"closed {code} {reason!r}"
         effects: list[Effect] = []
