@@ -564,3 +564,13 @@ def test_run_leaves_logging_alone_when_the_application_configured_it(monkeypatch
     assert logging.root.level == logging.DEBUG
     assert logging.root.handlers[0].formatter is not None
     assert logging.root.handlers[0].formatter._fmt == "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+@pytest.mark.parametrize("handler", ["./greeter.py", "greeter.py"])
+def test_the_script_serves_a_handler_given_as_a_py_file(project: Path, handler: str) -> None:
+    with server_process([str(SCRIPT), "--handler", handler, "--port", "0"], cwd=project) as served:
+        with connect(f"ws://127.0.0.1:{served.port()}/") as ws:
+            ws.send("file")
+            assert ws.recv(timeout=10) == "hello file"
+        served.signal(signal.SIGINT)
+        assert served.finish()[0] == 0
