@@ -25,7 +25,7 @@ import anyio.from_thread
 import attrs
 
 from ._errors import ConnectionClosed
-from ._worker import Worker
+from ._worker import Worker, check_not_in_loop_thread
 from .cluster import _state as _cluster
 from .protocols import BroadcastAction, encode_message
 from .supervision import MailboxFull, NotRunning, ServerRef, groups
@@ -173,6 +173,10 @@ def broadcast_threadsafe(
     """
     _check(data, slow)
     by_loop: dict[Any, list[Hashable]] = {}
+    for member in groups.members(group):
+        token = getattr(member, "_token", None)
+        if token is not None:
+            check_not_in_loop_thread(token, "broadcast_threadsafe()", "broadcast() (a plain function) there")
     for member in groups.members(group):
         token = getattr(member, "_token", None)
         if token is not None:

@@ -18,8 +18,10 @@ info and state.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import ssl
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -138,10 +140,42 @@ class Worker(ConnectionCore):
     def _from_thread(self, function: Callable[..., Any], *args: Any) -> None:
         if self._token is None:
             raise ConnectionClosed(f"{self!r} is not running")
+        check_not_in_loop_thread(
+            self._token,
+            f"worker.{function.__name__}_threadsafe()",
+            f"worker.{function.__name__}_nowait() from a plain function, await worker.{function.__name__}() "
+            "from async code"
+            if function.__name__ == "send"
+            else f"await worker.{function.__name__}() from async code",
+        )
         try:
             anyio.from_thread.run(function, *args, token=self._token)
         except RuntimeError as error:  # the event loop has gone
             raise ConnectionClosed(f"{self!r} is closed: {error}") from None
+
+
+def check_not_in_loop_thread(token: anyio.lowlevel.EventLoopToken, what: str, instead: str) -> None:
+    """Raise `RuntimeError` if this thread runs ``token``'s event loop: waiting for it there would
+    wait forever (the loop cannot run the call while its own thread is blocked)."""
+    native = token.native_token
+    try:
+        if asyncio.get_running_loop() is native:
+            raise RuntimeError(
+                f"{what} was called from the event loop's own thread, where it would wait forever; use {instead}"
+            )
+    except RuntimeError as error:
+        if "event loop's own thread" in str(error):
+            raise
+    trio = sys.modules.get("trio")
+    if trio is not None:
+        try:
+            current = trio.lowlevel.current_trio_token()
+        except RuntimeError:
+            return
+        if current is native:
+            raise RuntimeError(
+                f"{what} was called from the event loop's own thread, where it would wait forever; use {instead}"
+            )
 
 
 async def send(worker: Worker, data: str | bytes) -> None:

@@ -17,7 +17,7 @@ import pytest
 import trustme
 from wsproto.events import CloseConnection
 
-from pywsserver import ConnectionClose, Worker, _core, start_link
+from pywsserver import ConnectionClose, Worker, _core, broadcast_threadsafe, start_link
 from pywsserver._worker import bad_input
 from pywsserver.testing import Client
 
@@ -222,3 +222,45 @@ async def test_await_send_waits_on_the_bytes_queued_not_the_number_of_messages()
         finally:
             for sock in sockets:
                 sock.close()
+
+
+class CallsThreadsafe:
+    """A plain ``handle`` that calls the thread-safe forms from the event loop's own thread."""
+
+    def init(self, options: dict[str, Any]) -> Any:
+        worker = options["worker"]
+        worker.join("threadsafe")
+        return worker
+
+    def handle(self, message: Any, worker: Any) -> Any:
+        if isinstance(message, ConnectionClose):
+            return ("noreply", worker)
+        calls = {
+            "send": lambda: worker.send_threadsafe("x"),
+            "ping": lambda: worker.ping_threadsafe(b""),
+            "close": lambda: worker.close_threadsafe(),
+            "broadcast": lambda: broadcast_threadsafe("threadsafe", "x"),
+        }
+        try:
+            calls[message]()
+        except RuntimeError as error:
+            return ("reply", str(error), worker)
+        return ("reply", "no error", worker)
+
+
+async def test_threadsafe_calls_from_the_event_loops_own_thread_raise_instead_of_hanging() -> None:
+    options = [
+        ("port", 0),
+        ("worker_options", [("protocol_modules", [("websocket", [("handler_module", CallsThreadsafe)])])]),
+    ]
+    async with start_link(options) as server, await Client.connect(server.port) as client:
+        for call, advice in [
+            ("send", "send_nowait"),
+            ("ping", "await worker.ping()"),
+            ("close", "await worker.close()"),
+            ("broadcast", "broadcast()"),
+        ]:
+            await client.send(call)
+            with anyio.fail_after(10):
+                answer = await client.receive()
+            assert "event loop's own thread" in answer and advice in answer, answer
