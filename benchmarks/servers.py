@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
 import sys
 from typing import Any
 
@@ -52,6 +53,12 @@ class BenchHandler:
         return ("noreply", state)
 
 
+#: 10,000 clients connect at once (idle); PYWSSERVER_BENCH_METRICS=1 turns the Prometheus metrics on.
+HTTP_OPTIONS: list[tuple[str, Any]] = [("handshake_timeout", 60)] + (
+    [("metrics_path", "/metrics")] if os.environ.get("PYWSSERVER_BENCH_METRICS") == "1" else []
+)
+
+
 def pywsserver_options(port: int) -> list[tuple[str, Any]]:
     return [
         ("port", port),
@@ -64,7 +71,7 @@ def pywsserver_options(port: int) -> list[tuple[str, Any]]:
                 (
                     "protocol_modules",
                     [
-                        ("http", [("handshake_timeout", 60)]),  # 10,000 clients connect at once (idle)
+                        ("http", HTTP_OPTIONS),
                         (
                             "websocket",
                             [
