@@ -9,6 +9,7 @@ Protocol modules live in `pywsserver.protocols`.
 from . import groups
 from ._broadcast import BroadcastResult, broadcast, broadcast_threadsafe
 from ._errors import ConnectionClosed, OptionError, ServerStartError
+from ._handler import ThreadedHandler, threaded
 from ._logs import JSONFormatter
 from ._messages import (
     Accept,
@@ -102,6 +103,8 @@ __all__ = [
     "server_child_spec",
     "start_link",
     "stop",
+    "threaded",
+    "ThreadedHandler",
     "BRUTAL_KILL",
     "INFINITY",
     "NO_REPLY",

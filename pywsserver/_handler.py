@@ -13,7 +13,10 @@ It may be given as:
 
 Each callback may be a plain function or ``async``. Whether each can be
 called with the arguments the server passes is checked at start, so that a
-wrong signature fails there rather than at the first connection.
+wrong signature fails there rather than at the first connection. A handler
+given as ``threaded(handler)`` has its plain callbacks run in worker threads:
+to the connection they are then async callbacks, which it already calls one
+at a time and in order.
 """
 
 from __future__ import annotations
@@ -26,9 +29,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import anyio
+import anyio.to_thread
+
 from ._optionkit import OptionError, resolve_object
 
-__all__ = ["HandlerModule"]
+__all__ = ["HandlerModule", "ThreadedHandler", "threaded"]
 
 
 def _describe(target: Any) -> str:
@@ -104,12 +110,27 @@ def _call_error(function: Any, name: str, arguments: tuple[str, ...]) -> str | N
 class HandlerModule:
     """A resolved, checked handler module."""
 
-    __slots__ = ("_per_connection", "async_handle", "async_handshake", "async_init", "has_handshake", "name", "target")
+    __slots__ = (
+        "_per_connection",
+        "async_handle",
+        "async_handshake",
+        "async_init",
+        "has_handshake",
+        "limiter",
+        "name",
+        "target",
+    )
 
     target: Any
+    limiter: anyio.CapacityLimiter | None
 
     def __init__(self, target: Any, path: str) -> None:
+        limiter: anyio.CapacityLimiter | None = None
         if isinstance(target, HandlerModule):
+            limiter = target.limiter
+            target = target.target
+        if isinstance(target, ThreadedHandler):
+            limiter = target.limiter
             target = target.target
         if isinstance(target, str):
             target = _import(target, path)
@@ -137,13 +158,76 @@ class HandlerModule:
         #: Whether the handler has the optional ``handshake(info)`` hook, and whether it is ``async def``.
         self.has_handshake = hook is not None
         self.async_handshake = inspect.iscoroutinefunction(hook)
+        #: The thread pool's bound when the handler is `threaded` (its sync callbacks then run in threads).
+        self.limiter = limiter
+        if limiter is not None:  # every callback is awaited: the plain ones in a thread
+            self.async_init = self.async_handle = True
+            self.async_handshake = self.has_handshake
 
     def __repr__(self) -> str:
         return f"<HandlerModule {self.name}>"
 
     def for_connection(self) -> Any:
         """The object whose callbacks serve one connection."""
-        return self.target() if self._per_connection else self.target
+        handler = self.target() if self._per_connection else self.target
+        if self.limiter is not None:
+            return _InThreads(handler, self.limiter)
+        return handler
+
+
+class ThreadedHandler:
+    """A handler whose plain (sync) callbacks run in worker threads; made by `threaded`."""
+
+    __slots__ = ("limiter", "target")
+
+    def __init__(self, target: Any, limiter: anyio.CapacityLimiter) -> None:
+        #: The handler as given (module, class, instance or reference string).
+        self.target = target
+        #: Bounds how many callbacks run in threads at once, across every connection of the handler.
+        self.limiter = limiter
+
+    def __repr__(self) -> str:
+        return f"<ThreadedHandler {self.target!r} ({self.limiter.total_tokens} threads)>"
+
+
+def threaded(handler: Any, *, max_threads: int = 40) -> ThreadedHandler:
+    """Run a handler's sync callbacks in worker threads, so that blocking code stalls no other connection.
+
+    Give the result as the ``handler_module``::
+
+        ("websocket", [("handler_module", threaded("myapp.handlers:Blocking", max_threads=20))])
+
+    ``init``, ``handle`` and ``handshake`` defined with ``def`` then run
+    in a thread of a pool of at most ``max_threads`` (shared by every
+    connection of this handler); ``async def`` callbacks run on the event loop
+    as before. The contract is unchanged: one call at a time per connection,
+    in order, and the results are what the handler returns. Code in a thread
+    must not call the worker's loop-side methods (``send_nowait``...): use
+    the results, or the ``*_threadsafe`` methods.
+    """
+    if isinstance(max_threads, bool) or not isinstance(max_threads, int) or max_threads < 1:
+        raise ValueError(f"threaded(): 'max_threads' must be an int >= 1, got {max_threads!r}")
+    return ThreadedHandler(handler, anyio.CapacityLimiter(max_threads))
+
+
+class _InThreads:
+    """Stands for a handler object: each sync callback becomes an async one run in a thread."""
+
+    __slots__ = ("handle", "handshake", "init")
+
+    def __init__(self, target: Any, limiter: anyio.CapacityLimiter) -> None:
+        for name in ("init", "handle", "handshake"):
+            function = getattr(target, name, None)
+            if function is not None and not inspect.iscoroutinefunction(function):
+                function = _in_thread(function, limiter)
+            setattr(self, name, function)
+
+
+def _in_thread(function: Callable[..., Any], limiter: anyio.CapacityLimiter) -> Callable[..., Any]:
+    async def run(*args: Any) -> Any:
+        return await anyio.to_thread.run_sync(function, *args, limiter=limiter)
+
+    return run
 
 
 async def call(function: Callable[..., Any], *args: Any) -> Any:
