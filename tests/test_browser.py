@@ -326,6 +326,9 @@ def test_two_pages_on_two_server_processes_chat_through_the_cluster(
         expect(ann.locator("#log .joined")).to_have_text(["ann joined", "bob joined"])  # no count in a cluster
 
         say(ann, "hello from the first process")
+        # Order is kept per sender, not across senders on different nodes: bob answers once he has
+        # ann's message, so both pages must show the two lines in this order.
+        expect(bob.locator("#log .said")).to_have_text(["ann: hello from the first process"])
         say(bob, "hello from the second")
         for page in (ann, bob):
             expect(page.locator("#log .said")).to_have_text(
