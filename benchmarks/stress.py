@@ -12,6 +12,11 @@ count and in time, and everything targets 127.0.0.1. Phases:
 * fragments: connections each sending a 1 MiB message as 1-byte fragments (the server refuses it
   after ``max_fragments`` frames) while a normal client echoes: the server's CPU time and RSS growth,
   and the normal client's slowest echo;
+* jammed (``--only jammed``): against a server with a small ``max_connections`` and an ``idle_timeout``,
+  clients connect, ask for a large reply and never read; after each round the server's descriptors
+  and slots must come back to their baseline while those clients still hold their sockets;
+* tls (``--only tls``): rounds of TLS connections (certificates made with ``trustme``) that complete
+  the WebSocket handshake and are reset by the client; the server's RSS after each round;
 * recovery: how long until the server's descriptors are back to their baseline, and whether a
   fresh client is served.
 
@@ -54,12 +59,14 @@ class StressHandler:
     def handle(self, message: object, state: None) -> tuple[Any, ...]:
         if isinstance(message, str) and message.startswith("boom"):
             raise RuntimeError("injected fault")
+        if message == "jam":
+            return ("reply", b"j" * (1 << 20), state)  # more than the socket buffers take
         if isinstance(message, str | bytes):
             return ("reply", message, state)
         return ("noreply", state)
 
 
-def serve(backend: str, max_fragments: int | None) -> None:
+def serve(backend: str, max_fragments: int | None, extra: argparse.Namespace) -> None:
     import logging
 
     import anyio
@@ -70,15 +77,19 @@ def serve(backend: str, max_fragments: int | None) -> None:
     websocket: list[tuple[str, Any]] = [("handler_module", StressHandler)]
     if max_fragments is not None:
         websocket.append(("max_fragments", max_fragments))
-    options = [
+    if extra.idle_timeout is not None:
+        websocket.append(("idle_timeout", extra.idle_timeout))
+    options: list[tuple[str, Any]] = [
         ("port", 0),
-        ("max_connections", 100_000),
+        ("max_connections", extra.max_connections),
         ("backlog", 4096),
         (
             "worker_options",
             [("protocol_modules", [("websocket", websocket)])],
         ),
     ]
+    if extra.certfile is not None:
+        options.append(("tls", [("certfile", extra.certfile)]))
 
     async def main() -> None:
         async with pywsserver.start_link(options) as server:
@@ -149,8 +160,9 @@ class Connection:
 class Server:
     """The server process and what /proc says of it."""
 
-    def __init__(self, backend: str, max_fragments: int | None = None) -> None:
+    def __init__(self, backend: str, max_fragments: int | None = None, options: list[str] | None = None) -> None:
         extra = ["--max-fragments", str(max_fragments)] if max_fragments is not None else []
+        extra += options or []
         self.process = subprocess.Popen(
             [sys.executable, str(Path(__file__).resolve()), "--serve", "--backend", backend, *extra],
             stdout=subprocess.PIPE,
@@ -440,6 +452,164 @@ async def fragments_alone(scale: float, backend: str, max_fragments: int | None)
         server.stop()
 
 
+async def wait_for_descriptors(server: Server, baseline: int, limit: float) -> tuple[int, float]:
+    """Read the server's descriptor count every 50 ms until it is back to ``baseline`` (at most ``limit`` s)."""
+    started = time.monotonic()
+    # Another process's descriptors: nothing to wait on but /proc.
+    while server.descriptors() > baseline and time.monotonic() - started < limit:  # noqa: ASYNC110
+        await asyncio.sleep(0.05)
+    return server.descriptors(), time.monotonic() - started
+
+
+async def jammed_alone(
+    scale: float, rounds: int, backend: str, max_connections: int
+) -> list[tuple[str, dict[str, Any]]]:
+    """Clients that complete the handshake, ask for 1 MiB and never read, twice ``max_connections`` per round."""
+    idle = 1.0
+    server = Server(backend, options=["--max-connections", str(max_connections), "--idle-timeout", str(idle)])
+    jammers = max(2 * max_connections, int(2 * max_connections * scale))
+    try:
+        warm = await Connection.open(server.port)
+        await warm.echo("warm up")
+        await warm.close()
+        await asyncio.sleep(0.2)  # let the warm-up connection's descriptor go
+        baseline_fds = server.descriptors()
+        baseline_rss = server.rss_kib()
+        phases: list[tuple[str, dict[str, Any]]] = [
+            (
+                "baseline",
+                {
+                    "server": f"max_connections {max_connections}, idle_timeout {idle:g} s",
+                    "server RSS": f"{baseline_rss / 1024:.1f} MiB",
+                    "descriptors": baseline_fds,
+                },
+            )
+        ]
+        for number in range(1, rounds + 1):
+            held: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+            peak = baseline_fds
+
+            async def jam(held: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = held) -> str:
+                reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+                held.append((reader, writer))
+                sock = writer.get_extra_info("socket")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # jam early
+                writer.write(UPGRADE + frame(1, b"jam"))
+                await writer.drain()
+                try:
+                    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+                except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+                    return "not upgraded"
+                return "upgraded, never reads" if head.startswith(b"HTTP/1.1 101 ") else "refused"
+
+            async def sample(done: asyncio.Event) -> None:
+                nonlocal peak
+                while not done.is_set():
+                    peak = max(peak, server.descriptors())
+                    await asyncio.sleep(0.02)  # another process's descriptors: nothing to wait on but /proc
+
+            started = time.monotonic()
+            done = asyncio.Event()
+            sampler = asyncio.ensure_future(sample(done))
+            try:
+                outcomes = await bounded_gather([jam for _ in range(jammers)], jammers, 60)
+                # The jammers keep their sockets open, unread: the server must let go of them itself.
+                descriptors, seconds = await wait_for_descriptors(server, baseline_fds, 60)
+            finally:
+                done.set()
+                await sampler
+            counts: dict[str, int] = {}
+            for outcome in outcomes:
+                key = outcome if isinstance(outcome, str) else type(outcome).__name__
+                counts[key] = counts.get(key, 0) + 1
+            connection = await asyncio.wait_for(Connection.open(server.port), 10)
+            served = await asyncio.wait_for(connection.echo("after"), 10) == (1, b"after")
+            await connection.close()
+            for _, writer in held:
+                writer.close()
+            phases.append(
+                (
+                    f"jammed (round {number})",
+                    {
+                        "jamming clients": f"{jammers}: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())),
+                        "server descriptors at peak": f"{peak} (baseline {baseline_fds}, +{peak - baseline_fds})",
+                        "server descriptors while the jammers still hold their sockets": descriptors,
+                        "time until back to baseline": f"{seconds:.2f} s",
+                        "fresh client served": served,
+                        "time": f"{time.monotonic() - started:.1f} s",
+                    },
+                )
+            )
+            await wait_for_descriptors(server, baseline_fds, 10)
+        phases.append(("after", {"server alive": server.alive(), "server RSS": f"{server.rss_kib() / 1024:.1f} MiB"}))
+        return phases
+    finally:
+        server.stop()
+
+
+async def tls_alone(scale: float, rounds: int, backend: str) -> list[tuple[str, dict[str, Any]]]:
+    """Rounds of TLS connections that complete the WebSocket handshake and are reset by the client."""
+    import ssl
+    import tempfile
+
+    import trustme
+
+    authority = trustme.CA()
+    count = max(20, int(1000 * scale))
+    with tempfile.TemporaryDirectory() as directory:
+        certfile = os.path.join(directory, "server.pem")
+        authority.issue_cert("localhost", "127.0.0.1").private_key_and_cert_chain_pem.write_to_path(certfile)
+        client = ssl.create_default_context()
+        authority.configure_trust(client)
+        server = Server(backend, options=["--certfile", certfile])
+
+    async def open_tls() -> Connection:
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", server.port, ssl=client, server_hostname="localhost"
+        )
+        writer.write(UPGRADE)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        if not head.startswith(b"HTTP/1.1 101 "):
+            raise ConnectionError(head[:40])
+        return Connection(reader, writer)
+
+    async def open_and_reset() -> None:
+        connection = await open_tls()
+        connection.reset()
+
+    try:
+        warm = await open_tls()
+        await warm.echo("warm up")
+        await warm.close()
+        await asyncio.sleep(0.2)  # let the warm-up connection's descriptor go
+        baseline_fds = server.descriptors()
+        phases: list[tuple[str, dict[str, Any]]] = [
+            ("baseline", {"server RSS": f"{server.rss_kib() / 1024:.1f} MiB", "descriptors": baseline_fds})
+        ]
+        for number in range(1, rounds + 1):
+            started = time.monotonic()
+            results = await bounded_gather([open_and_reset for _ in range(count)], 100, 180)
+            descriptors, _ = await wait_for_descriptors(server, baseline_fds, 30)
+            phases.append(
+                (
+                    f"tls (round {number})",
+                    {
+                        "TLS connections upgraded then reset": f"{sum(1 for r in results if r is None)} of {count}",
+                        "descriptors after": f"{descriptors} (baseline {baseline_fds})",
+                        "server RSS after": f"{server.rss_kib() / 1024:.1f} MiB",
+                        "time": f"{time.monotonic() - started:.1f} s",
+                    },
+                )
+            )
+        connection = await open_tls()
+        served = await connection.echo("after") == (1, b"after")
+        await connection.close()
+        phases.append(("after", {"server alive": server.alive(), "fresh TLS client served": served}))
+        return phases
+    finally:
+        server.stop()
+
+
 def report(phases: list[tuple[str, dict[str, Any]]], command: str) -> str:
     lines = ["| phase | measure | value |", "|---|---|---:|"]
     for name, values in phases:
@@ -456,21 +626,38 @@ def main() -> None:
     parser.add_argument(
         "--max-fragments", type=int, default=None, help="the server's max_fragments option (default: its default)"
     )
-    parser.add_argument("--only", choices=["fragments"], help="run this phase alone (one round)")
+    parser.add_argument(
+        "--only",
+        choices=["fragments", "jammed", "tls"],
+        help="run this phase alone (fragments: one round; jammed and tls: --rounds rounds)",
+    )
+    parser.add_argument(
+        "--max-connections", type=int, default=None, help="the server's max_connections (default: 20 for jammed)"
+    )
+    parser.add_argument("--idle-timeout", type=float, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--certfile", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     raise_descriptor_limit()
     if args.serve:
-        serve(args.backend, args.max_fragments)
+        if args.max_connections is None:
+            args.max_connections = 100_000
+        serve(args.backend, args.max_fragments, args)
         return
     if args.only == "fragments":
         phases = asyncio.run(fragments_alone(args.scale, args.backend, args.max_fragments))
+    elif args.only == "jammed":
+        limit = args.max_connections if args.max_connections is not None else 20
+        phases = asyncio.run(jammed_alone(args.scale, max(1, args.rounds), args.backend, limit))
+    elif args.only == "tls":
+        phases = asyncio.run(tls_alone(args.scale, max(1, args.rounds), args.backend))
     else:
         phases = asyncio.run(ordeal(args.scale, max(1, args.rounds), args.backend, args.max_fragments))
     command = "python benchmarks/stress.py" + (f" --scale {args.scale:g}" if args.scale != 1 else "")
     command += f" --rounds {args.rounds}" if args.rounds != 2 else ""
     command += f" --backend {args.backend}" if args.backend != "asyncio" else ""
     command += f" --max-fragments {args.max_fragments}" if args.max_fragments is not None else ""
+    command += f" --max-connections {args.max_connections}" if args.max_connections is not None else ""
     command += f" --only {args.only}" if args.only else ""
     text = report(phases, command)
     print(text)
