@@ -99,6 +99,8 @@ class ServerOptions:
     processes: int = 1
     #: The cluster on Redis this server is a node of (``None``: groups stay within the process).
     cluster: ClusterOptions | None = None
+    #: Seconds the event loop may be blocked before the watchdog reports it (``None``: no watchdog).
+    loop_watchdog: float | None = 0.5
     #: Write one ``pywsserver.access`` INFO line per connection when it ends.
     access_log: bool = True
     #: Serve the Prometheus metrics on this TCP port of ``host`` too, at any path (``None``: not on a port
@@ -133,6 +135,7 @@ _TOP_LEVEL = (
     "cluster",
     "access_log",
     "metrics_port",
+    "loop_watchdog",
 )
 _TLS_LEVEL = ("certfile", "keyfile", "password", "client_ca", "verify_client", "minimum_version", "alpn_protocols")
 _WORKER_LEVEL = ("protocol_modules", "protocol_modules_options", "initial_module", "mailbox_size", "write_buffer_size")
@@ -302,6 +305,8 @@ def parse_options(raw: Any) -> ServerOptions:
                 raise OptionError("processes", "several processes cannot share a Unix socket; use one process")
     if options.get("cluster") is not None:
         fields["cluster"] = parse_cluster(options["cluster"], "cluster")
+    if "loop_watchdog" in options:
+        fields["loop_watchdog"] = check_number(options["loop_watchdog"], "loop_watchdog", minimum=0.01, allow_none=True)
     if "access_log" in options:
         fields["access_log"] = check_bool(options["access_log"], "access_log")
     if options.get("metrics_port") is not None:

@@ -41,6 +41,7 @@ from ._errors import OptionError, ServerStartError
 from ._logs import JSONFormatter
 from ._options import ServerOptions, parse_options
 from ._telemetry import Telemetry
+from ._watchdog import LoopWatchdog
 from ._worker import Worker
 from .protocols import HTTPOptions
 from .supervision import (
@@ -105,6 +106,8 @@ class Server:
         self._token: anyio.lowlevel.EventLoopToken | None = None  # the event loop's, set when listening
         #: How acceptors accept one connection (a seam for fault injection in tests).
         self._accept = accept
+        #: The event-loop watchdog (``None`` when ``loop_watchdog`` is ``None``); its ``lag`` is the loop's.
+        self.watchdog = LoopWatchdog(options.loop_watchdog) if options.loop_watchdog is not None else None
         #: The dynamic supervisor of the workers (``count_children().active`` is the live connections).
         self.worker_supervisor = Supervisor(
             [
@@ -429,11 +432,15 @@ async def serve(options: Any, *, task_status: anyio.abc.TaskStatus[Server] = any
         register(parsed.register, server)
     if server.metrics is not None:
         add_observer(server.metrics.observe)
+    if server.watchdog is not None:
+        server.watchdog.start()
     try:
         await server.supervisor.run(task_status=_ReportServer(task_status, server))
     except ChildStartError as error:
         raise _start_error(error) from error
     finally:
+        if server.watchdog is not None:
+            server.watchdog.stop()
         if server.metrics is not None:
             remove_observer(server.metrics.observe)
         if parsed.register is not None:

@@ -1,0 +1,96 @@
+"""The event-loop watchdog: a handler that blocks the loop is reported once, by name, with its stack."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from pywsserver import OptionError, start_link
+
+from .wstools import in_client_thread, url
+
+pytestmark = pytest.mark.anyio
+
+
+class Reported(logging.Handler):
+    """Sets an event (thread-safe) when the watchdog logs."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+        self.event = threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+        self.event.set()
+
+
+class Sleeper:
+    """A sync handler that blocks the event loop in time.sleep until the watchdog has spoken (at most 10 s)."""
+
+    reported: threading.Event
+
+    def init(self, options: dict[str, Any]) -> None:
+        return None
+
+    def handle(self, message: object, state: None) -> Any:
+        if message == "block":
+            deadline = time.monotonic() + 10
+            while not self.reported.is_set() and time.monotonic() < deadline:
+                time.sleep(0.01)
+        return ("reply", message, state)
+
+
+def options(handler: Any, *top: tuple[str, Any]) -> list[tuple[str, Any]]:
+    ws = [("handler_module", handler)]
+    return [("port", 0), *top, ("worker_options", [("protocol_modules", [("websocket", ws)])])]
+
+
+async def test_a_blocked_loop_is_reported_once_naming_the_connection_the_handler_and_the_stack() -> None:
+    reported = Reported()
+    sleeper = Sleeper()
+    sleeper.reported = reported.event
+    watchdog_logger = logging.getLogger("pywsserver.watchdog")
+    watchdog_logger.addHandler(reported)
+    try:
+        async with start_link(options(sleeper, ("loop_watchdog", 0.1))) as server:
+            assert server.watchdog is not None
+
+            async def client(address: str) -> list[str]:
+                from websockets.asyncio.client import connect
+
+                async with connect(address) as ws:
+                    await ws.send("block")
+                    first = str(await ws.recv())
+                    await ws.send("after")
+                    return [first, str(await ws.recv())]
+
+            assert await in_client_thread(client, url(server)) == ["block", "after"]
+            assert server.watchdog.max_lag > 0.1
+            assert server.watchdog.blocked_count >= 1
+    finally:
+        watchdog_logger.removeHandler(reported)
+    assert len(reported.records) == 1  # one block, one report
+    text = reported.records[0].getMessage()
+    assert "blocked for" in text and "'Sleeper'" in text and "127.0.0.1" in text
+    assert "in handle" in text and "time.sleep" in text  # the stack of the code that blocks
+    assert reported.records[0].levelno == logging.WARNING
+
+
+async def test_the_watchdog_is_off_with_none_and_its_option_is_checked() -> None:
+    async with start_link(options(Sleeper, ("loop_watchdog", None))) as server:
+        assert server.watchdog is None
+    with pytest.raises(OptionError, match="loop_watchdog"):
+        async with start_link(options(Sleeper, ("loop_watchdog", -1))):
+            pass
+
+
+async def test_the_watchdog_thread_runs_with_the_server_and_is_joined_on_stop() -> None:
+    async with start_link(options(Sleeper)) as server:
+        assert server.watchdog is not None and server.watchdog.threshold == 0.5
+        assert any(t.name == "pywsserver loop watchdog" for t in threading.enumerate())
+    assert not any(t.name == "pywsserver loop watchdog" for t in threading.enumerate())
