@@ -54,6 +54,7 @@ from ._messages import (
     normalize_result,
 )
 from ._messages import Ping as PingMessage
+from ._messages import Pong as PongMessage
 from ._server import Server, start_link
 from .protocols import Headers
 from .protocols import Request as HTTPRequest
@@ -316,7 +317,9 @@ class HandlerDriver:
         await driver.close()
 
     ``options`` are the handler options; ``init`` receives them with the same keys a server gives
-    (``worker`` is a `RecordingWorker`, ``peer``, ``path``, ``headers``, ...).
+    (``worker`` is a `RecordingWorker`, ``peer``, ``path``, ``headers``, ...). ``control_messages``
+    is the WebSocket module's option of that name: as on a server, the client's pings and pongs
+    (`ping`, `pong`) reach ``handle`` only when it is on.
     """
 
     def __init__(
@@ -329,8 +332,11 @@ class HandlerDriver:
         headers: Sequence[tuple[str, str]] = (),
         subprotocols: Sequence[str] = (),
         peer: tuple[str, int] = ("127.0.0.1", 50000),
+        control_messages: bool = False,
     ) -> None:
         self.handler = HandlerModule(handler, "handler")
+        #: Whether the client's pings and pongs reach ``handle`` (the WebSocket module's option).
+        self.control_messages = control_messages
         #: The stand-in worker the handler sees as ``options["worker"]``.
         self.worker = RecordingWorker()
         #: The handler state after the last callback.
@@ -380,15 +386,33 @@ class HandlerDriver:
 
         The state is kept for the next call; an invalid result raises `InvalidHandlerResult`.
         """
-        if self._closed:
-            raise ConnectionClosed("the driven connection is closed")
+        self._check_open()
         result = normalize_result(await call(self._target().handle, message, self.state))
         self.state = result.state
         return result
 
-    async def ping(self, data: bytes = b"") -> HandlerResult:
-        """Deliver a `Ping` from the client."""
+    async def ping(self, data: bytes = b"") -> HandlerResult | None:
+        """The client sends a ping: a `Ping` for ``handle`` if ``control_messages`` is on.
+
+        As on a server, the ping is answered with a pong either way, and with
+        ``control_messages`` off (the default) ``handle`` is not called: ``None``
+        is returned. With it on, the result of ``handle(Ping(data), state)``.
+        """
+        if not self.control_messages:
+            self._check_open()
+            return None
         return await self.handle(PingMessage(data))
+
+    async def pong(self, data: bytes = b"") -> HandlerResult | None:
+        """The client sends a pong: a `Pong` for ``handle`` if ``control_messages`` is on (else ``None``)."""
+        if not self.control_messages:
+            self._check_open()
+            return None
+        return await self.handle(PongMessage(data))
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ConnectionClosed("the driven connection is closed")
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
         """Tell the handler the connection closed (``ConnectionClose(code, reason)``), once."""

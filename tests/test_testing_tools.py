@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from pywsserver import Accept, ConnectionClosed, NoReply, Reject, Reply, SendPing
+from pywsserver import Accept, ConnectionClosed, NoReply, Ping, Pong, Reject, Reply, SendPing
 from pywsserver.testing import Client, HandlerDriver, HandshakeRejected, serve_for_test
 
 pytestmark = pytest.mark.anyio
@@ -142,3 +142,47 @@ async def test_a_sync_handler_returning_a_coroutine_closes_its_connection_with_1
                 await client.send("ok")
                 assert await client.receive() == "fine"
     assert "declare it 'async def'" in caplog.text
+
+
+class SeesEverything:
+    """Records every message ``handle`` gets in the list given as handler option ``seen``; echoes text."""
+
+    def init(self, options: dict[str, Any]) -> list[Any]:
+        seen: list[Any] = options["seen"]
+        return seen
+
+    def handle(self, message: Any, state: list[Any]) -> Any:
+        state.append(message)
+        return ("reply", message, state) if isinstance(message, str) else ("noreply", state)
+
+
+@pytest.mark.parametrize("control_messages", [False, True])
+async def test_the_driver_delivers_the_clients_pings_and_pongs_as_a_server_does(control_messages: bool) -> None:
+    """A ping or pong from the client reaches ``handle`` only with ``control_messages`` on, as on a server."""
+    from wsproto.events import Pong as WsPong
+
+    on_server: list[Any] = []
+    websocket = [("handler_options", {"seen": on_server}), ("control_messages", control_messages)]
+    async with serve_for_test(SeesEverything, websocket=websocket) as server, await Client.connect(server) as client:
+        await client.ping(b"are you there")
+        await client._send(WsPong(payload=b"unsolicited"))
+        await client.send("after them")
+        assert await client.receive() == "after them"  # handled in order: the pings were too
+        assert client.pongs == [b"are you there"]
+
+    in_driver: list[Any] = []
+    driver = HandlerDriver(SeesEverything, {"seen": in_driver}, control_messages=control_messages)
+    await driver.open()
+    ping_result = await driver.ping(b"are you there")
+    pong_result = await driver.pong(b"unsolicited")
+    assert await driver.handle("after them") == Reply("after them", in_driver)
+    await driver.close()
+    if control_messages:
+        assert ping_result == NoReply(in_driver) and pong_result == NoReply(in_driver)
+    else:
+        assert ping_result is None and pong_result is None
+    expected = [Ping(b"are you there"), Pong(b"unsolicited")] if control_messages else []
+    assert on_server[:-1] == [*expected, "after them"]  # the last is the close notice
+    assert in_driver == on_server
+    with pytest.raises(ConnectionClosed):
+        await driver.ping()
