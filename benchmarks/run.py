@@ -5,11 +5,15 @@
     python benchmarks/run.py --quick          # 2 s per scenario, one run each
     python benchmarks/run.py --servers pywsserver websockets --scenarios small broadcast
     python benchmarks/run.py --cluster        # broadcast across 2 nodes on Redis (needs redis-server)
+    python benchmarks/run.py --scenarios tls-idle tls-churn --servers pywsserver websockets
 
 The load generator (``loadgen.c``) is built with the system compiler. The server runs pinned to CPU 0
 and the load generator to CPU 1 (``taskset``). A raw TCP echo server (no WebSocket framing) runs the
 small and pipelined scenarios first: it shows how far the generator goes, far above any WebSocket
-server. Results go to the terminal and to ``benchmarks/results/latest.md`` and ``latest.json``.
+server. The TLS scenarios (``tls-idle``, ``tls-churn``) use ``tlsload.py`` instead (asyncio clients in
+Python: the C generator has no TLS), against the servers that serve TLS, all with one self-signed
+certificate made at run time (``trustme``). Results go to the terminal and to
+``benchmarks/results/latest.md`` and ``latest.json``.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -58,10 +63,22 @@ SCENARIOS: dict[str, tuple[list[str], int, str]] = {
     ),
     # 50 messages to everyone at once (a burst: the server may batch them per connection).
     "broadcast-burst": (["broadcast", "--conns", "2000", "--count", "50", "--size", "64"], 3, "deliveries/s"),
+    # TLS (tlsload.py, not the C generator): 5,000 TLS connections held open (server RSS per connection),
+    # then TLS handshake + WebSocket upgrade + close, 50 in parallel from 2 client processes.
+    "tls-idle": (["idle", "--conns", "5000"], 1, "KiB/conn"),
+    "tls-churn": (["churn", "--parallel", "50", "--processes", "2"], 3, "handshakes/s"),
     # Last: its hundreds of thousands of short connections leave the kernel's accept path busy
     # (SYN cookies, sockets in TIME_WAIT) for a while, which made the next scenario's peers fail.
     "churn": (["churn", "--parallel", "50"], 3, "handshakes/s"),
 }
+
+
+#: The scenarios over TLS, and the servers that serve TLS (``BENCH_CERTFILE`` in ``servers.py``).
+TLS_SCENARIOS = {"tls-idle", "tls-churn"}
+TLS_SERVERS = {
+    *("pywsserver", "pywsserver-uvloop", "pywsserver-trio", "websockets", "websockets-uvloop", "aiohttp", "picows")
+}
+TLSLOAD = HERE / "tlsload.py"
 
 
 def pin(cpu: int) -> list[str]:
@@ -90,14 +107,23 @@ def parse(line: str) -> dict[str, float]:
 
 
 class Server:
-    def __init__(self, name: str, command: list[str] | None = None, cpus: str = "0", processes: int = 1) -> None:
+    def __init__(
+        self,
+        name: str,
+        command: list[str] | None = None,
+        cpus: str = "0",
+        processes: int = 1,
+        certfile: str | None = None,
+    ) -> None:
         self.name = name
         taskset = ["taskset", "-c", cpus] if pin(0) else []
+        environment = {**os.environ, "BENCH_CERTFILE": certfile} if certfile else None
         self.process = subprocess.Popen(
             [*taskset, *(command or [sys.executable, str(HERE / "servers.py"), name, "0"])],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
+            env=environment,
         )
         assert self.process.stdout is not None
         for _ in range(processes):  # every server process says when it listens
@@ -129,11 +155,50 @@ def run_loadgen(
     return parse(result.stdout)
 
 
-def idle_per_connection(loadgen: Path, server: Server, arguments: list[str]) -> dict[str, float]:
+def run_tlsload(port: int, arguments: list[str], duration: float) -> dict[str, float]:
+    mode, *rest = arguments
+    command = [*pin(1), sys.executable, str(TLSLOAD), mode, str(port), *rest, "--duration", str(duration)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    if result.returncode != 0:
+        raise RuntimeError(result.stderr.strip() or f"tlsload exited with {result.returncode}")
+    return parse(result.stdout)
+
+
+def cpu_seconds(pid: int) -> float:
+    """The process's user + system CPU time so far (``/proc/PID/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def tls_churn(server: Server, arguments: list[str], duration: float) -> dict[str, float]:
+    """Handshakes/s over TLS, with the server's CPU use: near 1 core, the server (not the clients) was the limit."""
+    before, started = cpu_seconds(server.process.pid), time.monotonic()
+    row = run_tlsload(server.port, arguments, duration)
+    used = cpu_seconds(server.process.pid) - before
+    row["server_cores"] = used / (time.monotonic() - started)
+    # What the machine's load moves least: the server's CPU time per handshake.
+    row["server_cpu_ms"] = 1000 * used / max(row.get("count", 0), 1)
+    return row
+
+
+@contextlib.contextmanager
+def certificate() -> Iterator[str]:
+    """A self-signed certificate chain and key for localhost and 127.0.0.1, in a PEM file (``trustme``)."""
+    import trustme
+
+    with tempfile.TemporaryDirectory() as directory:
+        certfile = os.path.join(directory, "server.pem")
+        trustme.CA().issue_cert("localhost", "127.0.0.1").private_key_and_cert_chain_pem.write_to_path(certfile)
+        yield certfile
+
+
+def idle_per_connection(loadgen: Path | None, server: Server, arguments: list[str]) -> dict[str, float]:
+    """Server RSS growth per connection held open (``loadgen None``: over TLS, with ``tlsload.py``)."""
     before = rss_kib(server.process.pid, "VmRSS")
     mode, *rest = arguments
+    client = [sys.executable, str(TLSLOAD)] if loadgen is None else [str(loadgen)]
     generator = subprocess.Popen(
-        [*pin(1), str(loadgen), mode, str(server.port), *rest],
+        [*pin(1), *client, mode, str(server.port), *rest],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -177,42 +242,66 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # Scenario by scenario, every server in turn, and the repeated runs interleaved (A B C A B C ...),
     # each on a fresh server: the figures compared in a table are measured minutes apart at most and
     # drift in this machine's speed falls on every server alike.
-    for scenario in args.scenarios:
-        arguments, repeats, unit = SCENARIOS[scenario]
-        repeats = 1 if args.quick else (args.repeats if args.repeats and repeats > 1 else repeats)
-        runs: dict[str, list[dict[str, float]]] = {name: [] for name in args.servers}
-        errors: dict[str, str] = {}
-        for _ in range(repeats):
-            for name in args.servers:
-                if name in errors:
-                    continue
-                try:
-                    server = Server(name)
-                    try:
-                        if scenario == "idle":
-                            row = idle_per_connection(loadgen, server, arguments)
-                        else:
-                            row = run_loadgen(loadgen, server.port, arguments, duration)
-                        row["peak_rss_kib"] = rss_kib(server.process.pid, "VmHWM")
-                    finally:
-                        server.stop()
-                except Exception as error:  # a peer that fails is reported, not fatal
-                    errors[name] = str(error)
-                    continue
-                runs[name].append(row)
-        for name in args.servers:
-            if name in errors:
-                results["scenarios"].setdefault(scenario, {})[name] = {"error": errors[name]}
-                print(f"{name:22} {scenario:10} failed: {errors[name]}", flush=True)
-                continue
-            rates = [r["rate"] for r in runs[name]]
-            median = statistics.median(rates)
-            best = min(runs[name], key=lambda r: abs(r["rate"] - median))
-            summary: dict[str, Any] = {**best, "rate": median, "runs": rates}
-            results["scenarios"].setdefault(scenario, {})[name] = summary
-            shown = ", ".join(f"{rate:,.0f}" for rate in rates)
-            print(f"{name:22} {scenario:10} {median:,.1f} {unit}  (runs: {shown})", flush=True)
+    certfile = None
+    with contextlib.ExitStack() as stack:
+        if TLS_SCENARIOS.intersection(args.scenarios):
+            certfile = stack.enter_context(certificate())
+        for scenario in args.scenarios:
+            run_scenario(args, scenario, loadgen, certfile, results)
     return results
+
+
+def run_scenario(
+    args: argparse.Namespace, scenario: str, loadgen: Path, certfile: str | None, results: dict[str, Any]
+) -> None:
+    """Every server in turn, the runs interleaved; the medians go into ``results``."""
+    duration = args.duration
+    arguments, repeats, unit = SCENARIOS[scenario]
+    tls = scenario in TLS_SCENARIOS
+    servers = [name for name in args.servers if name in TLS_SERVERS] if tls else args.servers
+    repeats = 1 if args.quick else (args.repeats if args.repeats and repeats > 1 else repeats)
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in servers}
+    errors: dict[str, str] = {}
+    for _ in range(repeats):
+        for name in servers:
+            if name in errors:
+                continue
+            try:
+                server = Server(name, certfile=certfile if tls else None)
+                try:
+                    if scenario == "idle":
+                        row = idle_per_connection(loadgen, server, arguments)
+                    elif scenario == "tls-idle":
+                        row = idle_per_connection(None, server, arguments)
+                    elif scenario == "tls-churn":
+                        row = tls_churn(server, arguments, duration)
+                    else:
+                        row = run_loadgen(loadgen, server.port, arguments, duration)
+                    row["peak_rss_kib"] = rss_kib(server.process.pid, "VmHWM")
+                finally:
+                    server.stop()
+            except Exception as error:  # a peer that fails is reported, not fatal
+                errors[name] = str(error)
+                continue
+            runs[name].append(row)
+    for name in servers:
+        if name in errors:
+            results["scenarios"].setdefault(scenario, {})[name] = {"error": errors[name]}
+            print(f"{name:22} {scenario:10} failed: {errors[name]}", flush=True)
+            continue
+        rates = [r["rate"] for r in runs[name]]
+        median = statistics.median(rates)
+        best = min(runs[name], key=lambda r: abs(r["rate"] - median))
+        summary: dict[str, Any] = {**best, "rate": median, "runs": rates}
+        results["scenarios"].setdefault(scenario, {})[name] = summary
+        shown = ", ".join(f"{rate:,.0f}" for rate in rates)
+        extra = ""
+        if "server_cores" in best:  # near 1.0 the server was the limit; near 1.0 too, the clients were
+            extra = (
+                f", server {best['server_cores']:.2f} cores, clients {best['client_cores']:.2f} cores,"
+                f" server CPU {best['server_cpu_ms']:.2f} ms/handshake"
+            )
+        print(f"{name:22} {scenario:10} {median:,.1f} {unit}  (runs: {shown}{extra})", flush=True)
 
 
 def scaling(args: argparse.Namespace) -> str:
@@ -373,7 +462,7 @@ def table(results: dict[str, Any]) -> str:
     for scenario, rows in results["scenarios"].items():
         _, _, unit = SCENARIOS[scenario]
         reference = rows.get(REFERENCE, {}).get("rate")
-        lower_is_better = scenario == "idle"
+        lower_is_better = scenario in ("idle", "tls-idle")
         lines += [f"### {scenario} ({unit})", ""]
         lines += [
             "| server | result | p50 ms | p99 ms | peak RSS MiB | vs websockets |",
@@ -391,6 +480,13 @@ def table(results: dict[str, Any]) -> str:
             lines.append(
                 f"| {name} | {row['rate']:,.1f} | {p50} | {p99} | {row['peak_rss_kib'] / 1024:.1f} | {ratio} |"
             )
+        cores = [
+            f"{name} {row['server_cores']:.2f} ({row['server_cpu_ms']:.2f} ms a handshake)"
+            for name, row in rows.items()
+            if "server_cores" in row
+        ]
+        if cores:
+            lines += ["", "Server CPU use (cores) during the median run: " + ", ".join(cores) + "."]
         for label, row in results["baseline"].get(scenario, {}).items():
             lines.append(f"| *{label}* | {row['rate']:,.0f} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f} | | |")
         lines.append("")

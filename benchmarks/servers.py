@@ -4,6 +4,10 @@
 Every server echoes text as text and binary as binary; a text message ``go:COUNT:SIZE`` makes it
 broadcast COUNT text messages of SIZE bytes to every connection (the sender included), the way
 the server's own broadcast facility does it. Compression is off everywhere.
+
+With ``BENCH_CERTFILE`` set (a PEM file holding the certificate chain and key; ``run.py`` makes one
+for its TLS scenarios), the servers that can serve TLS do, with the same ``ssl.SSLContext`` settings:
+`tls_context`.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+import ssl
 import sys
 from typing import Any
 
@@ -26,6 +31,20 @@ def parse_go(message: str) -> tuple[int, str] | None:
 
 def ready(port: int) -> None:
     print(f"ready {port}", flush=True)
+
+
+def tls_context() -> ssl.SSLContext | None:
+    """The one server context every server gets under ``BENCH_CERTFILE`` (``None``: plain TCP).
+
+    The defaults of ``ssl.SSLContext(PROTOCOL_TLS_SERVER)`` (TLS 1.2 and 1.3, no client certificate),
+    as ``pywsserver``'s ``tls`` option builds from a ``certfile``.
+    """
+    certfile = os.environ.get("BENCH_CERTFILE")
+    if not certfile:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(certfile)
+    return context
 
 
 # ----------------------------------------------------------------- pywsserver
@@ -60,7 +79,9 @@ HTTP_OPTIONS: list[tuple[str, Any]] = [("handshake_timeout", 60)] + (
 
 
 def pywsserver_options(port: int) -> list[tuple[str, Any]]:
+    tls = tls_context()
     return [
+        *([("tls", tls)] if tls is not None else []),
         ("port", port),
         ("max_connections", 100_000),
         ("backlog", 4096),
@@ -175,7 +196,9 @@ def run_websockets(port: int, uvloop: bool) -> None:
 
     async def main() -> None:
         nonlocal server
-        async with serve(handler, "127.0.0.1", port, compression=None, max_size=MAX_SIZE, backlog=4096) as server:
+        async with serve(
+            handler, "127.0.0.1", port, compression=None, max_size=MAX_SIZE, backlog=4096, ssl=tls_context()
+        ) as server:
             ready(server.sockets[0].getsockname()[1])
             await asyncio.Future()
 
@@ -222,7 +245,7 @@ def run_aiohttp(port: int) -> None:
         app.router.add_get("/", handler)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", port, backlog=4096)
+        site = web.TCPSite(runner, "127.0.0.1", port, backlog=4096, ssl_context=tls_context())
         await site.start()
         ready(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
         await asyncio.Future()
@@ -266,7 +289,9 @@ def run_picows(port: int) -> None:
                 transport.disconnect()
 
     async def main() -> None:
-        server = await ws_create_server(lambda _: Echo(), "127.0.0.1", port, max_frame_size=MAX_SIZE, backlog=4096)
+        server = await ws_create_server(
+            lambda _: Echo(), "127.0.0.1", port, max_frame_size=MAX_SIZE, backlog=4096, ssl=tls_context()
+        )
         ready(server.sockets[0].getsockname()[1])
         await asyncio.Future()
 

@@ -59,3 +59,19 @@ def test_the_report_has_a_row_per_server_and_a_ratio_to_websockets() -> None:
         subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--help"], capture_output=True).returncode
         == 0
     )
+
+
+def test_the_tls_scenarios_measure_a_tls_server_with_the_python_clients() -> None:
+    import run as bench
+
+    with bench.certificate() as certfile:
+        server = bench.Server("pywsserver", certfile=certfile)
+        try:
+            held = bench.idle_per_connection(None, server, ["idle", "--conns", "20"])
+            assert held["opened"] == 20
+            churn = bench.tls_churn(server, ["churn", "--parallel", "4", "--processes", "2"], 0.5)
+            assert churn["count"] > 0
+            assert churn["p99_ms"] >= churn["p50_ms"] > 0
+            assert churn["server_cpu_ms"] > 0
+        finally:
+            server.stop()
