@@ -347,8 +347,11 @@ class ProtocolDriver(asyncio.BufferedProtocol):
         return self._view
 
     def buffer_updated(self, nbytes: int) -> None:
-        """Bytes arrived: a copy goes to the core."""
-        self._core._input("data", bytes(self._view[:nbytes]))
+        """Bytes arrived: parsed where they lie in the steady state, else a copy goes to the core."""
+        data = self._view[:nbytes]
+        core = self._core
+        if not core._steady_input(data):
+            core._input("data", bytes(data))
 
     def eof_received(self) -> bool:
         """The peer's end: close the transport once the core is done with it."""

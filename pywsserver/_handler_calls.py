@@ -167,17 +167,25 @@ class HandlerCalls:
         self._messages_in += 1
         if self._frames_log is not None:
             self._frames_log.debug("handle(%.200r)", message)
-        handle = self._handler_object.handle
         try:
-            raw = handle(message, self._handler_state)
-            if type(raw) not in _NEVER_AWAITABLE and inspect.isawaitable(raw):
-                close = getattr(raw, "close", None)
-                if close is not None:
-                    close()
-                raise TypeError(f"{handle!r} returned an awaitable; declare it 'async def'")
+            raw = self._handler_object.handle(message, self._handler_state)
         except Exception as error:
             self._report(f"raised in handle({message!r:.80})", error)
             return module.handler_failed(error)
+        return self._handled(message, raw)
+
+    def _handled(self, message: str | bytes, raw: Any) -> list[Effect]:
+        """What `_handle_sync` does once ``handle`` has returned ``raw`` (the core's fast path calls it too)."""
+        module = self._module
+        if type(raw) not in _NEVER_AWAITABLE and inspect.isawaitable(raw):
+            close = getattr(raw, "close", None)
+            if close is not None:
+                close()
+            try:
+                raise TypeError(f"{self._handler_object.handle!r} returned an awaitable; declare it 'async def'")
+            except TypeError as error:
+                self._report(f"raised in handle({message!r:.80})", error)
+                return module.handler_failed(error)
         try:
             result = normalize_result(raw)
         except TypeError as error:

@@ -47,7 +47,7 @@ Parsed = tuple[list[Any], int, int, str | None]
 _OPCODES = (1, 2, 8, 9, 10)
 
 
-def parse_frames_python(data: bytes | bytearray, limit: int) -> Parsed:
+def parse_frames_python(data: bytes | bytearray | memoryview, limit: int) -> Parsed:
     """Parse the common case of client frames from ``data``; see the module docstring.
 
     Items, in order: ``str`` (a text message), ``bytes`` (binary), ``(9, payload)`` a ping,
@@ -109,7 +109,7 @@ def encode_frame_python(data: str | bytes) -> bytes:
     return header + payload
 
 
-parse_frames: Callable[[bytes | bytearray, int], Parsed]
+parse_frames: Callable[[bytes | bytearray | memoryview, int], Parsed]
 encode_frame: Callable[[str | bytes], bytes]
 try:
     from .._speedups import encode_frame, parse_frames

@@ -113,7 +113,7 @@ def encode_message(data: str | bytes) -> bytes:
 
 # The C parser of whole frames (see ``_frames``), or None: then the Python loop of ``_receive_fast``
 # parses every frame (``tests/test_frames.py`` holds both to the same answers).
-_parse_frames: Callable[[bytes | bytearray, int], Parsed] | None = None
+_parse_frames: Callable[[bytes | bytearray | memoryview, int], Parsed] | None = None
 if SPEEDUPS:
     from ._frames import parse_frames as _parse_frames
 
@@ -233,6 +233,7 @@ _VALID_CLOSE_CODES = frozenset(
     (1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014, *range(3000, 5000))
 )
 _UTF8 = codecs.getincrementaldecoder("utf-8")
+_NO_EFFECTS: list[Effect] = []  # never changed: shared
 
 
 def _text_size(text: str) -> int:
@@ -431,6 +432,62 @@ class WebSocketProtocol:
         effects = self._start_closing(1011, "internal error") if self._can_send() else []
         return effects + self._pump()
 
+    # ------------------------------------------------- the steady state's shortcut
+
+    def steady_messages(self, data: memoryview) -> tuple[list[str | bytes] | None, list[Effect]] | None:
+        """The connection core's fast path (``ConnectionCore._steady_input``): a read in the steady state.
+
+        ``None`` when the connection is not in the steady state (not open, a frame carried from an
+        earlier read, messages waiting or one being handled, frames going to wsproto, no C parser):
+        nothing was read, and the core hands the bytes to `data_received`. Otherwise the frames of
+        ``data`` (a view of the driver's read buffer, valid only during this call) are parsed in
+        one C call, and the answer is ``(messages, effects)``: when the read held only whole text and
+        binary frames, ``messages`` are theirs, for the core to hand to the handler one after the
+        other (answering each with `steady_reply`), and ``effects`` come first (the idle timer's
+        restart); for any other read, ``messages`` is ``None`` and ``effects`` are what
+        `data_received` would have returned for the same bytes (the parse is not done twice).
+        """
+        if (
+            self.state is not State.OPEN
+            or not self._fast
+            or self._carry
+            or self._awaiting is not None
+            or self._inbox
+            or _parse_frames is None
+        ):
+            return None
+        parsed = _parse_frames(data, self.options.max_message_size)
+        items = parsed[0]
+        if parsed[1] == len(data) and parsed[2] == INCOMPLETE and tuple not in map(type, items):
+            return items, [self._idle_timer] if self._idle_timer is not None else _NO_EFFECTS
+        idle = [self._idle_timer] if self._idle_timer is not None else []
+        return None, [*idle, *self._receive_parsed(bytes(data), parsed), *self._pump()]
+
+    def steady_reply(self, data: str | bytes | None) -> bytes | None:
+        """A message from `steady_messages` was handled with a reply of ``data`` (``None``: no reply).
+
+        Returns the reply's frame (``b""`` for no reply) while the connection is still in the steady
+        state, counted as `handler_returned` counts it; ``None`` once it is not (the handler closed
+        the connection, for instance): then the core goes on with `steady_resume`.
+        """
+        if self.state is not State.OPEN or not self._fast:
+            return None
+        ws = self._ws
+        if ws is not None and ws.state is not ConnectionState.OPEN:
+            return None
+        if data is None:
+            return b""
+        self.messages_out += 1
+        return encode_frame(data)
+
+    def steady_resume(self, message: str | bytes, rest: list[str | bytes]) -> None:
+        """Back to the general path: ``message`` (from `steady_messages`) is being handled, ``rest``
+        wait behind it, as if they had come through `data_received` (the core then calls
+        `handler_returned` or `handler_failed` for ``message``)."""
+        self._awaiting = message
+        self._inbox = rest
+        self._next = 0
+
     # ------------------------------------------------------------ helpers
 
     def raw_frames_ok(self) -> bool:
@@ -471,6 +528,9 @@ class WebSocketProtocol:
         return self._receive_wsproto(data)
 
     def _receive_frames(self, data: bytes, parse: Callable[[bytes | bytearray, int], Parsed]) -> list[Effect]:
+        return self._receive_parsed(data, parse(data, self.options.max_message_size))
+
+    def _receive_parsed(self, data: bytes, parsed: Parsed) -> list[Effect]:
         """The fast path in C: the whole frames of a read parsed, unmasked and checked in one call.
 
         What it buys: the per-frame work of ``_receive_fast`` (header, mask, unmask, UTF-8 check) in
@@ -480,7 +540,7 @@ class WebSocketProtocol:
         frames as ``_receive_fast`` and gives the same answers; what it leaves (a frame not complete
         yet, a frame it does not take, a close frame's payload) is judged as ``_receive_fast`` does.
         """
-        items, position, stop, detail = parse(data, self.options.max_message_size)
+        items, position, stop, detail = parsed
         effects: list[Effect] = []
         inbox = self._inbox
         for item in items:
