@@ -2,6 +2,8 @@
 
     python benchmarks/instructions.py                       # pywsserver, 64 B text messages
     python benchmarks/instructions.py --server picows raw-buffered-echo --messages 2000 20000
+    python benchmarks/instructions.py --server pywsserver-trio --mode broadcast --messages 20 120
+    python benchmarks/instructions.py --server pywsserver-trio --mode handshake --messages 50 250
 
 Wall-clock rates on a busy shared machine drift by 10-15% between runs; instruction counts do not. Each
 server of ``servers.py`` is run under ``valgrind --tool=callgrind`` twice, and one client (in this
@@ -9,6 +11,12 @@ process, not under valgrind) opens one connection and echoes N messages one at a
 time, N2 the second); instructions per message = (total(N2) - total(N1)) / (N2 - N1), so start-up,
 handshake and shutdown cancel out. The instructions are the server process's only (its event loop,
 system-call wrappers and all), not the kernel's. Needs valgrind.
+
+``--mode broadcast``: 200 connections open; N rounds of one ``go:1:64`` message from the first, each
+round over once every connection has its copy: instructions per delivery (one frame to one member).
+``--mode handshake``: N connections opened one after another, each upgraded and closed (client close
+frame, then the server's close): instructions per connection. ``--profile DIR`` keeps the second run's
+callgrind output there, for ``callgrind_annotate``.
 """
 
 from __future__ import annotations
@@ -84,10 +92,48 @@ def _echo(port: int, count: int, size: int, raw: bool) -> None:
                 pass
 
 
-def count_instructions(server: str, count: int, size: int) -> int:
-    """Total instructions of one run of ``server`` echoing ``count`` messages (start-up included)."""
+#: Connections that receive each broadcast in ``--mode broadcast``.
+MEMBERS = 200
+
+
+def _connect(port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    _handshake(sock)
+    return sock
+
+
+def _close(sock: socket.socket) -> None:
+    sock.sendall(b"\x88\x82\x00\x00\x00\x00\x03\xe8")  # close 1000
+    with_deadline = time.monotonic() + 30
+    while time.monotonic() < with_deadline and sock.recv(4096):
+        pass
+    sock.close()
+
+
+def _broadcast(port: int, rounds: int, size: int) -> None:
+    members = [_connect(port) for _ in range(MEMBERS)]
+    go = _masked_text(f"go:1:{size}".encode())
+    frame = 2 + size if size < 126 else 4 + size
+    try:
+        for _ in range(rounds):
+            members[0].sendall(go)
+            for sock in members:
+                _receive_exactly(sock, frame)
+    finally:
+        for sock in members:
+            _close(sock)
+
+
+def _handshakes(port: int, count: int) -> None:
+    for _ in range(count):
+        _close(_connect(port))
+
+
+def count_instructions(server: str, count: int, size: int, mode: str = "echo", keep: Path | None = None) -> int:
+    """Total instructions of one run of ``server`` doing ``count`` rounds of ``mode`` (start-up included)."""
     with tempfile.TemporaryDirectory() as directory:
-        out = Path(directory) / "callgrind.out"
+        out = (keep or Path(directory)) / "callgrind.out"
         command = [
             "valgrind",
             "--tool=callgrind",
@@ -103,7 +149,13 @@ def count_instructions(server: str, count: int, size: int) -> int:
             line = process.stdout.readline()
             if not line.startswith("ready"):
                 raise RuntimeError(f"{server} did not start under valgrind")
-            _echo(int(line.split()[1]), count, size, server in RAW)
+            port = int(line.split()[1])
+            if mode == "broadcast":
+                _broadcast(port, count, size)
+            elif mode == "handshake":
+                _handshakes(port, count)
+            else:
+                _echo(port, count, size, server in RAW)
         finally:
             process.terminate()
             try:
@@ -122,14 +174,23 @@ def main() -> None:
     parser.add_argument("--server", nargs="+", default=["pywsserver"], help="servers of servers.py")
     parser.add_argument("--messages", nargs=2, type=int, default=[2000, 12000], metavar=("N1", "N2"))
     parser.add_argument("--size", type=int, default=64, help="payload bytes (default 64)")
+    parser.add_argument("--mode", choices=["echo", "broadcast", "handshake"], default="echo")
+    parser.add_argument("--profile", type=Path, help="keep the second run's callgrind output in this directory")
     args = parser.parse_args()
     if shutil.which("valgrind") is None:
         raise SystemExit("needs valgrind")
     first, second = args.messages
+    per = {"echo": (1, "message"), "broadcast": (MEMBERS, "delivery"), "handshake": (1, "connection")}
+    factor, unit = per[args.mode]
     for server in args.server:
-        low = count_instructions(server, first, args.size)
-        high = count_instructions(server, second, args.size)
-        print(f"{server:24} {(high - low) / (second - first):,.0f} instructions per message", flush=True)
+        low = count_instructions(server, first, args.size, args.mode)
+        keep = None
+        if args.profile is not None:
+            keep = args.profile / server
+            keep.mkdir(parents=True, exist_ok=True)
+        high = count_instructions(server, second, args.size, args.mode, keep)
+        figure = (high - low) / ((second - first) * factor)
+        print(f"{server:24} {figure:,.0f} instructions per {unit} ({args.mode})", flush=True)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,8 @@ Theory of operation
 A connection is served by a *core* (this module: the handler contract, the
 effects of the protocol module, timers, the mailbox, the connection's life)
 and a *driver* (one module per I/O path: ``_asyncio_driver`` for asyncio's
-protocol callbacks, ``_stream_driver`` for anyio streams on trio and any other
-backend). The core holds no socket, transport or event-loop object; it sees
+protocol callbacks, ``_trio_driver`` for plain sockets on trio, ``_stream_driver``
+for anyio streams: TLS on trio, any other backend). The core holds no socket, transport or event-loop object; it sees
 only the `Driver` interface below, and the driver reports to the core by
 calling its ``_on_*`` and ``_input`` methods. Everything the core decides, it
 decides synchronously: input goes in (`ConnectionCore._input`), effects are

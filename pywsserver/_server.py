@@ -27,6 +27,7 @@ import platform
 import signal
 import socket
 import stat
+import sys
 import weakref
 from collections.abc import AsyncIterator, Callable, Coroutine, Hashable
 from typing import TYPE_CHECKING, Any
@@ -42,7 +43,7 @@ from ._logs import JSONFormatter
 from ._options import ServerOptions, parse_options
 from ._telemetry import Telemetry
 from ._watchdog import LoopWatchdog
-from ._worker import Worker
+from ._worker import Worker, _on_trio
 from .protocols import HTTPOptions
 from .supervision import (
     INFINITY,
@@ -225,6 +226,9 @@ async def _listener(server: Server, *, task_status: anyio.abc.TaskStatus[None]) 
         multi, listeners = tcp, list(tcp.listeners)  # type: ignore[arg-type]
     try:
         server._listeners = listeners
+        if options.tls is not None and _running_asyncio_loop() is None:
+            for listener in listeners:  # TLS on trio: anyio's TLSStream over anyio's stream (_stream_driver)
+                _raw_sockets[listener] = None
         server._accept_locks = [anyio.Lock(fast_acquire=True) for _ in listeners]
         server._token = anyio.lowlevel.current_token()
         server._listener_broken = anyio.Event()
@@ -300,10 +304,11 @@ def _running_asyncio_loop() -> asyncio.AbstractEventLoop | None:
         return None
 
 
-#: Per listening socket: the raw socket and the asyncio loop for the fast path, or ``None`` (other backends).
-_raw_sockets: weakref.WeakKeyDictionary[SocketListener, tuple[socket.socket, asyncio.AbstractEventLoop] | None] = (
-    weakref.WeakKeyDictionary()
-)
+#: Per listening socket: the raw socket and the asyncio loop for the fast path (the loop ``None``: trio's
+#: low-level path), or ``None`` (anyio's streams: TLS on trio, other backends).
+_raw_sockets: weakref.WeakKeyDictionary[
+    SocketListener, tuple[socket.socket, asyncio.AbstractEventLoop | None] | None
+] = weakref.WeakKeyDictionary()
 
 
 async def accept(listener: SocketListener, lock: anyio.Lock) -> anyio.abc.ByteStream | socket.socket:
@@ -312,18 +317,21 @@ async def accept(listener: SocketListener, lock: anyio.Lock) -> anyio.abc.ByteSt
     On asyncio the raw socket is taken from the listening socket directly, for
     the worker's fast protocol path, and without waiting or locking when a
     connection is already there (the acceptor yields every few connections);
-    elsewhere anyio's stream is used.
+    on trio too, for the trio driver, unless the connection is TLS (marked in
+    `_listener`); elsewhere anyio's stream is used.
     """
     if listener in _raw_sockets:
         fast = _raw_sockets[listener]
     else:  # anyio builds every extra attribute on each call: look it up once per listener
         loop = _running_asyncio_loop()
         raw_socket = listener.extra(anyio.abc.SocketAttribute.raw_socket)
-        fast = _raw_sockets[listener] = (raw_socket, loop) if loop is not None else None
+        fast = _raw_sockets[listener] = (raw_socket, loop) if loop is not None or _on_trio() else None
     if fast is None:
         async with lock:
             return await listener.accept()
     raw, loop = fast
+    if loop is None:
+        return await _accept_on_trio(raw, lock)
     try:
         # Under load a connection is usually waiting: take it without registering for readiness.
         client, _ = raw.accept()
@@ -340,6 +348,25 @@ async def accept(listener: SocketListener, lock: anyio.Lock) -> anyio.abc.ByteSt
             with contextlib.suppress(ValueError, NotImplementedError, OSError):
                 loop.remove_reader(raw)
             raise
+    return _no_delay(client)
+
+
+async def _accept_on_trio(raw: socket.socket, lock: anyio.Lock) -> socket.socket:
+    """Accept a plain socket on trio, for the trio driver (``_trio_driver``): no anyio or trio stream
+    objects per connection. As on asyncio, a connection already waiting is taken without a wait."""
+    wait_readable = sys.modules["trio"].lowlevel.wait_readable
+    try:
+        client, _ = raw.accept()
+    except (BlockingIOError, InterruptedError):
+        async with lock:  # trio allows one task waiting per socket: one acceptor waits, the others queue here
+            while True:
+                await wait_readable(raw)
+                try:
+                    client, _ = raw.accept()
+                except (BlockingIOError, InterruptedError):
+                    continue
+                break
+    client.setblocking(False)
     return _no_delay(client)
 
 

@@ -8,8 +8,9 @@ What it is made of:
   table; no I/O;
 * one driver, chosen by what the acceptor handed over: an accepted socket on
   asyncio goes to the asyncio driver (``_asyncio_driver``: protocol callbacks,
-  the fast default), an anyio byte stream (trio, and any other backend) to
-  the stream driver (``_stream_driver``).
+  the fast default), one on trio to the trio driver (``_trio_driver``: trio's
+  low-level socket waits), an anyio byte stream (TLS on trio, any other
+  backend) to the stream driver (``_stream_driver``).
 
 `Worker` itself adds only what users call: ``send``/``ping``/``close``, their
 ``_nowait`` and ``_threadsafe`` forms, ``join``/``leave``, the connection's
@@ -66,7 +67,12 @@ class Worker(ConnectionCore):
     ) -> None:
         super().__init__(options, release, token)
         if isinstance(connection, socket.socket):
-            self._attach(ProtocolDriver(self, connection, tls, tls_handshake_timeout))
+            if tls is None and _on_trio():
+                from ._trio_driver import TrioDriver  # trio is optional: imported only where it runs
+
+                self._attach(TrioDriver(self, connection))
+            else:
+                self._attach(ProtocolDriver(self, connection, tls, tls_handshake_timeout))
         else:
             self._attach(StreamDriver(self, connection, tls, tls_handshake_timeout))
 
@@ -152,6 +158,21 @@ class Worker(ConnectionCore):
             anyio.from_thread.run(function, *args, token=self._token)
         except RuntimeError as error:  # the event loop has gone
             raise ConnectionClosed(f"{self!r} is closed: {error}") from None
+
+
+def _on_trio() -> bool:
+    """Whether this thread runs trio (trio is optional: not imported, it does not)."""
+    trio = sys.modules.get("trio")
+    if trio is None:
+        return False
+    in_trio_run = getattr(trio.lowlevel, "in_trio_run", None)  # trio 0.26 and later
+    if in_trio_run is not None:
+        return bool(in_trio_run())
+    try:
+        trio.lowlevel.current_trio_token()
+    except RuntimeError:
+        return False
+    return True
 
 
 def check_not_in_loop_thread(token: anyio.lowlevel.EventLoopToken, what: str, instead: str) -> None:

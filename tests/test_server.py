@@ -403,6 +403,8 @@ async def test_accepted_connections_send_without_nagle_delay() -> None:
         driver: Any = worker._driver
         if isinstance(driver, ProtocolDriver):  # asyncio: the driver's transport
             sock = driver._transport.get_extra_info("socket")
+        elif hasattr(driver, "_sock"):  # trio: the trio driver's own socket
+            sock = driver._sock
         else:
             sock = driver._stream.extra(anyio.abc.SocketAttribute.raw_socket)
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0

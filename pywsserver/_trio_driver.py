@@ -1,0 +1,339 @@
+"""The trio driver: a connection's bytes through a non-blocking socket and trio's low-level API.
+
+Plain TCP and Unix sockets on trio take this path; TLS on trio stays on the
+anyio stream driver (``_stream_driver``), whose ``TLSStream`` does the
+record layer.
+
+One task per connection, the worker's own, and nothing else while the
+connection is idle: no task group, no mailbox task, no stream objects. The
+task waits with ``trio.lowlevel.wait_readable`` on the socket, reads with
+``recv_into`` into one buffer shared by every connection of the thread, and
+hands a copy to the core, which runs a sync handler and writes its replies
+before the task waits again. Writes are tried at once with ``sock.send``
+(the core's writer is this driver): a broadcast costs one system call per
+member and no task switch. Only what the kernel does not take waits in the
+driver; a writer task then waits with ``wait_writable`` and sends it, in a
+task group opened for as long as that lasts, while the connection's task
+goes on reading.
+
+Wake-ups: the task waits inside a cancel scope whose deadline is the core's
+earliest timer; ``wake`` (an async handler call, actions in the mailbox, the
+end) cancels it, the task looks at the core and waits in a new scope. A scope
+is made per wake-up, not per message; a timer moved later costs nothing
+(`ConnectionCore._set_timer` asks the driver only for an earlier one).
+
+Bounds, as on the other paths: above ``write_buffer_size`` bytes waiting for
+the kernel the task stops reading and actions wait in the mailbox, until it
+is down to a quarter of that; the socket's end gives a graceful close
+`pywsserver._core.CLOSE_LINGER` seconds to send what is left, then closes it.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from . import _core
+
+if TYPE_CHECKING:
+    from ._core import ConnectionCore
+
+__all__ = ["TrioDriver"]
+
+_buffers = threading.local()
+_wait_readable = trio.lowlevel.wait_readable
+_wait_writable = trio.lowlevel.wait_writable
+
+
+def _read_buffer() -> memoryview:
+    """One read buffer for every connection of the calling thread's trio run.
+
+    The task reads into it and copies the bytes out before it waits again, so
+    the connections of one thread can share it: no allocation per read and no
+    buffer per idle connection.
+    """
+    view: memoryview | None = getattr(_buffers, "view", None)
+    if view is None:
+        view = _buffers.view = memoryview(bytearray(262144))
+    return view
+
+
+class TrioDriver:
+    """Drives a connection core from a non-blocking socket on trio; owns the socket."""
+
+    __slots__ = (
+        "_close_requested",
+        "_closed",
+        "_core",
+        "_fd",
+        "_lost",
+        "_nursery",
+        "_pending",
+        "_pending_bytes",
+        "_reading",
+        "_scope",
+        "_sock",
+        "_writing",
+    )
+
+    def __init__(self, core: ConnectionCore, sock: socket.socket) -> None:
+        self._core = core
+        self._sock = sock
+        self._fd = sock.fileno()
+        self._pending: list[bytes | memoryview] = []  # what the kernel did not take yet, in order
+        self._pending_bytes = 0
+        self._scope: trio.CancelScope | None = None  # the task's current wait, cancelled by wake()
+        self._nursery: trio.Nursery | None = None  # open while a writer task may be needed
+        self._writing = False  # a writer task is running
+        self._reading = True
+        self._close_requested = False
+        self._closed = False  # the socket is closed
+        self._lost = False  # a write failed: the task tells the core
+        core._writer = self
+        core._clock = trio.current_time
+
+    def addresses(self) -> tuple[Any, Any]:
+        """The peer's and the local address."""
+        return _sockname(self._sock.getpeername), _sockname(self._sock.getsockname)
+
+    # ------------------------------------------------------------- writing
+
+    def write(self, data: bytes) -> None:
+        """The core's output: sent now if the kernel takes it, else kept for the writer task."""
+        if self._closed or self._lost:
+            return
+        pending = self._pending
+        if not pending:
+            try:
+                sent = self._sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                self._failed()
+                return
+            if sent == len(data):
+                return
+            pending.append(memoryview(data)[sent:])
+            self._pending_bytes += len(data) - sent
+        else:
+            pending.append(data)
+            self._pending_bytes += len(data)
+        core = self._core
+        if core._can_write and self._pending_bytes > core._options.write_buffer_size:
+            core._can_write = False
+            core._pause_reading()
+        if not self._writing:
+            nursery = self._nursery
+            if nursery is not None:
+                self._writing = True
+                nursery.start_soon(self._write_pending)
+            else:
+                self.wake()  # the task opens a task group for the writer
+
+    def _send_pending(self) -> None:
+        """Send what the kernel takes of the pending bytes now."""
+        pending = self._pending
+        data = pending[0] if len(pending) == 1 else b"".join(pending)
+        try:
+            sent = self._sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._failed()
+            return
+        pending.clear()
+        if sent < len(data):
+            pending.append(memoryview(data)[sent:])
+        self._pending_bytes -= sent
+        core = self._core
+        if not core._can_write and self._pending_bytes <= core._options.write_buffer_size // 4:
+            core._can_write = True
+            core._resume_reading()
+            self.wake()  # the task carries out the actions that waited
+        if not pending:
+            if self._close_requested:
+                self._close_now()
+            self.wake()  # the task closes the writer's task group
+
+    async def _write_pending(self) -> None:
+        """The writer task: wait until the kernel takes more, send, until nothing is pending."""
+        self._writing = True
+        try:
+            while self._pending and not self._closed and not self._lost:
+                await _wait_writable(self._fd)
+                self._send_pending()
+        except trio.ClosedResourceError:  # aborted meanwhile
+            pass
+        finally:
+            self._writing = False
+
+    def _failed(self) -> None:
+        """The socket failed (reset, broken pipe): nothing more is sent; the task tells the core."""
+        self._lost = True
+        self._pending.clear()
+        self._pending_bytes = 0
+        self.wake()
+
+    def _close_now(self) -> None:
+        if not self._closed:
+            self._closed = True
+            trio.lowlevel.notify_closing(self._sock)  # a task waiting on it gets ClosedResourceError
+            self._sock.close()
+
+    # ----------------------------------------------------------- the task
+
+    def serve(self) -> Awaitable[None]:
+        """Start the module now; the worker's task awaits the connection's loop directly."""
+        core = self._core
+        core._can_write = True
+        core._feed(core._module.start(b"", {}))
+        return self._run()
+
+    async def drain(self) -> None:
+        """Serve on until the module stops after ``GoingAway``."""
+        await self._run()
+
+    async def _run(self) -> None:
+        """The task's loop (as the asyncio driver's): async handler calls, queued input, the mailbox, reading."""
+        core = self._core
+        while True:
+            if self._lost and not core._socket_closed:
+                core._on_lost()
+            if core._stopped or (core._socket_closed and not core._busy and not core._backlog):
+                return
+            core._take_mailbox()
+            if core._busy:
+                # In a task group of its own: the handler's sends may fill the kernel's buffer, and
+                # their bytes must go on out (by a writer task) while the handler awaits.
+                await self._with_writer(core._call_async_handler)
+            if core._backlog and not core._busy:
+                core._take_backlog()
+                continue
+            if not core._busy:
+                if core._stopped or core._socket_closed or self._lost:
+                    continue
+                if self._pending:
+                    await self._with_writer(self._wait)
+                else:
+                    await self._wait()
+
+    async def _with_writer(self, work: Callable[[], Awaitable[None]]) -> None:
+        """Run ``work`` with a task group where the writer task runs while bytes are pending."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            try:
+                if self._pending and not self._writing:
+                    self._writing = True
+                    nursery.start_soon(self._write_pending)
+                await work()
+            finally:
+                self._nursery = None
+                nursery.cancel_scope.cancel()  # pending bytes left go on in the next wait
+
+    async def _wait(self) -> None:
+        """Read and hand the bytes to the core until woken, a timer is due or there is more to do."""
+        core = self._core
+        sock = self._sock
+        fd = self._fd
+        view = _read_buffer()
+        with trio.CancelScope(deadline=core._wake_at) as scope:
+            self._scope = scope
+            try:
+                while True:
+                    if not self._reading:
+                        await trio.sleep_forever()  # until resume_reading wakes the task
+                    await _wait_readable(fd)
+                    try:
+                        size = sock.recv_into(view)
+                    except (BlockingIOError, InterruptedError):
+                        continue
+                    except OSError:
+                        self._failed()
+                        return
+                    if not size:
+                        # The peer's end: tell the core, then close once what is pending is sent,
+                        # as asyncio's transport does after ``eof_received``.
+                        core._on_eof()
+                        if not core._socket_closed:
+                            core._socket_closed = True
+                            self.close_socket()
+                        return
+                    core._input("data", bytes(view[:size]))
+                    if core._busy or core._stopped or core._socket_closed or self._lost:
+                        return  # (actions put in the mailbox meanwhile have woken the task)
+            except trio.ClosedResourceError:  # aborted: the socket was closed under the wait
+                return
+            finally:
+                self._scope = None
+        if core._wake_at <= trio.current_time():
+            core._timers_due()
+
+    def wake(self) -> None:
+        """End the task's current wait (the task then looks at the core)."""
+        scope = self._scope
+        if scope is not None:
+            scope.cancel()
+
+    # ------------------------------------------------------- the core's asks
+
+    def close_socket(self) -> None:
+        """Close once what is pending is sent (by the writer task, or by `closed` at the end)."""
+        self._close_requested = True
+        if not self._pending:
+            self._close_now()
+
+    def abort(self) -> None:
+        """Drop the connection now, with what is pending."""
+        self._core._socket_closed = True
+        self._pending.clear()
+        self._pending_bytes = 0
+        self._close_now()
+
+    async def closed(self) -> None:
+        """Close the socket; what is pending gets `CLOSE_LINGER` seconds to be sent first."""
+        if self._closed:
+            return
+        if self._pending and not self._lost:
+            with trio.move_on_after(_core.CLOSE_LINGER):
+                try:
+                    while self._pending and not self._closed and not self._lost:
+                        await _wait_writable(self._fd)
+                        self._send_pending()
+                except trio.ClosedResourceError:
+                    pass
+        self._pending.clear()
+        self._pending_bytes = 0
+        self._close_now()
+
+    def pause_reading(self) -> None:
+        """Stop reading (the task waits for a wake-up instead)."""
+        self._reading = False
+
+    def resume_reading(self) -> None:
+        """Read again."""
+        self._reading = True
+        self.wake()
+
+    def wake_at(self, deadline: float) -> None:
+        """Bring the current wait's deadline forward; the next wait takes the core's earliest timer."""
+        scope = self._scope
+        if scope is not None and deadline < scope.deadline:
+            scope.deadline = deadline
+
+    def cancel_timer(self) -> None:
+        """Nothing to do: the deadline ends with the task's wait."""
+
+    def flush_soon(self) -> None:
+        """Write the core's output now: one ``send`` per broadcast frame and member, no task switch."""
+        self._core._flush()
+
+
+def _sockname(getter: Callable[[], Any]) -> Any:
+    try:
+        return getter()
+    except OSError:
+        return None
