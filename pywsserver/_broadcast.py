@@ -139,11 +139,14 @@ def broadcast(
             ...
     """
     _check(data, slow)
-    result = _deliver(group, groups.members(group), data, slow, close_code)
     node = _cluster.current
     if node is not None:
+        # Published first: when the link is idle the publish leaves now, and the other nodes deliver
+        # while this one writes to its own members.
         published = node.publish_broadcast(group, data, slow, close_code)
+        result = _deliver(group, groups.members(group), data, slow, close_code)
         return BroadcastResult(result.delivered, result.dropped, result.closed, published)
+    result = _deliver(group, groups.members(group), data, slow, close_code)
     if _cluster.island_processes:
         _warn_island()
     return result

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
@@ -491,6 +492,95 @@ async def test_malformed_messages_on_the_channels_are_counted_and_dropped(redis_
                 assert (await ask(client_ws, "nodes")) == json.dumps([node.name])
         finally:
             await client.aclose()
+
+
+async def subscribed(url: str) -> Any:
+    """A redis-py subscription to the cluster's broadcast channel, as another node's would be."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(url)
+    pubsub = client.pubsub()
+    await pubsub.subscribe("pywsserver:broadcast")
+    return client, pubsub
+
+
+async def broadcasts_seen(pubsub: Any, count: int) -> list[bytes]:
+    """The data of the next ``count`` broadcasts on the channel."""
+    from pywsserver.cluster import _wire
+
+    seen: list[bytes] = []
+    with anyio.fail_after(20):
+        while len(seen) < count:
+            message = await pubsub.get_message(timeout=None)
+            if message is not None and message["type"] == "message":
+                seen.append(_wire.decode(message["data"], 3)[3])
+    return seen
+
+
+@asyncio_only
+@pytest.mark.parametrize("direct", [True, False], ids=["written-at-once", "written-by-the-replies-task"])
+async def test_a_burst_of_publishes_leaves_in_order_and_each_is_counted(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch, direct: bool
+) -> None:
+    from pywsserver.cluster._node import ClusterNode
+
+    if not direct:  # a redis-py whose connection keeps no stream writer: the replies task writes
+        opened = ClusterNode._open_lane
+
+        def without_writer(self: ClusterNode, lane: Any) -> None:
+            opened(self, lane)
+            self._writer = None
+
+        monkeypatch.setattr(ClusterNode, "_open_lane", without_writer)
+    client, pubsub = await subscribed(redis_server.url)
+    try:
+        async with serve_for_test("pywsserver.echo", cluster=cluster_options(redis_server.url, node="n")) as server:
+            node = server.cluster
+            assert node is not None
+            sent = [f"m{number:03d}".encode() for number in range(300)]
+            # One message alone (the link idle), then bursts made in one step each (held, one write).
+            assert broadcast("g", sent[0]).published is True
+            assert await broadcasts_seen(pubsub, 1) == sent[:1]
+            for start in range(1, 300, 100):
+                assert all(broadcast("g", data).published for data in sent[start : start + 100])
+                await anyio.lowlevel.checkpoint()
+            assert await broadcasts_seen(pubsub, 299) == sent[1:]
+
+            async def all_answered() -> bool:
+                return node.stats.published == 300
+
+            await until(all_answered, "a reply read for every publish")
+            assert node.stats.publish_failed == 0
+    finally:
+        await pubsub.aclose()
+        await client.aclose()
+
+
+@asyncio_only
+async def test_publishes_awaiting_their_reply_are_bounded_by_publish_queue(redis_server: RedisServer) -> None:
+    client, pubsub = await subscribed(redis_server.url)
+    options = cluster_options(redis_server.url, node="bounded", publish_queue=5)
+    try:
+        async with serve_for_test("pywsserver.echo", cluster=options) as server:
+            node = server.cluster
+            assert node is not None
+            await client.execute_command("CLIENT", "PAUSE", "1500", "ALL")  # Redis slower than the broadcasts
+            results = [broadcast("g", f"early{number}".encode()).published for number in range(5)]
+            await anyio.sleep(0.2)  # the node's loop runs: the five are written and await their replies
+            results += [broadcast("g", f"late{number}".encode()).published for number in range(3)]
+            assert results == [True] * 5 + [False] * 3
+            assert node.stats.publish_failed == 3
+            seen = await broadcasts_seen(pubsub, 5)  # once Redis goes on: the five, in order, and no more
+            assert seen == [f"early{number}".encode() for number in range(5)]
+
+            async def answered() -> bool:
+                return node.stats.published == 5
+
+            await until(answered, "the five answered")
+            assert broadcast("g", b"after").published is True  # room again
+    finally:
+        await pubsub.aclose()
+        await client.aclose()
 
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler to build the load generator")

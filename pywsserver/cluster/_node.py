@@ -5,7 +5,7 @@
     ClusterSupervisor     one_for_one; intensity from the reconnect schedule (see below)
     └── RedisLink         permanent: connects, subscribes, then runs three tasks:
         ├── subscriber    reads the node's channels: broadcasts, sends, casts, answers
-        ├── publisher     publishes what the node sends, in order, a batch per round trip
+        ├── replies       reads the answers to the node's publishes (see "Publishing" below)
         └── heartbeat     writes the node's presence (groups and counts) and its names, with expiry
 
 A lost link is an exit of the ``RedisLink`` child: it waits its backoff
@@ -16,14 +16,24 @@ any length leaves the server up, serving its local connections), while a
 crash loop (the link failing at once after connecting) does, and climbs the
 tree as any crash does.
 
-Nothing local waits on Redis: a broadcast is delivered locally and its
-publish is queued (bounded by ``publish_queue``; when full, or while the link
-is down, the publish fails at once and is counted).
+Nothing local waits on Redis. Publishing: the node holds one connection of
+its own for its publishes (broadcasts, sends, casts, answers), all of them in
+the order they are made. A publish made while that connection is idle (no
+reply awaited, nothing held) is written to the socket at once, before
+``broadcast`` goes on to its local members, so that the other nodes start
+delivering while this one does; a publish made while replies are awaited is
+held until the end of the event loop's step and written with the others held
+meanwhile (one write, one round trip for a burst). Either way nothing waits
+for a task to wake up. The ``replies`` task reads one reply per publish, in
+order (each bounded by ``connect_timeout``); publishes written whose reply is
+unread are at most ``publish_queue``: beyond, and while the link is down, a
+publish fails at once and is counted.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import json
@@ -41,7 +51,6 @@ import anyio
 import anyio.abc
 import anyio.lowlevel
 import redis.asyncio as aioredis
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
@@ -63,8 +72,6 @@ logger = logging.getLogger("pywsserver.cluster")
 
 #: The period, in seconds, over which the cluster supervisor counts restarts.
 PERIOD = 60.0
-#: Messages published in one pipeline (one round trip) at most.
-_BATCH = 512
 #: Refreshes a name's claim if this node holds it (or nobody does): 1 if held, 0 if another node has it.
 _CLAIM = """
 local holder = redis.call('GET', KEYS[1])
@@ -153,11 +160,15 @@ class ClusterNode:
         self._connected = False
         self._first_start = True
         self._failures = 0
-        self._outbox_send: MemoryObjectSendStream[tuple[bytes, bytes, int]]
-        self._outbox_receive: MemoryObjectReceiveStream[tuple[bytes, bytes, int]]
-        self._outbox_send, self._outbox_receive = anyio.create_memory_object_stream[tuple[bytes, bytes, int]](
-            options.publish_queue
-        )
+        # Publishing (see the module's docstring): the writer of the node's publishing connection while
+        # the link is up, the reply ids of the publishes written whose reply is unread (0: none
+        # wanted), the packed publishes held until the end of this step, and the reader's wake-up.
+        self._writer: asyncio.StreamWriter | None = None
+        self._pack: Callable[..., list[bytes]] | None = None
+        self._in_flight: collections.deque[int] = collections.deque()
+        self._held: list[bytes] = []
+        self._replies_wanted: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: dict[int, _Pending] = {}
         self._reply_ids = itertools.count(1)
         #: Names this node holds across the cluster.
@@ -223,10 +234,13 @@ class ClusterNode:
             await anyio.sleep(backoff(self._failures, self.options.max_backoff))
         client = self._new_client()
         pubsub = client.pubsub()
+        # The node's publishing connection, its own (not in the pool the queries share).
+        lane = client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
         try:
             try:
                 with anyio.fail_after(self.options.connect_timeout):
                     await pubsub.subscribe(self._broadcast_channel, self._inbox)
+                    await lane.connect()
                     await self._heartbeat(client)
             except (*_LINK_ERRORS, ValueError) as error:
                 self._failures += 1
@@ -248,6 +262,7 @@ class ClusterNode:
                 task_status.started()
             self._failures = 0
             self._client = client
+            self._open_lane(lane)
             self._connected = True
             self.stats.connections += 1
             if self.stats.connections > 1:
@@ -258,7 +273,7 @@ class ClusterNode:
             try:
                 async with anyio.create_task_group() as group:
                     group.start_soon(self._subscriber, pubsub)
-                    group.start_soon(self._publisher, client)
+                    group.start_soon(self._replies, lane)
                     group.start_soon(self._heartbeats, client)
             except* _LINK_ERRORS as errors:
                 self._failures = 1
@@ -273,9 +288,10 @@ class ClusterNode:
         finally:
             self._connected = False
             self._client = None
-            self._drop_outbox()
+            self._close_lane()
             self._fail_pending()
             with anyio.CancelScope(shield=True), anyio.move_on_after(1.0), contextlib.suppress(Exception):
+                await lane.disconnect()
                 await pubsub.aclose()
                 await client.aclose()
 
@@ -299,17 +315,33 @@ class ClusterNode:
         self._warned_at[kind] = now
         logger.warning("cluster node %s: " + message, self.name, *args)
 
-    def _drop_outbox(self) -> None:
-        lost = 0
-        while True:
-            try:
-                self._outbox_receive.receive_nowait()
-            except anyio.WouldBlock:
-                break
-            lost += 1
+    def _open_lane(self, lane: Any) -> None:
+        """Publish through ``lane`` from now on (a connected redis-py connection of this node's own)."""
+        writer = getattr(lane, "_writer", None)
+        # redis-py's connection keeps its stream writer as ``_writer`` (since redis-py 4.2): writing
+        # to it at once is what lets a publish leave before the local deliveries. Were it ever
+        # missing, the replies task writes what is held, a step later.
+        self._writer = writer if isinstance(writer, asyncio.StreamWriter) else None
+        self._pack = lane.pack_command
+        self._loop = asyncio.get_running_loop()
+        self._replies_wanted = asyncio.Event()
+
+    def _close_lane(self) -> None:
+        """The link is gone: what was written without a reply, or held, is lost for the other nodes."""
+        self._writer = None
+        self._pack = None
+        self._held = []
+        lost = len(self._in_flight)
+        self._in_flight.clear()
         if lost:
             self.stats.publish_failed += lost
-            self._warn("lost", "%d queued publishes lost with the link to Redis", lost)
+            self._warn("lost", "%d publishes lost with the link to Redis (sent without an answer)", lost)
+
+    def _flush(self) -> None:
+        """Write the publishes held during the last step, in one write."""
+        held, self._held = self._held, []
+        if held and self._writer is not None:
+            self._writer.writelines(held)
 
     def _fail_pending(self) -> None:
         for pending in self._pending.values():
@@ -318,41 +350,35 @@ class ClusterNode:
     # ------------------------------------------------------------ tasks
 
     async def _subscriber(self, pubsub: Any) -> None:
+        # The subscription's replies as they are (kind, channel, data), without redis-py's message dicts.
+        connection = pubsub.connection
         on_message = self._on_message
         while True:
-            message = await pubsub.get_message(timeout=None)
-            if message is not None and message["type"] == "message":
-                on_message(message["channel"], message["data"])
+            response = await connection.read_response(timeout=math.inf, push_request=True)
+            if isinstance(response, list) and len(response) == 3 and response[0] == b"message":
+                on_message(response[1], response[2])
 
-    async def _publisher(self, client: aioredis.Redis) -> None:
-        receive = self._outbox_receive
+    async def _replies(self, lane: Any) -> None:
+        """Read the reply of each publish written, in order: counted, and a send to nobody answered at once."""
+        in_flight = self._in_flight
         stats = self.stats
         pending = self._pending
+        wanted = self._replies_wanted
+        assert wanted is not None
         while True:
-            batch = [await receive.receive()]
-            while len(batch) < _BATCH:
-                try:
-                    batch.append(receive.receive_nowait())
-                except anyio.WouldBlock:
-                    break
-            try:
-                if len(batch) == 1:
-                    channel, payload, reply = batch[0]
-                    results = [await client.publish(channel, payload)]
-                else:
-                    pipe = client.pipeline(transaction=False)
-                    for channel, payload, _ in batch:
-                        pipe.publish(channel, payload)
-                    results = await pipe.execute()
-            except BaseException:
-                stats.publish_failed += len(batch)
-                raise
-            stats.published += len(batch)
-            for (_, _, reply), receivers in zip(batch, results, strict=True):
-                if reply and not receivers:  # nobody subscribes to that node's inbox: the node is gone
-                    waiting = pending.get(reply)
-                    if waiting is not None:
-                        waiting.answer(Status.GONE)
+            if not in_flight:
+                wanted.clear()
+                await wanted.wait()
+            if self._held and self._writer is None:
+                held, self._held = self._held, []
+                await lane.send_packed_command(held, check_health=False)
+            receivers = await lane.read_response()  # bounded by connect_timeout (the socket timeout)
+            reply = in_flight.popleft()
+            stats.published += 1
+            if reply and not receivers:  # nobody subscribes to that node's inbox: the node is gone
+                waiting = pending.get(reply)
+                if waiting is not None:
+                    waiting.answer(Status.GONE)
 
     async def _heartbeats(self, client: aioredis.Redis) -> None:
         while True:
@@ -474,21 +500,41 @@ class ClusterNode:
     # ------------------------------------------------------------ sending
 
     def _publish(self, channel: bytes, payload: bytes, reply: int = 0) -> bool:
-        """Queue one publish; ``False`` at once when the link is down or the queue is full."""
-        if not self._connected:
+        """Publish, in order: at once if the connection is idle, else at the end of this step.
+
+        ``False`` at once when the link is down or ``publish_queue`` publishes await their reply.
+        """
+        pack = self._pack
+        if not self._connected or pack is None:
             self.stats.publish_failed += 1
             self._warn("publish", "Redis is unreachable: publishes fail until the link is back (counted)")
             return False
-        try:
-            self._outbox_send.send_nowait((channel, payload, reply))
-        except anyio.WouldBlock:
+        in_flight = self._in_flight
+        if len(in_flight) >= self.options.publish_queue:
             self.stats.publish_failed += 1
             self._warn(
                 "queue",
-                "%d publishes wait for Redis already (cluster.publish_queue): dropping",
+                "%d publishes await their reply from Redis already (cluster.publish_queue): dropping",
                 self.options.publish_queue,
             )
             return False
+        command = pack(b"PUBLISH", channel, payload)
+        writer = self._writer
+        if not in_flight:  # idle (nothing held either: what is held awaits its reply)
+            wanted = self._replies_wanted
+            assert wanted is not None
+            wanted.set()
+            if writer is not None:
+                writer.writelines(command)
+            else:
+                self._held = command
+        else:
+            if not self._held and writer is not None:
+                loop = self._loop
+                assert loop is not None
+                loop.call_soon(self._flush)
+            self._held += command
+        in_flight.append(reply)
         return True
 
     def publish_broadcast(self, group: str, data: str | bytes, slow: str, close_code: int) -> bool:
