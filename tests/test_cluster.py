@@ -422,21 +422,27 @@ async def test_the_chat_example_across_two_processes_with_a_cluster(redis_server
     import sys
 
     from .cluster_tools import ROOT, free_port
+    from .test_processes import read_until
+
+    async def discard(output: Any) -> None:
+        async for _ in output:  # the processes log on: read it, so that a full pipe never stalls them
+            pass
 
     port = free_port()
     command = [sys.executable, "examples/chat.py", "--port", str(port), "--processes", "2"]
     command += ["--cluster-url", redis_server.url]
-    process = await anyio.open_process(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = await anyio.open_process(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        async with contextlib.AsyncExitStack() as stack:
+        # Ready when both processes have joined the cluster: the cluster is the server's last child,
+        # started once the server listens (a client served before its process joined would miss the
+        # others' messages). The bound is for a machine busy with other work.
+        await read_until(process, rb"(?s)joined the cluster.*joined the cluster", [], timeout=60)
+        async with anyio.create_task_group() as reading, contextlib.AsyncExitStack() as stack:
+            reading.start_soon(discard, process.stdout)
             clients: list[ClientConnection] = []
-            with anyio.fail_after(20):
-                while len(clients) < 10:
-                    try:
-                        url = f"ws://127.0.0.1:{port}/ws?name=c{len(clients)}"
-                        clients.append(await stack.enter_async_context(connect(url)))
-                    except OSError:  # not listening yet
-                        await anyio.sleep(0.1)
+            for number in range(10):
+                url = f"ws://127.0.0.1:{port}/ws?name=c{number}"
+                clients.append(await stack.enter_async_context(connect(url)))
             # Ten clients spread by the kernel over the two processes (all on one: 1 chance in 512);
             # each one's message reaches all ten only through the cluster.
             for number, client in enumerate(clients):
@@ -447,6 +453,7 @@ async def test_the_chat_example_across_two_processes_with_a_cluster(redis_server
                         event = json.loads(await receive(other))
                         said = event if event["type"] == "said" else None
                     assert said == {"type": "said", "who": f"c{number}", "text": f"hello from {number}"}
+            reading.cancel_scope.cancel()
     finally:
         with anyio.CancelScope(shield=True):
             process.terminate()
