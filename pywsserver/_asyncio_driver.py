@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from . import _core
+from ._tls_pump import TLSPump
 
 if TYPE_CHECKING:
     from ._core import ConnectionCore
@@ -227,17 +228,26 @@ class ProtocolDriver(asyncio.BufferedProtocol):
             if self._transport is None:  # else made in __init__ (the default loop)
                 await loop.connect_accepted_socket(lambda: self, self._sock)
             return True
+        # TLS through the pump (``_tls_pump``): a plain transport below, no 256 KiB buffer per connection.
+        pump = TLSPump(self._tls, self, loop)
+        core = self._core
         try:
-            transport, _ = await loop.connect_accepted_socket(
-                lambda: self, self._sock, ssl=self._tls, ssl_handshake_timeout=self._tls_handshake_timeout
-            )
+            if make_socket_transport(loop, self._sock, pump) is None:
+                await loop.connect_accepted_socket(lambda: pump, self._sock)
+            await pump.handshake(self._tls_handshake_timeout)
         except (OSError, ssl.SSLError, TimeoutError) as error:
-            if self._transport is not None:
-                self._transport.abort()
-            self._sock.close()
-            self._core._tls_failed(error)
+            pump.abort()
+            self._sock.close()  # closed before the slot is released
+            core._tls_failed(error)
             return False
-        self._core._connection_secured(transport.get_extra_info("ssl_object"))
+        except BaseException:  # cancelled (the server stops) during the handshake
+            pump.abort()
+            self._sock.close()
+            core._socket_closed = core._stopped = True
+            raise
+        self.connection_made(pump)
+        core._connection_secured(pump.ssl_object)
+        pump.resume_reading()  # the bytes that came with the handshake's end, in a callback of their own
         return True
 
     async def _continue(self) -> None:
@@ -367,6 +377,12 @@ class ProtocolDriver(asyncio.BufferedProtocol):
         core = self._core
         core._writer = _core.NOWHERE
         core._on_lost()
+
+    def tls_error(self, error: BaseException) -> None:
+        """A TLS error once secured (the peer's alert, a bad record): the pump drops the socket."""
+        core = self._core
+        core.log.debug("TLS error: %r", error)  # repr: an alert's text is the peer's, escaped
+        _core.bad_input("TLS errors", f"{core._peer_text}: {error!r}", core._context())
 
     def pause_writing(self) -> None:
         """The write buffer is above its bound: stop reading and let actions wait."""
