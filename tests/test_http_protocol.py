@@ -14,7 +14,9 @@ from pywsserver.protocols import (
     Switch,
     Write,
     accept_key,
+    parse_request_head,
 )
+from pywsserver.protocols._http import BadRequest, http_response
 
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="
 CONNECTION = ConnectionInfo(peer=("127.0.0.1", 5000), local=("127.0.0.1", 8080), connection_id=1)
@@ -130,6 +132,35 @@ def test_bad_handshakes_get_the_right_http_error_and_stop(
 def test_a_malformed_header_line_is_400() -> None:
     module = new_module()
     assert status_of(module.data_received(b"GET / HTTP/1.1\r\nno colon here\r\n\r\n")) == 400
+
+
+def test_the_precomputed_101_answer_is_what_the_general_response_builder_makes() -> None:
+    effects = new_module().data_received(handshake())
+    assert isinstance(effects[1], Write)
+    headers = [("Upgrade", "websocket"), ("Connection", "Upgrade"), ("Sec-WebSocket-Accept", accept_key(KEY))]
+    assert effects[1].data == http_response(101, headers)
+
+
+@pytest.mark.parametrize(
+    ("line", "error"),
+    [
+        (b"no colon here", "malformed header line 'no colon here'"),
+        (b"Bad Name: x", "malformed header line 'Bad Name: x'"),
+        (b": empty name", "malformed header line ': empty name'"),
+        (b"X-Thing: a\x00b", "a control character in the value of header 'X-Thing'"),
+        (b"X-Thing: a\rb", "a control character in the value of header 'X-Thing'"),
+        (b"X-Thing: a\nb", "a control character in the value of header 'X-Thing'"),
+    ],
+)
+def test_a_refused_header_line_says_what_is_wrong(line: bytes, error: str) -> None:
+    with pytest.raises(BadRequest) as raised:
+        parse_request_head(b"GET / HTTP/1.1\r\nHost: a\r\n" + line)
+    assert str(raised.value) == error
+
+
+def test_header_values_keep_colons_and_tabs_and_lose_outer_blanks() -> None:
+    request = parse_request_head(b"GET / HTTP/1.1\r\nHost:  a:8080\t\r\nX-Tab: a\tb")
+    assert request.headers.raw == (("Host", "a:8080"), ("X-Tab", "a\tb"))
 
 
 def test_random_bytes_are_400() -> None:
