@@ -49,8 +49,7 @@ The peer's end of the stream, clean (its close_notify) or not (the socket's
 EOF without one), reaches the driver as ``eof_received`` once every byte
 before it has been handed over; the driver then closes. Client-initiated
 renegotiation is refused by OpenSSL 3 unless a context allows it
-(``ssl.OP_NO_RENEGOTIATION`` refuses it on any OpenSSL; the contexts built
-from the ``tls`` option's files set it).
+(``ssl.OP_NO_RENEGOTIATION`` on a context refuses it on older OpenSSL too).
 """
 
 from __future__ import annotations

@@ -216,3 +216,25 @@ async def test_a_server_close_sends_close_notify_after_the_close_frame(
         received = await anyio.to_thread.run_sync(client, server.port)
         assert received.startswith(b"\x88")  # the close frame, then close_notify
         assert await no_connections(server)
+
+
+async def test_alpn_and_a_contexts_sni_callback_work_through_the_connection(authority: trustme.CA) -> None:
+    names: list[str | None] = []
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    authority.issue_cert("localhost", "127.0.0.1").configure_cert(context)
+    context.set_alpn_protocols(["http/1.1"])
+    context.sni_callback = lambda ssl_object, name, ctx: names.append(name)  # type: ignore[assignment,misc,return-value]
+
+    def client(port: int) -> str | None:
+        client_context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+        authority.configure_trust(client_context)
+        client_context.set_alpn_protocols(["h2", "http/1.1"])
+        tls = upgraded_tls_socket(port, client_context)
+        protocol = tls.selected_alpn_protocol()
+        tls.close()
+        return protocol
+
+    async with start_link(server_options(Recorder(), tls=context)) as server:
+        assert await anyio.to_thread.run_sync(client, server.port) == "http/1.1"
+        assert names == ["localhost"]
+        assert await no_connections(server)
