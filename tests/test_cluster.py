@@ -631,3 +631,24 @@ def test_the_command_line_names_the_cluster_option_when_it_cannot_start() -> Non
     assert unreachable.returncode == 1  # cannot start (as a port in use), not a bad option
     assert f"pywsserver: cluster.url: cannot use the Redis server at {dead}" in unreachable.stderr
     assert "cluster.url: expected a redis://" in pywsserver_cli("--cluster-url", "http://x").stderr
+
+
+@asyncio_only
+async def test_a_clean_stop_reads_the_replies_of_the_publishes_written_and_reports_none_lost(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    client, pubsub = await subscribed(redis_server.url)
+    sent = [f"last{number:03d}".encode() for number in range(200)]
+    try:
+        with caplog.at_level(logging.WARNING, logger="pywsserver.cluster"):
+            async with serve_for_test("pywsserver.echo", cluster=cluster_options(redis_server.url, node="n")) as server:
+                node = server.cluster
+                assert node is not None
+                # The server stops right after a burst: written (or held), their replies not read yet.
+                assert all(broadcast("g", data).published for data in sent)
+        assert await broadcasts_seen(pubsub, 200) == sent
+        assert (node.stats.published, node.stats.publish_failed) == (200, 0)
+        assert not [record.getMessage() for record in caplog.records if "lost" in record.getMessage()]
+    finally:
+        await pubsub.aclose()
+        await client.aclose()

@@ -283,6 +283,8 @@ class ClusterNode:
             # The server stops: leave the presence and release the names now rather than at expiry.
             if self._connected:
                 with anyio.CancelScope(shield=True), anyio.move_on_after(1.0):
+                    with contextlib.suppress(*_LINK_ERRORS):
+                        await self._drain(lane)
                     await self._leave(client)
             raise
         finally:
@@ -305,6 +307,21 @@ class ClusterNode:
             for name in self._names:
                 pipe.eval(_RELEASE, 1, f"{prefix}:name:{name}", self._holder)
             await pipe.execute()
+
+    async def _drain(self, lane: Any) -> None:
+        """A clean stop: what is held is written and each publish written gets its reply (not lost)."""
+        if self._held:
+            held, self._held = self._held, []
+            await lane.send_packed_command(held, check_health=False)
+        in_flight = self._in_flight
+        while in_flight:
+            receivers = await lane.read_response(disconnect_on_error=False)
+            reply = in_flight.popleft()
+            self.stats.published += 1
+            if reply and not receivers:
+                waiting = self._pending.get(reply)
+                if waiting is not None:
+                    waiting.answer(Status.GONE)
 
     def _warn(self, kind: str, message: str, *args: Any) -> None:
         """Log a fault at most once per ``log_interval`` seconds per kind."""
@@ -372,7 +389,9 @@ class ClusterNode:
             if self._held and self._writer is None:
                 held, self._held = self._held, []
                 await lane.send_packed_command(held, check_health=False)
-            receivers = await lane.read_response()  # bounded by connect_timeout (the socket timeout)
+            # Bounded by connect_timeout (the socket timeout). Kept open when cancelled (a stop): the
+            # reply is one integer, read whole or not at all, and the stop reads what remains.
+            receivers = await lane.read_response(disconnect_on_error=False)
             reply = in_flight.popleft()
             stats.published += 1
             if reply and not receivers:  # nobody subscribes to that node's inbox: the node is gone
