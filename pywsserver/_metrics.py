@@ -11,7 +11,8 @@ process reads them all) every process also syncs once a second.
 
 The metrics child of the server tree (last, so that its restart touches
 nothing else) measures the event loop's lag, syncs, and serves the
-``metrics_port`` if one is given.
+``metrics_port`` if one is given. The loop watchdog's figures (blocks seen,
+the longest) are read from `pywsserver._watchdog.LoopWatchdog` at each sync.
 """
 
 from __future__ import annotations
@@ -133,6 +134,21 @@ class Metrics:
             registry=registry,
             multiprocess_mode="liveall",
         )
+        watchdog = server.watchdog
+        self._blocks: Counter | None = None
+        self._longest_block: Gauge | None = None
+        if watchdog is not None:  # its figures, read at each sync (see _watchdog: one writer each)
+            self._blocks = Counter(
+                "pywsserver_event_loop_blocks_total",
+                "Times the loop watchdog saw the event loop blocked longer than loop_watchdog seconds.",
+                registry=registry,
+            )
+            self._longest_block = Gauge(
+                "pywsserver_event_loop_longest_block_seconds",
+                "The longest the event loop was blocked since the server started, as the watchdog measured it.",
+                registry=registry,
+                multiprocess_mode="max",
+            )
         # What was last moved into the library's counters.
         self._pushed = [0] * len(COUNTS)
         self._pushed_accepted = 0
@@ -142,6 +158,7 @@ class Metrics:
         self._supervisor_counts: dict[tuple[str, str], int] = {}
         self._pushed_supervisor: dict[tuple[str, str], int] = {}
         self._max_lag = 0.0
+        self._pushed_blocks = 0
         #: The metrics port actually listened on (useful with port 0), once listening.
         self.port: int | None = None
         for result in _RESULTS:
@@ -197,6 +214,13 @@ class Metrics:
                 self._broadcasts.labels(result).inc(total - pushed)
         self._pushed_broadcasts = broadcasts
         self._lag.set(self._max_lag)
+        watchdog = self._server.watchdog
+        if watchdog is not None and self._blocks is not None and self._longest_block is not None:
+            blocks = watchdog.blocked_count  # written by the watchdog's thread only: read whole
+            if blocks > self._pushed_blocks:
+                self._blocks.inc(blocks - self._pushed_blocks)
+                self._pushed_blocks = blocks
+            self._longest_block.set(watchdog.max_lag)
 
     def render(self) -> tuple[str, bytes]:
         """Sync, then the text a scrape gets: ``(content_type, body)``."""

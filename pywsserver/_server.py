@@ -86,6 +86,8 @@ class Server:
         self._telemetry = (
             Telemetry(access_log=options.access_log, metrics=metrics_on) if options.access_log or metrics_on else None
         )
+        #: The event-loop watchdog (``None`` when ``loop_watchdog`` is ``None``); its ``lag`` is the loop's.
+        self.watchdog = LoopWatchdog(options.loop_watchdog) if options.loop_watchdog is not None else None
         #: The server's Prometheus metrics (``None`` unless ``metrics_port`` or a ``metrics_path`` is given).
         self.metrics: Metrics | None = None
         if metrics_on:
@@ -107,8 +109,6 @@ class Server:
         self._token: anyio.lowlevel.EventLoopToken | None = None  # the event loop's, set when listening
         #: How acceptors accept one connection (a seam for fault injection in tests).
         self._accept = accept
-        #: The event-loop watchdog (``None`` when ``loop_watchdog`` is ``None``); its ``lag`` is the loop's.
-        self.watchdog = LoopWatchdog(options.loop_watchdog) if options.loop_watchdog is not None else None
         #: The dynamic supervisor of the workers (``count_children().active`` is the live connections).
         self.worker_supervisor = Supervisor(
             [

@@ -10,7 +10,13 @@ connection and handler whose code blocks it (found on the loop thread's
 stack), and that stack (``sys._current_frames``). Reports are throttled (one
 per ``report_interval``). Nothing is done per message: the only cost is one
 callback on the loop per heartbeat. The lag each heartbeat measured is kept
-in `LoopWatchdog.lag` (and the largest in ``max_lag``) for metrics.
+in `LoopWatchdog.lag` (and the largest in ``max_lag``), and the blocks seen
+are counted in ``blocked_count``, for the server's metrics.
+
+Thread-safety without a lock: each figure has one writer. ``lag`` and
+``max_lag`` are written only by the heartbeat, on the loop's thread;
+``blocked_count`` only by the watchdog's thread. Readers on other threads
+(a metrics scrape on the loop) read a whole int or float, never half of one.
 """
 
 from __future__ import annotations
@@ -51,9 +57,11 @@ class LoopWatchdog:
         self.report_interval = report_interval
         #: How late the last heartbeat ran, in seconds (0 when the loop is idle and responsive).
         self.lag = 0.0
-        #: The largest lag measured since `start`.
+        #: The largest lag measured since `start`: the longest the loop was blocked, less at most
+        #: ``threshold / 2`` (a block may begin just after a heartbeat ran; the next is sent within that).
         self.max_lag = 0.0
-        #: How many times a blocked loop was noticed (reported or not, by the throttle).
+        #: How many times the loop was seen blocked past ``threshold``: noticed while blocked (reported,
+        #: unless throttled) or, for a block that ended between two looks, by its heartbeat's lag.
         self.blocked_count = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -99,6 +107,10 @@ class LoopWatchdog:
                         reported_at = now
                         self._report(now - self._scheduled_at)
                 continue
+            if not noticed and self.lag > self.threshold:
+                # Blocked past the threshold, but the heartbeat ran before this thread looked again:
+                # counted, not reported (the stack that blocked is gone).
+                self.blocked_count += 1
             noticed = False
             self._scheduled_at = now
             self._pending = True

@@ -1,4 +1,5 @@
-"""The event-loop watchdog: a handler that blocks the loop is reported once, by name, with its stack."""
+"""The event-loop watchdog: a handler that blocks the loop is reported once, by name, with its stack, and
+counted in the server's metrics."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 
 from pywsserver import OptionError, start_link
 
+from .test_metrics import scrape, value
 from .wstools import in_client_thread, url
 
 pytestmark = pytest.mark.anyio
@@ -94,3 +96,57 @@ async def test_the_watchdog_thread_runs_with_the_server_and_is_joined_on_stop() 
         assert server.watchdog is not None and server.watchdog.threshold == 0.5
         assert any(t.name == "pywsserver loop watchdog" for t in threading.enumerate())
     assert not any(t.name == "pywsserver loop watchdog" for t in threading.enumerate())
+
+
+class Blocker:
+    """A sync handler that blocks the event loop in time.sleep until the watchdog has counted a block (at most 10 s)."""
+
+    server: Any
+
+    def init(self, options: dict[str, Any]) -> None:
+        return None
+
+    def handle(self, message: object, state: None) -> Any:
+        if message == "block":
+            deadline = time.monotonic() + 10
+            while self.server.watchdog.blocked_count == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+        return ("reply", message, state)
+
+
+def with_metrics_path(options: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    options[-1][1][0][1].append(("http", [("metrics_path", "/metrics")]))
+    return options
+
+
+async def test_a_blocked_loop_is_counted_in_the_metrics_with_the_longest_block() -> None:
+    """Issue 15, 7a: "the lag also goes to metrics when they exist": a handler blocking in time.sleep past
+    loop_watchdog moves pywsserver_event_loop_blocks_total and the longest block, scraped over HTTP."""
+    threshold = 0.2
+    blocker = Blocker()
+    async with start_link(with_metrics_path(options(blocker, ("loop_watchdog", threshold)))) as server:
+        blocker.server = server
+        before = await scrape(server.port)
+        assert ("pywsserver_event_loop_blocks_total", ()) in before  # shown from the start
+        blocks_before = value(before, "pywsserver_event_loop_blocks_total")  # 0 unless the machine stalled us
+
+        async def client(address: str) -> str:
+            from websockets.asyncio.client import connect
+
+            async with connect(address) as ws:
+                await ws.send("block")
+                return str(await ws.recv())
+
+        assert await in_client_thread(client, url(server)) == "block"
+        after = await scrape(server.port)
+        assert value(after, "pywsserver_event_loop_blocks_total") >= blocks_before + 1
+        assert value(after, "pywsserver_event_loop_longest_block_seconds") >= threshold
+        assert value(after, "pywsserver_event_loop_longest_block_seconds") <= server.watchdog.max_lag
+
+
+async def test_without_the_watchdog_the_metrics_have_no_block_figures() -> None:
+    async with start_link(with_metrics_path(options(Sleeper, ("loop_watchdog", None)))) as server:
+        figures = await scrape(server.port)
+    assert not any(name.startswith("pywsserver_event_loop_blocks") for name, _ in figures)
+    assert not any(name.startswith("pywsserver_event_loop_longest_block") for name, _ in figures)
+    assert ("pywsserver_event_loop_lag_seconds", ()) in figures  # the metrics' own probe stays
