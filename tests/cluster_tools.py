@@ -66,7 +66,7 @@ class RedisServer:
                     return
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"redis-server did not start: {(self.directory / 'redis.log').read_text()}")
-            time.sleep(0.02)
+            time.sleep(0.02)  # between two probes of the port (bounded by the deadline)
 
     def kill(self) -> None:
         if self.process is not None:

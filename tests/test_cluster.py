@@ -69,7 +69,7 @@ async def until(check: Any, what: str, attempts: int = 100, pause: float = 0.1) 
         result = await check()
         if result:
             return result
-        await anyio.sleep(pause)
+        await anyio.sleep(pause)  # the pause between two polls of the condition, not a wait standing in for it
     raise AssertionError(f"never happened: {what}")
 
 
@@ -234,7 +234,7 @@ async def test_a_killed_node_leaves_presence_within_node_timeout(redis_server: R
             for _ in range(1000):
                 if "C" not in json.loads(await ask(watcher, "nodes")):
                     break
-                await anyio.sleep(0.05)
+                await anyio.sleep(0.05)  # between two polls (bounded by fail_after above)
         assert json.loads(await ask(watcher, "presence")) == {"A": {"chat": 1}}
         assert json.loads(await ask(watcher, "count")) == 1
 
@@ -298,7 +298,7 @@ async def test_redis_killed_and_restarted_local_goes_on_and_the_cluster_resumes(
             assert await receive(on_a) == f"down-{number}"
             if await receive(on_a) == "result:1 False":
                 break
-            await anyio.sleep(0.05)
+            await anyio.sleep(0.05)  # paced sending while Redis is down: polls until the node sees it gone
         else:
             raise AssertionError("the publishes never failed while Redis was down")
         stats = json.loads(await ask(on_a, "stats"))
@@ -573,9 +573,15 @@ async def test_publishes_awaiting_their_reply_are_bounded_by_publish_queue(redis
             assert node is not None
             await client.execute_command("CLIENT", "PAUSE", "1500", "ALL")  # Redis slower than the broadcasts
             results = [broadcast("g", f"early{number}".encode()).published for number in range(5)]
-            await anyio.sleep(0.2)  # the node's loop runs: the five are written and await their replies
+
+            async def written() -> bool:
+                return node.stats.written == 5
+
+            await until(written, "the five written")  # the first at once, the other four at the step's end
+            assert node.stats.published == 0  # Redis is paused: the five await their replies
             results += [broadcast("g", f"late{number}".encode()).published for number in range(3)]
             assert results == [True] * 5 + [False] * 3
+            assert node.stats.written == 5
             assert node.stats.publish_failed == 3
             seen = await broadcasts_seen(pubsub, 5)  # once Redis goes on: the five, in order, and no more
             assert seen == [f"early{number}".encode() for number in range(5)]

@@ -167,6 +167,7 @@ class ClusterNode:
         self._pack: Callable[..., list[bytes]] | None = None
         self._in_flight: collections.deque[int] = collections.deque()
         self._held: list[bytes] = []
+        self._held_count = 0
         self._replies_wanted: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: dict[int, _Pending] = {}
@@ -313,6 +314,7 @@ class ClusterNode:
         if self._held:
             held, self._held = self._held, []
             await lane.send_packed_command(held, check_health=False)
+            self._took_held()
         in_flight = self._in_flight
         while in_flight:
             receivers = await lane.read_response(disconnect_on_error=False)
@@ -348,6 +350,7 @@ class ClusterNode:
         self._writer = None
         self._pack = None
         self._held = []
+        self._held_count = 0
         lost = len(self._in_flight)
         self._in_flight.clear()
         if lost:
@@ -359,6 +362,12 @@ class ClusterNode:
         held, self._held = self._held, []
         if held and self._writer is not None:
             self._writer.writelines(held)
+            self._took_held()
+
+    def _took_held(self) -> None:
+        """The publishes held were written (counted)."""
+        self.stats.written += self._held_count
+        self._held_count = 0
 
     def _fail_pending(self) -> None:
         for pending in self._pending.values():
@@ -389,6 +398,7 @@ class ClusterNode:
             if self._held and self._writer is None:
                 held, self._held = self._held, []
                 await lane.send_packed_command(held, check_health=False)
+                self._took_held()
             # Bounded by connect_timeout (the socket timeout). Kept open when cancelled (a stop): the
             # reply is one integer, read whole or not at all, and the stop reads what remains.
             receivers = await lane.read_response(disconnect_on_error=False)
@@ -545,14 +555,17 @@ class ClusterNode:
             wanted.set()
             if writer is not None:
                 writer.writelines(command)
+                self.stats.written += 1
             else:
                 self._held = command
+                self._held_count = 1
         else:
             if not self._held and writer is not None:
                 loop = self._loop
                 assert loop is not None
                 loop.call_soon(self._flush)
             self._held += command
+            self._held_count += 1
         in_flight.append(reply)
         return True
 

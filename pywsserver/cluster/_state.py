@@ -27,8 +27,10 @@ island_processes: int = 0
 class ClusterStats:
     """Counters of one node since it started (read them with ``pywsserver.cluster.stats()``)."""
 
-    #: Messages published (broadcasts, sends, casts and answers).
+    #: Messages published (broadcasts, sends, casts and answers): written, and answered by Redis.
     published: int = 0
+    #: Messages written to Redis (the difference from ``published``: those awaiting Redis's answer).
+    written: int = 0
     #: Publishes that failed: Redis down, the link lost with them queued, or the queue full.
     publish_failed: int = 0
     #: Broadcasts received from other nodes.
