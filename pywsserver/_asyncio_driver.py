@@ -94,34 +94,42 @@ class _Wakeup:
 
 
 _buffers = threading.local()
-_flushes = threading.local()
 
 
-def _flush_soon(core: ConnectionCore, loop: asyncio.AbstractEventLoop) -> None:
-    """Have ``core`` write its outgoing frames at the end of this event-loop turn."""
-    pending: list[ConnectionCore] | None = getattr(_flushes, "pending", None)
-    if pending is None:
-        pending = _flushes.pending = []
-        loop.call_soon(_flush_pending)
-    pending.append(core)
+class _LoopShared:
+    """What every connection of one event loop shares: its clock, and the cores to flush at the turn's end.
+
+    Broadcast frames are not written member by member as they are queued: a
+    core with a frame to write puts itself on ``flushes`` (`ConnectionCore._broadcast_now`)
+    and the first one of a turn schedules `flush`, one loop callback for all of
+    them, so that the frames of a burst go out with one system call per member.
+    """
+
+    __slots__ = ("clock", "flushes", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.clock: Callable[[], float] = loop.time  # one bound method per event loop, not one per connection
+        self.flushes: list[ConnectionCore] = []
+
+    def flush(self) -> None:
+        """End of the turn: write the frames every core on ``flushes`` has gathered."""
+        flushes = self.flushes
+        cores = flushes.copy()
+        flushes.clear()
+        for core in cores:
+            try:
+                core._flush()
+            except Exception:  # one broken transport must not keep the others' frames back
+                core.log.exception("writing broadcast frames failed")
 
 
-def _flush_pending() -> None:
-    pending: list[ConnectionCore] = _flushes.pending
-    _flushes.pending = None
-    for core in pending:
-        try:
-            core._flush()
-        except Exception:  # one broken transport must not keep the others' frames back
-            core.log.exception("writing broadcast frames failed")
-
-
-def _loop_clock(loop: asyncio.AbstractEventLoop) -> Callable[[], float]:
-    """``loop.time``, one bound method per event loop (not one per connection)."""
-    clock: tuple[asyncio.AbstractEventLoop, Callable[[], float]] | None = getattr(_buffers, "clock", None)
-    if clock is None or clock[0] is not loop:
-        clock = _buffers.clock = (loop, loop.time)
-    return clock[1]
+def _loop_shared(loop: asyncio.AbstractEventLoop) -> _LoopShared:
+    """The calling thread's event loop's `_LoopShared` (looked up once per connection)."""
+    shared: _LoopShared | None = getattr(_buffers, "shared", None)
+    if shared is None or shared.loop is not loop:
+        shared = _buffers.shared = _LoopShared(loop)
+    return shared
 
 
 def _read_buffer() -> memoryview:
@@ -146,6 +154,7 @@ class ProtocolDriver(asyncio.BufferedProtocol):
         "_core",
         "_loop",
         "_lost",
+        "_shared",
         "_sock",
         "_timer_handle",
         "_tls",
@@ -174,7 +183,9 @@ class ProtocolDriver(asyncio.BufferedProtocol):
         self._wake: _Wakeup | None = None
         self._transport: asyncio.Transport | None = None
         self._lost = False  # connection_lost was called: the socket is closed
-        core._clock = _loop_clock(loop)
+        shared = self._shared = _loop_shared(loop)
+        core._clock = shared.clock
+        core._flushes = shared.flushes
         if tls is None:
             # The default loop: the transport is made now, as asyncio's own servers make one for
             # each accepted socket. Its callbacks run once the worker's task yields.
@@ -340,8 +351,8 @@ class ProtocolDriver(asyncio.BufferedProtocol):
             self._timer_handle = None
 
     def flush_soon(self) -> None:
-        """Write the core's output at the end of this loop turn, with the other connections'."""
-        _flush_soon(self._core, self._loop)
+        """The first core of this turn joined the event loop's ``flushes``: write them all at its end."""
+        self._loop.call_soon(self._shared.flush)
 
     # ---------------------------------------------------- asyncio's callbacks
 

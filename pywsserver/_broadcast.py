@@ -78,11 +78,13 @@ def _check(data: Any, slow: str) -> None:
 def _deliver(group: str, targets: Sequence[Hashable], data: str | bytes, slow: str, close_code: int) -> BroadcastResult:
     delivered = dropped = closed = 0
     action: BroadcastAction | None = None
+    frame = b""
     for member in targets:
         if isinstance(member, Worker):
             if action is None:
                 action = BroadcastAction(data, encode_message(data))
-            if member._broadcast_now(action.frame):  # the common case: straight to the transport
+                frame = action.frame
+            if member._broadcast_now(frame):  # the common case: out at the end of this loop turn
                 delivered += 1
                 continue
             try:

@@ -492,7 +492,11 @@ class WebSocketProtocol:
 
     def raw_frames_ok(self) -> bool:
         """Whether a frame encoded once for many connections (a broadcast) may be written as is."""
-        return self._deflate_extension is None and self._can_send()
+        # `_can_send` written out: asked once per member of every broadcast.
+        if self._deflate_extension is not None or self.state is not State.OPEN:
+            return False
+        ws = self._ws
+        return ws is None or ws.state is ConnectionState.OPEN
 
     def _wsproto(self) -> Connection:
         """wsproto's connection, made on first use."""
