@@ -496,7 +496,9 @@ def table(results: dict[str, Any]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--servers", nargs="+", default=SERVERS, choices=[*SERVERS, "pywsserver-without-tree"])
+    parser.add_argument(
+        "--servers", nargs="+", default=SERVERS, choices=[*SERVERS, "pywsserver-without-tree", "pywsserver-nowatchdog"]
+    )
     parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per measured run (default 5)")
     parser.add_argument("--quick", action="store_true", help="2 s per run, one run per scenario")

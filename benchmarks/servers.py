@@ -108,12 +108,13 @@ def pywsserver_options(port: int) -> list[tuple[str, Any]]:
     ]
 
 
-def run_pywsserver(port: int, backend: str, uvloop: bool) -> None:
+def run_pywsserver(port: int, backend: str, uvloop: bool, watchdog: bool = True) -> None:
+    """pywsserver on ``backend``; ``watchdog=False`` turns the loop watchdog off (what it costs per message)."""
     import anyio
 
     import pywsserver
 
-    options = pywsserver_options(port)
+    options = pywsserver_options(port) + ([] if watchdog else [("loop_watchdog", None)])
 
     async def main() -> None:
         async with pywsserver.start_link(options) as server:
@@ -478,6 +479,7 @@ SERVERS = {
     "pywsserver-uvloop": lambda port: run_pywsserver(port, "asyncio", True),
     "pywsserver-trio": lambda port: run_pywsserver(port, "trio", False),
     "pywsserver-without-tree": run_pywsserver_without_tree,
+    "pywsserver-nowatchdog": lambda port: run_pywsserver(port, "asyncio", False, watchdog=False),
     "pywsserver-1-process": lambda port: run_pywsserver_processes(port, 1),
     "pywsserver-2-processes": lambda port: run_pywsserver_processes(port, 2),
     "pywsserver-cluster-1-node": lambda port: run_pywsserver_cluster(port, 1),

@@ -65,6 +65,9 @@ def options(handler: Any) -> list[tuple[str, Any]]:
 
 
 async def test_a_blocking_threaded_handler_does_not_delay_another_connections_echo() -> None:
+    """Erlang's scheduler preempts a process once it has used its reductions: a connection whose handler
+    blocks delays only itself. threaded(handler) gives the same to blocking sync callbacks (the other
+    client's echo comes back while the first handler still blocks), with one call at a time, in order."""
     blocking = Blocking()
     async with start_link(options(threaded(blocking, max_threads=4))) as server:
 

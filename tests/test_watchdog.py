@@ -53,6 +53,9 @@ def options(handler: Any, *top: tuple[str, Any]) -> list[tuple[str, Any]]:
 
 
 async def test_a_blocked_loop_is_reported_once_naming_the_connection_the_handler_and_the_stack() -> None:
+    """Erlang's scheduler preempts a process once it has used its reductions, so a busy handler delays
+    only its own connection. Python cannot preempt a task; the watchdog at least notices a loop blocked
+    past loop_watchdog and logs one WARNING naming the connection, the handler and the blocking stack."""
     reported = Reported()
     sleeper = Sleeper()
     sleeper.reported = reported.event
@@ -120,8 +123,9 @@ def with_metrics_path(options: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
 
 
 async def test_a_blocked_loop_is_counted_in_the_metrics_with_the_longest_block() -> None:
-    """Issue 15, 7a: "the lag also goes to metrics when they exist": a handler blocking in time.sleep past
-    loop_watchdog moves pywsserver_event_loop_blocks_total and the longest block, scraped over HTTP."""
+    """Where Erlang would have preempted a busy process, the watchdog's detections also go to the metrics:
+    a handler blocking in time.sleep past loop_watchdog moves pywsserver_event_loop_blocks_total from 0
+    and sets the longest block to at least the threshold, scraped over HTTP."""
     threshold = 0.2
     blocker = Blocker()
     async with start_link(with_metrics_path(options(blocker, ("loop_watchdog", threshold)))) as server:

@@ -249,6 +249,9 @@ class CallsThreadsafe:
 
 
 async def test_threadsafe_calls_from_the_event_loops_own_thread_raise_instead_of_hanging() -> None:
+    """gen_server:call from the server process to itself fails at once with the exit reason calling_self
+    (OTP 24 on) instead of waiting for a reply that cannot come: the *_threadsafe calls made from the
+    event loop's own thread raise likewise, naming what to call instead, and never hang."""
     options = [
         ("port", 0),
         ("worker_options", [("protocol_modules", [("websocket", [("handler_module", CallsThreadsafe)])])]),
