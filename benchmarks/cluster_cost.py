@@ -1,20 +1,41 @@
-"""What going through Redis costs a node per broadcast, in CPU time of the node's own process.
+"""What going through Redis costs a node per broadcast: CPU time, and instructions under callgrind.
 
-``BENCH_REDIS_URL=redis://... python benchmarks/cluster_cost.py [N]`` runs one cluster node in this
-process and prints ``publish_us=... receive_us=...``:
+``python benchmarks/cluster_cost.py [N]`` runs one cluster node in this process and prints
+``publish_us=... receive_us=...`` (CPU time of the node's own process, N broadcasts in a burst):
 
 * publish: the CPU time per broadcast with the cluster (local delivery to an empty group, then the
   publish, batched as a burst is) minus the same broadcasts without it;
 * receive: the CPU time per broadcast that arrives from another node (read from the subscription,
   decoded, handed to the group's delivery; the group has no member here, so the writes, the same as
   for a local broadcast, are not counted).
+
+``python benchmarks/cluster_cost.py --instructions [N1 N2]`` counts instead the instructions of a node
+under valgrind's callgrind (a figure that load does not move), one broadcast at a time as in the
+``broadcast`` scenario, with one member (a client of the node) that must have each message before the
+next is sent. The node runs twice per case, N1 and N2 rounds, and instructions per broadcast =
+(total(N2) - total(N1)) / (N2 - N1), so that start-up and shutdown cancel out:
+
+* local: no cluster; the member sends ``go:1:64`` and the node broadcasts it to its group;
+* publish: the same with the cluster: the node also publishes the broadcast, reads Redis's reply
+  and skips its own message when Redis sends it back (publish cost = publish - local);
+* receive: the node gets the broadcasts from Redis (published by this script as another node would)
+  and delivers them to its member (beside local: reading from Redis instead of from a client).
+
+Both start their own ``redis-server`` on a free port unless ``BENCH_REDIS_URL`` names one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import socket
+import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -22,6 +43,8 @@ import anyio.lowlevel
 
 import pywsserver
 from pywsserver import broadcast
+
+HERE = Path(__file__).resolve().parent
 
 
 async def until(done: Any) -> None:
@@ -33,8 +56,7 @@ async def until(done: Any) -> None:
     raise TimeoutError("the node did not get there in 60 s")
 
 
-async def main(count: int) -> None:
-    url = os.environ["BENCH_REDIS_URL"]
+async def main(url: str, count: int) -> None:
     websocket = ("worker_options", [("protocol_modules", [("websocket", [("handler_module", "pywsserver.echo")])])])
 
     async def burst(node: object) -> float:
@@ -66,6 +88,10 @@ async def main(count: int) -> None:
     )
 
 
+#: A broadcast of "b" * 64 to the group "bench", from a node named "elsewhere", as the wire has it.
+ELSEWHERE = b"B\x01" + b"".join(len(f).to_bytes(4, "big") + f for f in (b"elsewhere", b"bench", b"1013")) + b"b" * 64
+
+
 def publish(url: str, count: int) -> None:
     """Publish ``count`` broadcasts from a node named "elsewhere" to a group nobody here is in."""
     import redis
@@ -79,8 +105,122 @@ def publish(url: str, count: int) -> None:
     pipe.execute()
 
 
-if __name__ == "__main__":
-    if sys.argv[1:2] == ["--publish"]:
-        publish(sys.argv[2], int(sys.argv[3]))
+# ------------------------------------------------------------------ instructions under callgrind
+
+
+def serve(url: str | None) -> None:
+    """The node measured: the benchmark's handler (members join "bench"), with a cluster when ``url``."""
+    sys.path.insert(0, str(HERE))
+    from servers import pywsserver_options, ready
+
+    options = pywsserver_options(0)
+    if url is not None:
+        # Heartbeats far apart: their cost grows with the run's duration, not with its broadcasts.
+        cluster = [("url", url), ("node", "cost"), ("heartbeat_interval", 600), ("node_timeout", 1200)]
+        options.append(("cluster", cluster))
+
+    async def run() -> None:
+        async with pywsserver.start_link(options) as server:
+            if server.cluster is not None:
+                await until(lambda: server.cluster.connected)  # type: ignore[union-attr]
+            ready(server.port)
+            await anyio.sleep_forever()
+
+    anyio.run(run)
+
+
+def _redis_command(*parts: bytes) -> bytes:
+    return b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(part), part) for part in parts)
+
+
+def _rounds(port: int, count: int, url: str | None) -> None:
+    """``count`` broadcasts one at a time: from the member's ``go`` or, with ``url``, published to Redis."""
+    sys.path.insert(0, str(HERE))
+    from instructions import _close, _connect, _masked_text, _receive_exactly
+
+    member = _connect(port)
+    publisher = None
+    if url is None:
+        request = _masked_text(b"go:1:64")
     else:
-        anyio.run(main, int(sys.argv[1]) if len(sys.argv) > 1 else 20000)
+        host, _, redis_port = url.removeprefix("redis://").partition("/")[0].partition(":")
+        publisher = socket.create_connection((host, int(redis_port)), timeout=60)
+        request = _redis_command(b"PUBLISH", b"pywsserver:broadcast", ELSEWHERE)
+    try:
+        for _ in range(count):
+            (publisher or member).sendall(request)
+            _receive_exactly(member, 66)
+            if publisher is not None:
+                _receive_exactly(publisher, 4)  # ":1\r\n": one subscriber, the node
+    finally:
+        _close(member)
+        if publisher is not None:
+            publisher.close()
+
+
+def count_instructions(case: str, url: str, count: int) -> int:
+    """Total instructions of one run of the node for ``case`` with ``count`` rounds (start-up included)."""
+    with tempfile.TemporaryDirectory() as directory:
+        out = Path(directory) / "callgrind.out"
+        command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable, __file__, "--serve"]
+        if case != "local":
+            command.append(url)
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        try:
+            assert process.stdout is not None
+            line = process.stdout.readline()
+            if not line.startswith("ready"):
+                raise RuntimeError(f"the {case} node did not start under valgrind")
+            _rounds(int(line.split()[1]), count, url if case == "receive" else None)
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        summary = re.search(r"^(?:summary|totals): (\d+)", out.read_text(), re.MULTILINE)
+        if summary is None:
+            raise RuntimeError("no instruction total in the callgrind output")
+        return int(summary.group(1))
+
+
+def instructions(url: str, first: int, second: int) -> None:
+    figures = {}
+    for case in ("local", "publish", "receive"):
+        low = count_instructions(case, url, first)
+        high = count_instructions(case, url, second)
+        figures[case] = (high - low) / (second - first)
+        print(f"{case:8} {figures[case]:,.0f} instructions per broadcast (one member)", flush=True)
+    print(
+        f"publish_cost={figures['publish'] - figures['local']:,.0f} "
+        f"receive_vs_local={figures['receive'] - figures['local']:+,.0f} instructions per broadcast"
+    )
+
+
+@contextlib.contextmanager
+def redis_url() -> Iterator[str]:
+    """``BENCH_REDIS_URL``, or a redis-server of this run's own."""
+    if os.environ.get("BENCH_REDIS_URL"):
+        yield os.environ["BENCH_REDIS_URL"]
+        return
+    sys.path.insert(0, str(HERE))
+    from run import redis_server
+
+    with redis_server() as url:
+        yield url
+
+
+if __name__ == "__main__":
+    arguments = sys.argv[1:]
+    if arguments[:1] == ["--publish"]:
+        publish(arguments[1], int(arguments[2]))
+    elif arguments[:1] == ["--serve"]:
+        serve(arguments[1] if len(arguments) > 1 else None)
+    elif arguments[:1] == ["--instructions"]:
+        rounds = [int(value) for value in arguments[1:3]] or [200, 1200]
+        with redis_url() as url:
+            instructions(url, rounds[0], rounds[1])
+    else:
+        with redis_url() as url:
+            anyio.run(main, url, int(arguments[0]) if arguments else 20000)

@@ -525,20 +525,7 @@ async def broadcasts_seen(pubsub: Any, count: int) -> list[bytes]:
 
 
 @asyncio_only
-@pytest.mark.parametrize("direct", [True, False], ids=["written-at-once", "written-by-the-replies-task"])
-async def test_a_burst_of_publishes_leaves_in_order_and_each_is_counted(
-    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch, direct: bool
-) -> None:
-    from pywsserver.cluster._node import ClusterNode
-
-    if not direct:  # a redis-py whose connection keeps no stream writer: the replies task writes
-        opened = ClusterNode._open_lane
-
-        def without_writer(self: ClusterNode, lane: Any) -> None:
-            opened(self, lane)
-            self._writer = None
-
-        monkeypatch.setattr(ClusterNode, "_open_lane", without_writer)
+async def test_a_burst_of_publishes_leaves_in_order_and_each_is_counted(redis_server: RedisServer) -> None:
     client, pubsub = await subscribed(redis_server.url)
     try:
         async with serve_for_test("pywsserver.echo", cluster=cluster_options(redis_server.url, node="n")) as server:

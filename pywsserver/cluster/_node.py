@@ -3,9 +3,10 @@
 ::
 
     ClusterSupervisor     one_for_one; intensity from the reconnect schedule (see below)
-    └── RedisLink         permanent: connects, subscribes, then runs three tasks:
-        ├── subscriber    reads the node's channels: broadcasts, sends, casts, answers
-        ├── replies       reads the answers to the node's publishes (see "Publishing" below)
+    └── RedisLink         permanent: connects, subscribes, then reads its two connections itself
+        │                 (the subscription, the replies to its publishes: see "Reading" below)
+        │                 and runs two tasks:
+        ├── watch         ends the link when a connection is lost or a reply is overdue
         └── heartbeat     writes the node's presence (groups and counts) and its names, with expiry
 
 A lost link is an exit of the ``RedisLink`` child: it waits its backoff
@@ -24,10 +25,17 @@ reply awaited, nothing held) is written to the socket at once, before
 delivering while this one does; a publish made while replies are awaited is
 held until the end of the event loop's step and written with the others held
 meanwhile (one write, one round trip for a burst). Either way nothing waits
-for a task to wake up. The ``replies`` task reads one reply per publish, in
-order (each bounded by ``connect_timeout``); publishes written whose reply is
+for a task to wake up. Each publish is one RESP command built in one piece,
+and one write. Redis answers each publish in order (a reply awaited longer
+than ``connect_timeout`` ends the link); publishes written whose reply is
 unread are at most ``publish_queue``: beyond, and while the link is down, a
 publish fails at once and is counted.
+
+Reading: redis-py connects, authenticates and subscribes; then the node reads
+both of its connections itself (`pywsserver.cluster._resp`), in the event
+loop's read callback: a broadcast from another node is decoded where it lies
+and handed to the group's delivery at once, with no task woken and no message
+dict per message, and a publish's reply is counted the same way.
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ import secrets
 import socket
 import time
 from collections.abc import Callable
+from time import monotonic
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -55,6 +64,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from .._broadcast import _deliver
 from .._errors import ConnectionClosed
 from .._throttle import ThrottledReport
 from ..supervision import ChildSpec, ChildType, MailboxFull, NotRunning, Supervisor, cast, whereis
@@ -63,6 +73,7 @@ from . import _state, _wire
 from ._address import local_worker
 from ._errors import ClusterStartError, ClusterUnavailable, NameRegisteredElsewhere
 from ._options import ClusterOptions
+from ._resp import RespError, RespReader, take_over
 from ._state import ClusterStats
 from ._wire import Status
 
@@ -153,23 +164,25 @@ class ClusterNode:
         self._inbox = self.inbox_of(self.name)
         # A broadcast's origin field as this node writes it: its own come back from Redis, skipped unread.
         self._own_origin = len(self.name.encode()).to_bytes(4, "big") + self.name.encode()
-        self._own_end = 2 + len(self._own_origin)
         self._nodes_key = f"{prefix}:nodes"
         self._started_at = time.time()
         self._client: aioredis.Redis | None = None
         self._connected = False
         self._first_start = True
         self._failures = 0
-        # Publishing (see the module's docstring): the writer of the node's publishing connection while
-        # the link is up, the reply ids of the publishes written whose reply is unread (0: none
-        # wanted), the packed publishes held until the end of this step, and the reader's wake-up.
-        self._writer: asyncio.StreamWriter | None = None
-        self._pack: Callable[..., list[bytes]] | None = None
+        # Publishing (see the module's docstring): the transport of the node's publishing connection
+        # while the link is up, the reply ids of the publishes written whose reply is unread (0: none
+        # wanted), the publishes held until the end of this step (one command each), when a reply
+        # last came (or the first publish awaiting one left), and what a clean stop waits for.
+        self._transport: asyncio.Transport | None = None
         self._in_flight: collections.deque[int] = collections.deque()
         self._held: list[bytes] = []
-        self._held_count = 0
-        self._replies_wanted: asyncio.Event | None = None
+        self._progress_at = 0.0
+        self._drained: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Set by a reader when its connection is lost: the reason, and the exception if it was a crash.
+        self._lost: asyncio.Event | None = None
+        self._lost_because: tuple[str, Exception | None] = ("", None)
         self._pending: dict[int, _Pending] = {}
         self._reply_ids = itertools.count(1)
         #: Names this node holds across the cluster.
@@ -235,6 +248,7 @@ class ClusterNode:
             await anyio.sleep(backoff(self._failures, self.options.max_backoff))
         client = self._new_client()
         pubsub = client.pubsub()
+        readers: list[RespReader] = []
         # The node's publishing connection, its own (not in the pool the queries share).
         lane = client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
         try:
@@ -243,6 +257,7 @@ class ClusterNode:
                     await pubsub.subscribe(self._broadcast_channel, self._inbox)
                     await lane.connect()
                     await self._heartbeat(client)
+                    readers = self._take_over(pubsub.connection, lane)
             except (*_LINK_ERRORS, ValueError) as error:
                 self._failures += 1
                 self.stats.link_failures += 1
@@ -263,7 +278,6 @@ class ClusterNode:
                 task_status.started()
             self._failures = 0
             self._client = client
-            self._open_lane(lane)
             self._connected = True
             self.stats.connections += 1
             if self.stats.connections > 1:
@@ -273,8 +287,7 @@ class ClusterNode:
                 logger.info("cluster node %s joined the cluster at %s", self.name, _safe_url(self.options.url))
             try:
                 async with anyio.create_task_group() as group:
-                    group.start_soon(self._subscriber, pubsub)
-                    group.start_soon(self._replies, lane)
+                    group.start_soon(self._watch)
                     group.start_soon(self._heartbeats, client)
             except* _LINK_ERRORS as errors:
                 self._failures = 1
@@ -284,13 +297,14 @@ class ClusterNode:
             # The server stops: leave the presence and release the names now rather than at expiry.
             if self._connected:
                 with anyio.CancelScope(shield=True), anyio.move_on_after(1.0):
-                    with contextlib.suppress(*_LINK_ERRORS):
-                        await self._drain(lane)
+                    await self._drain()
                     await self._leave(client)
             raise
         finally:
             self._connected = False
             self._client = None
+            for reader in readers:
+                reader.stop()
             self._close_lane()
             self._fail_pending()
             with anyio.CancelScope(shield=True), anyio.move_on_after(1.0), contextlib.suppress(Exception):
@@ -309,21 +323,16 @@ class ClusterNode:
                 pipe.eval(_RELEASE, 1, f"{prefix}:name:{name}", self._holder)
             await pipe.execute()
 
-    async def _drain(self, lane: Any) -> None:
+    async def _drain(self) -> None:
         """A clean stop: what is held is written and each publish written gets its reply (not lost)."""
-        if self._held:
-            held, self._held = self._held, []
-            await lane.send_packed_command(held, check_health=False)
-            self._took_held()
-        in_flight = self._in_flight
-        while in_flight:
-            receivers = await lane.read_response(disconnect_on_error=False)
-            reply = in_flight.popleft()
-            self.stats.published += 1
-            if reply and not receivers:
-                waiting = self._pending.get(reply)
-                if waiting is not None:
-                    waiting.answer(Status.GONE)
+        self._flush()
+        lost = self._lost
+        if self._in_flight and self._transport is not None and lost is not None and not lost.is_set():
+            self._drained = asyncio.Event()
+            try:
+                await self._drained.wait()  # set by the last reply, or by the connection's loss
+            finally:
+                self._drained = None
 
     def _warn(self, kind: str, message: str, *args: Any) -> None:
         """Log a fault at most once per ``log_interval`` seconds per kind."""
@@ -334,23 +343,27 @@ class ClusterNode:
         self._warned_at[kind] = now
         logger.warning("cluster node %s: " + message, self.name, *args)
 
-    def _open_lane(self, lane: Any) -> None:
-        """Publish through ``lane`` from now on (a connected redis-py connection of this node's own)."""
-        writer = getattr(lane, "_writer", None)
-        # redis-py's connection keeps its stream writer as ``_writer`` (since redis-py 4.2): writing
-        # to it at once is what lets a publish leave before the local deliveries. Were it ever
-        # missing, the replies task writes what is held, a step later.
-        self._writer = writer if isinstance(writer, asyncio.StreamWriter) else None
-        self._pack = lane.pack_command
+    def _take_over(self, subscription: Any, lane: Any) -> list[RespReader]:
+        """Read the subscription and the publishing connection (``lane``) from now on, and publish through it."""
+        self._lost = lost = asyncio.Event()
+
+        def on_lost(reason: str, error: Exception | None) -> None:
+            if not lost.is_set():
+                self._lost_because = (reason, error)
+                lost.set()
+                if self._drained is not None:
+                    self._drained.set()  # no more replies will come
+
+        readers = [RespReader(on_lost, on_message=self._on_message), RespReader(on_lost, on_value=self._on_reply)]
+        take_over(subscription, readers[0])
+        self._transport = take_over(lane, readers[1])
         self._loop = asyncio.get_running_loop()
-        self._replies_wanted = asyncio.Event()
+        return readers
 
     def _close_lane(self) -> None:
         """The link is gone: what was written without a reply, or held, is lost for the other nodes."""
-        self._writer = None
-        self._pack = None
+        self._transport = None
         self._held = []
-        self._held_count = 0
         lost = len(self._in_flight)
         self._in_flight.clear()
         if lost:
@@ -360,14 +373,9 @@ class ClusterNode:
     def _flush(self) -> None:
         """Write the publishes held during the last step, in one write."""
         held, self._held = self._held, []
-        if held and self._writer is not None:
-            self._writer.writelines(held)
-            self._took_held()
-
-    def _took_held(self) -> None:
-        """The publishes held were written (counted)."""
-        self.stats.written += self._held_count
-        self._held_count = 0
+        if held and self._transport is not None:
+            self._transport.writelines(held)
+            self.stats.written += len(held)
 
     def _fail_pending(self) -> None:
         for pending in self._pending.values():
@@ -375,39 +383,40 @@ class ClusterNode:
 
     # ------------------------------------------------------------ tasks
 
-    async def _subscriber(self, pubsub: Any) -> None:
-        # The subscription's replies as they are (kind, channel, data), without redis-py's message dicts.
-        connection = pubsub.connection
-        on_message = self._on_message
+    async def _watch(self) -> None:
+        """End the link when a connection is lost, or when Redis has not answered a publish in time."""
+        lost = self._lost
+        assert lost is not None
+        timeout = self.options.connect_timeout
         while True:
-            response = await connection.read_response(timeout=math.inf, push_request=True)
-            if isinstance(response, list) and len(response) == 3 and response[0] == b"message":
-                on_message(response[1], response[2])
+            with anyio.move_on_after(timeout / 2):
+                await lost.wait()
+                reason, error = self._lost_because
+                if error is not None and not isinstance(error, ValueError):
+                    raise error  # a crash of what a message led to, not a fault of the link
+                raise ConnectionError(reason)
+            if self._in_flight and monotonic() - self._progress_at > timeout:
+                raise TimeoutError(f"Redis did not answer a publish within {timeout:g}s (cluster.connect_timeout)")
 
-    async def _replies(self, lane: Any) -> None:
-        """Read the reply of each publish written, in order: counted, and a send to nobody answered at once."""
+    def _on_reply(self, value: Any) -> None:
+        """Redis's reply to the oldest publish awaiting one: counted; a send to nobody is answered at once."""
         in_flight = self._in_flight
-        stats = self.stats
-        pending = self._pending
-        wanted = self._replies_wanted
-        assert wanted is not None
-        while True:
-            if not in_flight:
-                wanted.clear()
-                await wanted.wait()
-            if self._held and self._writer is None:
-                held, self._held = self._held, []
-                await lane.send_packed_command(held, check_health=False)
-                self._took_held()
-            # Bounded by connect_timeout (the socket timeout). Kept open when cancelled (a stop): the
-            # reply is one integer, read whole or not at all, and the stop reads what remains.
-            receivers = await lane.read_response(disconnect_on_error=False)
-            reply = in_flight.popleft()
-            stats.published += 1
-            if reply and not receivers:  # nobody subscribes to that node's inbox: the node is gone
-                waiting = pending.get(reply)
+        if not in_flight:
+            return  # the link is being taken down
+        reply = in_flight.popleft()
+        self._progress_at = monotonic()
+        if type(value) is int:
+            self.stats.published += 1
+            if reply and not value:  # nobody subscribes to that node's inbox: the node is gone
+                waiting = self._pending.get(reply)
                 if waiting is not None:
                     waiting.answer(Status.GONE)
+        else:
+            self.stats.publish_failed += 1
+            refusal = bytes(value) if isinstance(value, RespError) else value
+            self._warn("refused", "Redis refused a publish: %r", refusal)
+        if not in_flight and self._drained is not None:
+            self._drained.set()
 
     async def _heartbeats(self, client: aioredis.Redis) -> None:
         while True:
@@ -455,7 +464,7 @@ class ClusterNode:
         try:
             kind = data[:1]
             if kind == b"B":
-                if data[2 : self._own_end] == self._own_origin:
+                if data.startswith(self._own_origin, 2):
                     return  # this node's own broadcast, delivered locally when it was made
                 self._on_broadcast(data)
             elif kind == b"S":
@@ -474,17 +483,15 @@ class ClusterNode:
             self._report("malformed cluster messages", f"on {channel!r}: {error} ({data[:64]!r})")
 
     def _on_broadcast(self, data: bytes) -> None:
-        from .._broadcast import _deliver
-
-        _, flags, (origin, group_raw, code), payload = _wire.decode(data, 3)
-        if origin == self._name_bytes:
-            return  # delivered locally when it was broadcast
+        # Another node's broadcast (this node's own were skipped by _on_message): decoded where it
+        # lies, no list of fields, and delivered here and now, from the read callback.
+        flags, group_raw, code, payload = _wire.decode_broadcast(data)
         self.stats.received += 1
         group = group_raw.decode("utf-8", "surrogatepass")
         targets = members(group)
         if targets:
             message = payload.decode() if flags & _wire.TEXT else payload
-            _deliver(group, targets, message, "close" if flags & _wire.CLOSE else "drop", int(code))
+            _deliver(group, targets, message, "close" if flags & _wire.CLOSE else "drop", code)
 
     def _on_send(self, data: bytes) -> None:
         _, flags, (origin, reply, run, connection), payload = _wire.decode(data, 4)
@@ -533,8 +540,8 @@ class ClusterNode:
 
         ``False`` at once when the link is down or ``publish_queue`` publishes await their reply.
         """
-        pack = self._pack
-        if not self._connected or pack is None:
+        transport = self._transport
+        if not self._connected or transport is None:
             self.stats.publish_failed += 1
             self._warn("publish", "Redis is unreachable: publishes fail until the link is back (counted)")
             return False
@@ -547,25 +554,18 @@ class ClusterNode:
                 self.options.publish_queue,
             )
             return False
-        command = pack(b"PUBLISH", channel, payload)
-        writer = self._writer
+        # The whole PUBLISH command in one piece, one write (redis-py's packing took a list of parts).
+        command = b"*3\r\n$7\r\nPUBLISH\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n" % (len(channel), channel, len(payload), payload)
         if not in_flight:  # idle (nothing held either: what is held awaits its reply)
-            wanted = self._replies_wanted
-            assert wanted is not None
-            wanted.set()
-            if writer is not None:
-                writer.writelines(command)
-                self.stats.written += 1
-            else:
-                self._held = command
-                self._held_count = 1
+            transport.write(command)
+            self.stats.written += 1
+            self._progress_at = monotonic()
         else:
-            if not self._held and writer is not None:
+            if not self._held:
                 loop = self._loop
                 assert loop is not None
                 loop.call_soon(self._flush)
-            self._held += command
-            self._held_count += 1
+            self._held.append(command)
         in_flight.append(reply)
         return True
 

@@ -25,7 +25,7 @@ import json
 import struct
 from typing import Any
 
-__all__ = ["Status", "WireError", "decode", "encode", "pack", "unpack_payload"]
+__all__ = ["Status", "WireError", "decode", "decode_broadcast", "encode", "pack", "unpack_payload"]
 
 TEXT = 1
 CLOSE = 2
@@ -79,6 +79,25 @@ def decode(message: bytes, count: int) -> tuple[bytes, int, list[bytes], bytes]:
         fields.append(bytes(view[position : position + length]))
         position += length
     return kind, flags, fields, message[position:]
+
+
+def decode_broadcast(message: bytes) -> tuple[int, bytes, int, bytes]:
+    """A broadcast's flags, group, close code and data, read where they lie (its origin skipped)."""
+    try:
+        position = 2
+        (length,) = _LENGTH.unpack_from(message, position)  # the origin
+        position += 4 + length
+        (length,) = _LENGTH.unpack_from(message, position)
+        group = message[position + 4 : position + 4 + length]
+        position += 4 + length
+        (length,) = _LENGTH.unpack_from(message, position)
+        code = int(message[position + 4 : position + 4 + length])
+        position += 4 + length
+    except (struct.error, ValueError) as error:
+        raise WireError(f"a broadcast cut short or malformed: {error}") from None
+    if position > len(message):
+        raise WireError("a broadcast with a field longer than the message")
+    return message[1], group, code, message[position:]
 
 
 def pack(data: Any) -> tuple[int, bytes]:
