@@ -6,11 +6,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from pywsserver import OptionError, start_link
+from pywsserver._watchdog import LoopWatchdog
 
 from .test_metrics import scrape, value
 from .wstools import in_client_thread, url
@@ -145,6 +147,7 @@ async def test_a_blocked_loop_is_counted_in_the_metrics_with_the_longest_block()
         after = await scrape(server.port)
         assert value(after, "pywsserver_event_loop_blocks_total") >= blocks_before + 1
         assert value(after, "pywsserver_event_loop_longest_block_seconds") >= threshold
+        assert server.watchdog is not None
         assert value(after, "pywsserver_event_loop_longest_block_seconds") <= server.watchdog.max_lag
 
 
@@ -154,3 +157,32 @@ async def test_without_the_watchdog_the_metrics_have_no_block_figures() -> None:
     assert not any(name.startswith("pywsserver_event_loop_blocks") for name, _ in figures)
     assert not any(name.startswith("pywsserver_event_loop_longest_block") for name, _ in figures)
     assert ("pywsserver_event_loop_lag_seconds", ()) in figures  # the metrics' own probe stays
+
+
+def test_a_block_that_ends_before_the_watchdog_looks_again_is_counted_once() -> None:
+    """A heartbeat that ran late by more than the threshold, seen only after it ran (the block was over
+    before the watchdog's thread looked), counts one block: no report (its stack is gone), no double count.
+    The heartbeat is run on the watchdog's own thread here, as if scheduled a second earlier, so the
+    order of the thread's looks is fixed."""
+    watchdog = LoopWatchdog(0.05)
+    schedules = 0
+    more_heartbeats = threading.Event()
+
+    def schedule(beat: Callable[[], None]) -> None:
+        nonlocal schedules
+        schedules += 1
+        if schedules == 1:
+            watchdog._scheduled_at -= 1.0  # this heartbeat waited a second: the loop was blocked
+        beat()
+        if schedules == 5:
+            more_heartbeats.set()
+
+    thread = threading.Thread(target=watchdog._watch, args=(schedule,))
+    thread.start()
+    try:
+        assert more_heartbeats.wait(10)
+    finally:
+        watchdog._stop.set()
+        thread.join(10)
+    assert watchdog.blocked_count == 1
+    assert watchdog.max_lag >= 1.0
