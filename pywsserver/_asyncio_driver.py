@@ -457,6 +457,7 @@ class ProtocolDriver(asyncio.BufferedProtocol):
         """The write buffer drained: read again, carry out the actions that waited."""
         core = self._core
         core._can_write = True
+        core._take_mailbox()  # now: the task may be an async handler's, waiting for room for its own sends
         core._resume_reading()
         self.wake()
 

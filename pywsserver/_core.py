@@ -489,6 +489,8 @@ class ConnectionCore(HandlerCalls):
             waited = True
             if not self.alive:
                 raise ConnectionClosed(f"{self!r} is closed")
+        if waited and self._act_now(action):  # the mailbox was emptied meanwhile: nobody might take it now
+            return
         size = _size(action)
         self._queued_bytes += size
         try:
@@ -571,10 +573,11 @@ class ConnectionCore(HandlerCalls):
         out.append(frame)
         return True
 
-    def _take_mailbox(self) -> None:
-        """Carry out queued actions while the peer reads (for a driver with no mailbox task)."""
+    def _take_mailbox(self, bounded: bool = True) -> None:
+        """Carry out queued actions while the peer reads (for a driver with no mailbox task); not
+        ``bounded``, all of them, whatever the driver holds already."""
         mailbox = self._mailbox_receive
-        while mailbox is not None and not self._stopped and self._can_write:
+        while mailbox is not None and not self._stopped and (self._can_write or not bounded):
             try:
                 action = mailbox.receive_nowait()
             except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
@@ -887,6 +890,8 @@ class ConnectionCore(HandlerCalls):
         assert type(effect) is Deliver
         more = await _run_async(self._deliver_steps(effect.message))
         self._busy = False
+        if self._mailbox_receive is not None:
+            self._take_mailbox(bounded=False)  # the sends the handler queued go out before its reply
         self._queue.extend(reversed(more))
         self._run_queue()
         self._flush()

@@ -152,8 +152,11 @@ class TrioDriver:
         core = self._core
         if not core._can_write and self._pending_bytes <= core._options.write_buffer_size // 4:
             core._can_write = True
+            # The actions that waited go out now, from this task: the connection's task may be the
+            # async handler's, waiting for room in the mailbox (its own sends), and would wait forever.
+            core._take_mailbox()
             core._resume_reading()
-            self.wake()  # the task carries out the actions that waited
+            self.wake()
         if not pending:
             if self._close_requested:
                 self._close_now()
