@@ -4,6 +4,7 @@
     python benchmarks/instructions.py --server picows raw-buffered-echo --messages 2000 20000
     python benchmarks/instructions.py --server pywsserver-trio --mode broadcast --messages 20 120
     python benchmarks/instructions.py --server pywsserver-trio --mode handshake --messages 50 250
+    python benchmarks/instructions.py --server pywsserver-trio websockets --size 65536 --binary --messages 100 600
 
 Wall-clock rates on a busy shared machine drift by 10-15% between runs; instruction counts do not. Each
 server of ``servers.py`` is run under ``valgrind --tool=callgrind`` twice, and one client (in this
@@ -12,7 +13,8 @@ time, N2 the second); instructions per message = (total(N2) - total(N1)) / (N2 -
 handshake and shutdown cancel out. The instructions are the server process's only (its event loop,
 system-call wrappers and all), not the kernel's. Needs valgrind.
 
-``--mode broadcast``: 200 connections open; N rounds of one ``go:1:64`` message from the first, each
+``--size`` sets the payload (frames of any length: ``--size 65536 --binary`` is the large scenario's
+message). ``--mode broadcast``: 200 connections open; N rounds of one ``go:1:64`` message from the first, each
 round over once every connection has its copy: instructions per delivery (one frame to one member).
 ``--mode handshake``: N connections opened one after another, each upgraded and closed (client close
 frame, then the server's close): instructions per connection. ``--profile DIR`` keeps the second run's
@@ -67,13 +69,35 @@ def _handshake(sock: socket.socket) -> None:
         raise ConnectionError(f"handshake refused: {response[:80]!r}")
 
 
-def _masked_text(payload: bytes) -> bytes:
+def _length_field(size: int) -> bytes:
+    """The 7-bit length of a frame's second byte (mask bit not set), and its extended length if any."""
+    if size < 126:
+        return bytes((size,))
+    if size < 65536:
+        return bytes((126,)) + size.to_bytes(2, "big")
+    return bytes((127,)) + size.to_bytes(8, "big")
+
+
+def _masked_frame(payload: bytes, opcode: int = 1) -> bytes:
+    """A client's masked, unfragmented frame (text by default)."""
     mask = b"\x01\x02\x03\x04"
-    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-    return bytes((0x81, 0x80 | len(payload))) + mask + masked
+    size = len(payload)
+    keys = (mask * (size // 4 + 1))[:size]
+    masked = (int.from_bytes(payload, "big") ^ int.from_bytes(keys, "big")).to_bytes(size, "big")
+    length = _length_field(len(payload))
+    return bytes((0x80 | opcode, 0x80 | length[0])) + length[1:] + mask + masked
 
 
-def _echo(port: int, count: int, size: int, raw: bool) -> None:
+def _masked_text(payload: bytes) -> bytes:
+    return _masked_frame(payload)
+
+
+def _reply_size(size: int) -> int:
+    """Bytes of the server's unmasked frame carrying ``size`` bytes."""
+    return 1 + len(_length_field(size)) + size
+
+
+def _echo(port: int, count: int, size: int, raw: bool, binary: bool = False) -> None:
     payload = b"x" * size
     with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -81,7 +105,7 @@ def _echo(port: int, count: int, size: int, raw: bool) -> None:
             request, answer = payload, size
         else:
             _handshake(sock)
-            request, answer = _masked_text(payload), 2 + size
+            request, answer = _masked_frame(payload, 2 if binary else 1), _reply_size(size)
         for _ in range(count):
             sock.sendall(request)
             _receive_exactly(sock, answer)
@@ -114,7 +138,7 @@ def _close(sock: socket.socket) -> None:
 def _broadcast(port: int, rounds: int, size: int) -> None:
     members = [_connect(port) for _ in range(MEMBERS)]
     go = _masked_text(f"go:1:{size}".encode())
-    frame = 2 + size if size < 126 else 4 + size
+    frame = _reply_size(size)
     try:
         for _ in range(rounds):
             members[0].sendall(go)
@@ -130,7 +154,9 @@ def _handshakes(port: int, count: int) -> None:
         _close(_connect(port))
 
 
-def count_instructions(server: str, count: int, size: int, mode: str = "echo", keep: Path | None = None) -> int:
+def count_instructions(
+    server: str, count: int, size: int, mode: str = "echo", keep: Path | None = None, binary: bool = False
+) -> int:
     """Total instructions of one run of ``server`` doing ``count`` rounds of ``mode`` (start-up included)."""
     with tempfile.TemporaryDirectory() as directory:
         out = (keep or Path(directory)) / "callgrind.out"
@@ -155,7 +181,7 @@ def count_instructions(server: str, count: int, size: int, mode: str = "echo", k
             elif mode == "handshake":
                 _handshakes(port, count)
             else:
-                _echo(port, count, size, server in RAW)
+                _echo(port, count, size, server in RAW, binary)
         finally:
             process.terminate()
             try:
@@ -174,6 +200,7 @@ def main() -> None:
     parser.add_argument("--server", nargs="+", default=["pywsserver"], help="servers of servers.py")
     parser.add_argument("--messages", nargs=2, type=int, default=[2000, 12000], metavar=("N1", "N2"))
     parser.add_argument("--size", type=int, default=64, help="payload bytes (default 64)")
+    parser.add_argument("--binary", action="store_true", help="echo binary messages, not text (as the large scenario)")
     parser.add_argument("--mode", choices=["echo", "broadcast", "handshake"], default="echo")
     parser.add_argument("--profile", type=Path, help="keep the second run's callgrind output in this directory")
     args = parser.parse_args()
@@ -183,12 +210,12 @@ def main() -> None:
     per = {"echo": (1, "message"), "broadcast": (MEMBERS, "delivery"), "handshake": (1, "connection")}
     factor, unit = per[args.mode]
     for server in args.server:
-        low = count_instructions(server, first, args.size, args.mode)
+        low = count_instructions(server, first, args.size, args.mode, binary=args.binary)
         keep = None
         if args.profile is not None:
             keep = args.profile / server
             keep.mkdir(parents=True, exist_ok=True)
-        high = count_instructions(server, second, args.size, args.mode, keep)
+        high = count_instructions(server, second, args.size, args.mode, keep, args.binary)
         figure = (high - low) / ((second - first) * factor)
         print(f"{server:24} {figure:,.0f} instructions per {unit} ({args.mode})", flush=True)
 

@@ -59,7 +59,9 @@ class Service:
         return ("reply", message, state)
 
 
-def options(seen: dict[str, Any], *websocket: tuple[str, Any], **top: Any) -> list[tuple[str, Any]]:
+def options(
+    seen: dict[str, Any], *websocket: tuple[str, Any], handler: Any = None, **top: Any
+) -> list[tuple[str, Any]]:
     return [
         ("port", 0),
         *top.items(),
@@ -72,7 +74,7 @@ def options(seen: dict[str, Any], *websocket: tuple[str, Any], **top: Any) -> li
                         (
                             "websocket",
                             [
-                                ("handler_module", Service),
+                                ("handler_module", handler or Service),
                                 ("handler_options", {"seen": seen}),
                                 ("max_message_size", 16 << 20),
                                 *websocket,
@@ -256,3 +258,53 @@ async def test_above_the_bound_the_connection_stops_reading_and_its_timers_still
             assert driver._closed
         finally:
             sock.close()
+
+
+class SyncEcho:
+    """A sync handler (the steady state's): echo, with every message recorded."""
+
+    def init(self, options: dict[str, Any]) -> dict[str, Any]:
+        seen: dict[str, Any] = options["seen"]
+        seen["workers"].append(options["worker"])
+        return seen
+
+    def handle(self, message: Any, seen: dict[str, Any]) -> Any:
+        if isinstance(message, ConnectionClose):
+            seen["closes"].append(message)
+            return ("noreply", seen)
+        seen["messages"].append(message)
+        return ("reply", message, seen)
+
+
+async def test_a_sync_handlers_reads_are_parsed_in_the_shared_buffer_and_answered_as_before(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With a sync handler the driver hands each read to the core's steady path, in place: the same
+    answers as the general path for every size, up to a 1 MiB message that arrives in many reads."""
+    steady_reads = []
+    general_reads = []
+    steady_input = _core.ConnectionCore._steady_input
+    feed = _core.ConnectionCore._input
+
+    def counting_steady_input(core: _core.ConnectionCore, data: memoryview) -> bool:
+        taken = steady_input(core, data)
+        (steady_reads if taken else general_reads).append(len(data))
+        return taken
+
+    def counting_input(core: _core.ConnectionCore, kind: str, value: Any) -> None:
+        if kind == "data":
+            assert type(value) is bytes  # a copy: the shared buffer is read into again
+        feed(core, kind, value)
+
+    monkeypatch.setattr(_core.ConnectionCore, "_steady_input", counting_steady_input)
+    monkeypatch.setattr(_core.ConnectionCore, "_input", counting_input)
+    script = [
+        message for message in SCRIPT if not (isinstance(message, str) and message[:4] in ("stre", "all:", "big:"))
+    ]
+    seen = new_seen()
+    async with start_link(options(seen, handler=SyncEcho)) as server:
+        answers = await in_client_thread(run_script, server.port, script, timeout=60)
+    assert seen["messages"] == script
+    assert answers == script
+    assert steady_reads, "no read took the steady path"
+    assert general_reads, "the 1 MiB message's parts take the general path"
