@@ -421,10 +421,11 @@ class ProtocolDriver(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         """Bytes arrived: parsed where they lie in the steady state, else a copy goes to the core."""
-        data = self._view[:nbytes]
         core = self._core
-        if not core._steady_input(data):
-            core._input("data", bytes(data))
+        if core._steady_ok or core._steady_check():  # one test per read while the connection stays steady
+            core._steady_read(self._view, nbytes)
+        else:
+            core._input("data", bytes(self._view[:nbytes]))
 
     def eof_received(self) -> bool:
         """The peer's end: close the transport once the core is done with it."""

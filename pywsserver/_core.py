@@ -89,6 +89,13 @@ from .protocols import (
     TLSInfo,
     Write,
 )
+from .protocols._frames import (
+    STEADY_DONE,
+    STEADY_PARSED,
+    STEADY_RAISED,
+    STEADY_RESULT,
+    steady_read,
+)
 from .supervision import cleanup_scope, groups
 
 __all__ = ["ConnectionCore", "ConnectionLogger", "Driver", "Observer", "WorkerState", "bad_input", "describe_output"]
@@ -315,6 +322,9 @@ class ConnectionCore(HandlerCalls):
         "_socket_closed",
         "_started_at",
         "_steady",
+        "_steady_idle",
+        "_steady_limit",
+        "_steady_ok",
         "_stopped",
         "_timers",
         "_token",
@@ -376,11 +386,17 @@ class ConnectionCore(HandlerCalls):
         self._log: ConnectionLogger | None = None  # made at the first line logged
         self._log_context: dict[str, Any] | None = None
         self._frames_log: ConnectionLogger | None = None
-        self._steady: Callable[[memoryview], Any] | None = None  # the module's steady_messages, if any
         self._raw_frames_ok: Callable[[], bool] | None = None  # the module's raw_frames_ok, if any
         # The event loop's cores with broadcast frames to write at the end of the turn (set by a
         # driver that gathers them, see `_broadcast_now`), or ``None``: `Driver.flush_soon` per core.
         self._flushes: list[ConnectionCore] | None = None
+        # The steady path (`_steady_read`): the module's ``steady_parameters``, if it has one; whether
+        # the last `_steady_check` found the connection steady and nothing has happened since (see
+        # there); and the parameters that check found.
+        self._steady: Callable[[], tuple[int, float | None] | None] | None = None
+        self._steady_ok = False
+        self._steady_limit = 0
+        self._steady_idle: float | None = None
         # What the connection carried, for the access log and the metrics (plain integers: no cost to speak of).
         self._bytes_in = self._bytes_out = self._messages_in = self._messages_out = 0
         self._handler_errors = self._mailbox_full = 0
@@ -587,6 +603,7 @@ class ConnectionCore(HandlerCalls):
 
     def _act(self, action: Action) -> None:
         """Carry out an action's effects at once; actions never call the handler."""
+        self._steady_ok = False  # the module may change (a close, a ping): `_steady_check` again
         for effect in self._module.action(action):
             if type(effect) is Deliver:
                 raise RuntimeError(f"{type(self._module).__name__}.action() returned Deliver, which it may not")
@@ -600,6 +617,7 @@ class ConnectionCore(HandlerCalls):
         if not self.alive:
             return
         self._aborted = ConnectionClose(code, reason)
+        self._steady_ok = False
         self.log.warning("closing the connection: %s", reason)
         # The driver drops the socket; the task sees the core stopped and ends (after an async
         # handler call in progress returns), then tells the handler.
@@ -623,33 +641,30 @@ class ConnectionCore(HandlerCalls):
         self._dispatch(kind, value)
 
     def _set_module(self, module: ProtocolModule) -> None:
-        """Make ``module`` the connection's protocol module, its ``steady_messages`` shortcut looked up once."""
+        """Make ``module`` the connection's protocol module, its ``steady_parameters`` looked up once."""
+        self._steady_ok = False
         self._module = module
-        self._steady = getattr(module, "steady_messages", None)
+        self._steady = getattr(module, "steady_parameters", None)
         self._raw_frames_ok = getattr(module, "raw_frames_ok", None)
 
-    def _steady_input(self, data: memoryview) -> bool:
-        """Bytes read in the steady state, handled without effect objects; ``False`` (nothing read) if
-        the connection is not in it: the driver then hands a copy to `_input`.
+    def _steady_check(self) -> bool:
+        """Whether the next read may take `_steady_read`; sets ``_steady_ok`` when it may.
 
-        The steady state: nothing queued or waiting, a sync handler past ``init``, no frame log, and a
-        module that has a ``steady_messages`` shortcut and finds itself steady too (the WebSocket
-        module: open, no frame carried over, no message waiting). ``data`` is parsed where it lies
-        (no copy); each message goes to ``handle``, and the two commonest results, ``("reply",
-        data, state)`` and ``("noreply", state)``, are answered here, the replies gathered in
-        ``_out`` and written in one piece. Any other result, an exception, or a connection that
-        leaves the steady state during the call (the handler closed it) goes on through the general
-        path from that message on, as if it had come that way (`_handled`, `_feed`).
-
-        What it buys: no copy of the read, and no ``Deliver``/``Write``/``Reply`` objects, queue or
-        inbox per message: a 64-byte echoed message went from 72,300 to 47,000 instructions under
-        callgrind (``benchmarks/instructions.py``). ``tests/test_steady_path.py`` holds it to the
-        general path with hypothesis.
+        The steady state: nothing queued or waiting, the socket open, a sync handler past ``init``,
+        no frame log, and a module that has ``steady_parameters`` and finds itself steady too (the
+        WebSocket module: open, no frame carried over, no message waiting, no compression).
+        ``_steady_ok`` then spares the next reads these dozen tests: it is set here only, and
+        cleared by every method through which the core's or the module's state can change
+        (`_feed`, `_act`, `_abort`, `_set_module`, `_on_lost`, `_tls_failed`, `_finish`), so
+        that it is true only while nothing has happened since this check but steady reads.
         """
         handler = self._handler
+        steady = self._steady
         if (
-            self._busy
+            steady is None
+            or self._busy
             or self._stopped
+            or self._socket_closed
             or self._backlog
             or self._queue
             or self._frames_log is not None
@@ -658,52 +673,68 @@ class ConnectionCore(HandlerCalls):
             or handler.async_handle
         ):
             return False
-        steady = self._steady
-        if steady is None:
+        parameters = steady()
+        if parameters is None:
             return False
-        answer = steady(data)
-        if answer is None:
-            return False
-        self._bytes_in += len(data)
-        module: Any = self._module  # the WebSocket module (its steady_* methods are not in the contract)
-        messages, effects = answer
-        if effects:
-            self._feed(effects)
-        if messages is None:
-            return True
-        out = self._out
-        for index, message in enumerate(messages):
-            self._messages_in += 1
-            try:
-                raw = self._handler_object.handle(message, self._handler_state)
-            except Exception as error:
-                module.steady_resume(message, messages[index + 1 :])
-                self._report(f"raised in handle({message!r:.80})", error)
-                self._feed(module.handler_failed(error))
-                return True
-            frame = None
-            if type(raw) is tuple and not self._stopped:
-                size = len(raw)
-                # The reply test is normalize_result's own first test: the same answer for any value.
-                if size == 3 and raw[0] == "reply" and type(raw[1]) in (str, bytes):
-                    frame = module.steady_reply(raw[1])
-                elif size == 2 and type(raw[0]) is str and raw[0] == "noreply":
-                    frame = module.steady_reply(None)
-            if frame is None:  # anything else: the general path, from this message on
-                module.steady_resume(message, messages[index + 1 :])
-                self._feed(self._handled(message, raw))
-                return True
-            self._handler_state = raw[-1]
-            if frame and not self._socket_closed:
-                out.append(frame)
-        # `_flush` inlined (no frame log in the steady state): one Python call less per read.
-        if out:
-            reply = out[0] if len(out) == 1 else b"".join(out)
-            out.clear()
-            if not self._socket_closed:
-                self._bytes_out += len(reply)
-                self._writer.write(reply)
+        self._steady_limit, self._steady_idle = parameters
+        self._steady_ok = True
         return True
+
+    def _steady_read(self, buffer: memoryview, nbytes: int) -> None:
+        """The first ``nbytes`` of ``buffer`` read in the steady state (`_steady_check`), parsed where
+        they lie and handled without effect objects.
+
+        One call of `steady_read` (C, or its pure-Python twin) parses the frames, hands each message
+        to ``handle`` and answers the two commonest results, ``("reply", data, state)`` and
+        ``("noreply", state)``, with frames appended to ``_out``, which is then written in one piece.
+        It stops at anything else: a read that is not only whole text and binary frames goes to the
+        module as `data_received` would have it (the parse is not done twice); another result, an
+        exception, or a call after which ``_steady_ok`` is false (the handler closed the connection,
+        sent, ...) goes on through the general path from that message on, as if it had come that way
+        (`_handled`, `_feed`). Frames the handler's calls write meanwhile (``send``, broadcasts)
+        go through ``_out`` too, so the order is kept.
+
+        What it buys: no copy of the read, no ``Deliver``/``Write``/``Reply`` objects, queue or inbox
+        per message, and no Python frame but this one and ``handle`` between the read and the
+        write: a 64-byte echoed message went from 72,300 to 47,000 instructions under callgrind with
+        the effect objects gone, then from 46,200 to 35,900 with the parse, the calls and the
+        replies in one C call (``benchmarks/instructions.py``; on uvloop 22,600 to 12,500).
+        ``tests/test_steady_path.py`` holds it to the general path with hypothesis.
+        """
+        idle = self._steady_idle
+        if idle is not None:
+            self._set_timer("idle", idle)  # as the module's data_received would first
+        self._bytes_in += nbytes
+        out = self._out
+        answer = steady_read(buffer, nbytes, self._steady_limit, self._handler_object, self._handler_state, out, self)
+        kind = answer[0]
+        module: Any = self._module  # the WebSocket module (its steady_* methods are not in the contract)
+        if kind == STEADY_PARSED:
+            self._feed(module.steady_parsed(bytes(buffer[:nbytes]), answer[1]))
+            return
+        self._handler_state = answer[1]
+        count = answer[2]
+        self._messages_in += count
+        if answer[3]:
+            module.messages_out += answer[3]
+        if kind != STEADY_DONE:  # the general path, from the message of the last call on
+            items = answer[4]
+            message = items[count - 1]
+            module.steady_resume(message, items[count:])
+            if kind == STEADY_RESULT:
+                self._feed(self._handled(message, answer[5]))
+            elif kind == STEADY_RAISED:
+                self._report(f"raised in handle({message!r:.80})", answer[5])
+                self._feed(module.handler_failed(answer[5]))
+            else:  # not an Exception (KeyboardInterrupt, a cancellation): raised again, as handle raised it
+                self._steady_ok = False
+                raise answer[5]
+            return
+        # `_flush` inlined (no frame log in the steady state), the output joined in `steady_read`.
+        reply = answer[4]
+        if reply is not None and not self._socket_closed:
+            self._bytes_out += len(reply)
+            self._writer.write(reply)
 
     def _dispatch(self, kind: str, value: Any) -> None:
         if self._frames_log is not None:
@@ -735,6 +766,7 @@ class ConnectionCore(HandlerCalls):
 
     def _on_lost(self) -> None:
         """The driver's socket is closed (by either side)."""
+        self._steady_ok = False
         self._socket_closed = True
         self._on_eof()
         self._driver.wake()
@@ -794,6 +826,7 @@ class ConnectionCore(HandlerCalls):
 
     def _feed(self, effects: list[Effect]) -> None:
         """Queue effects and carry out all that need no task; a call to an async handler wakes the task."""
+        self._steady_ok = False  # the module and the core may change: `_steady_check` again
         if effects:
             self._queue[0:0] = effects[::-1]  # after whatever is still pending
         self._run_queue()
@@ -904,6 +937,7 @@ class ConnectionCore(HandlerCalls):
         # Scanners and stalled clients fail here all the time: not worth more than a debug line.
         self.log.debug("TLS handshake failed: %r", error)
         bad_input("failed TLS handshakes", f"{self._peer_text}: {error!r}", self._context())
+        self._steady_ok = False
         self._socket_closed = True
         self._stopped = True
 
@@ -963,6 +997,7 @@ class ConnectionCore(HandlerCalls):
             self._room.set()
             self._room = None
         self.state = WorkerState.DONE
+        self._steady_ok = False
         self._driver.cancel_timer()
         self._timers.clear()
         try:

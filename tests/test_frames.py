@@ -283,3 +283,194 @@ def test_the_websocket_module_uses_the_c_parser_for_a_read_of_whole_frames() -> 
         assert calls == [len(data)]
     finally:
         _websocket._parse_frames = saved
+
+
+# ------------------------------------------------------------------ steady_read
+
+#: What the handler of `steady_read` answers, cycling through a drawn script.
+SHAPES = [
+    "reply-str",
+    "reply-bytes",
+    "noreply",
+    "reply-int",  # ("reply", 5, state): not answered
+    "reply-bytearray",  # not exact bytes: not answered
+    "reply-surrogate",  # text that cannot be encoded: not answered
+    "tuple-subclass",
+    "str-subclass-tag",  # (a str subclass "reply", ...): not answered
+    "list",  # ["noreply", state]
+    "close",  # ("close", 1000)
+    "none",
+    "raise",
+    "raise-base",  # a BaseException that is not an Exception
+    "leave",  # the call clears the core's flag, then replies
+    "long-tuple",
+]
+
+
+class _Tag(str):
+    __slots__ = ()
+
+
+class _Tuple(tuple):  # type: ignore[type-arg]
+    __slots__ = ()
+
+
+class _Stop(BaseException):
+    pass
+
+
+class _Core:
+    """What `steady_read` reads of the connection core: its flag."""
+
+    __slots__ = ("_steady_ok",)
+
+    def __init__(self) -> None:
+        self._steady_ok = True
+
+
+class ShapeHandler:
+    """Answers each message as the script says; records the calls."""
+
+    def __init__(self, script: list[str], core: _Core) -> None:
+        self.script = script
+        self.core = core
+        self.calls: list[Any] = []
+
+    def handle(self, message: Any, state: int) -> Any:
+        self.calls.append((message, state))
+        what = self.script[len(self.calls) % len(self.script)] if self.script else "reply-str"
+        new = state + 1
+        if what == "reply-str":
+            return ("reply", message if isinstance(message, str) else "é" * (state % 3), new)
+        if what == "reply-bytes":
+            return ("reply", b"b" * (state % 200), new)
+        if what == "noreply":
+            return ("noreply", new)
+        if what == "reply-int":
+            return ("reply", 5, new)
+        if what == "reply-bytearray":
+            return ("reply", bytearray(b"x"), new)
+        if what == "reply-surrogate":
+            return ("reply", "\ud800", new)
+        if what == "tuple-subclass":
+            return _Tuple(("noreply", new))
+        if what == "str-subclass-tag":
+            return (_Tag("reply"), "x", new)
+        if what == "list":
+            return ["noreply", new]
+        if what == "close":
+            return ("close", 1000)
+        if what == "none":
+            return None
+        if what == "raise":
+            raise ValueError(f"failed at {state}")
+        if what == "raise-base":
+            raise _Stop(f"stopped at {state}")
+        if what == "leave":
+            self.core._steady_ok = False
+            return ("reply", "after", new)
+        return ("reply", "x", new, "extra")
+
+
+def _comparable(value: Any) -> Any:
+    """Exceptions as (type, args): two runs raise equal, not identical, ones."""
+    if isinstance(value, BaseException):
+        return (type(value), value.args)
+    if isinstance(value, tuple) and type(value) is tuple:
+        return tuple(_comparable(item) for item in value)
+    return (type(value), value) if isinstance(value, tuple | list) else value
+
+
+def _steady(read: Any, data: bytes, nbytes: int, limit: int, script: list[str], out: list[bytes]) -> Any:
+    core = _Core()
+    handler = ShapeHandler(script, core)
+    buffer = bytearray(data)
+    answer = read(memoryview(buffer), nbytes, limit, handler, 0, out, core)
+    buffer[:] = b"\xaa" * len(buffer)  # the buffer is reused: nothing may keep it
+    return _comparable(answer), handler.calls, list(out), core._steady_ok
+
+
+data_streams = st.one_of(
+    st.lists(
+        st.one_of(
+            st.builds(lambda t, m: frame(1, t.encode("utf-8"), mask=m), st.text(max_size=150), masks),
+            st.builds(lambda b, m: frame(2, b, mask=m), st.binary(max_size=150), masks),
+            st.builds(lambda b, f: frame(2, b, length_form=f), st.binary(max_size=200), st.sampled_from([126, 127])),
+        ),
+        max_size=8,
+    ).map(b"".join),
+    streams,
+)
+
+
+@needs_c
+@settings(max_examples=500, deadline=None)
+@given(
+    data=data_streams,
+    extra=st.binary(max_size=3),
+    cut=st.integers(0, 4000),
+    limit=limits,
+    script=st.lists(st.sampled_from(SHAPES), max_size=6),
+    before=st.lists(st.binary(max_size=5), max_size=2),
+)
+def test_steady_read_c_and_python_agree_on_any_read_and_any_result(
+    data: bytes, extra: bytes, cut: int, limit: int, script: list[str], before: list[bytes]
+) -> None:
+    nbytes = min(cut, len(data)) if cut < len(data) else len(data)
+    buffer = data + extra  # the driver's buffer holds more than was read
+    with_c = _steady(_frames.steady_read, buffer, nbytes, limit, script, list(before))
+    with_python = _steady(_frames.steady_read_python, buffer, nbytes, limit, script, list(before))
+    assert with_c == with_python
+
+
+@needs_c
+@settings(max_examples=1000, deadline=None)
+@given(st.binary(max_size=300), limits, st.lists(st.sampled_from(SHAPES), max_size=4))
+def test_steady_read_fuzzed_with_random_bytes_answers_as_python(data: bytes, limit: int, script: list[str]) -> None:
+    assert _steady(_frames.steady_read, data, len(data), limit, script, []) == _steady(
+        _frames.steady_read_python, data, len(data), limit, script, []
+    )
+
+
+@pytest.mark.parametrize("read", [_frames.steady_read_python, _frames.steady_read], ids=["python", "default"])
+def test_steady_read_answers_whole_data_frames_and_stops_where_it_must(read: Any) -> None:
+    data = frame(1, b"one") + frame(2, b"two") + frame(1, b"three")
+    out: list[bytes] = [b"before"]
+    answer, calls, rest, _ = _steady(read, data, len(data), 100, ["noreply", "reply-str", "reply-bytes"], out)
+    # The n-th call answers as the script's entry n (modulo its length): the first one replies.
+    assert calls == [("one", 0), (b"two", 1), ("three", 2)]
+    assert answer == (_frames.STEADY_DONE, 3, 3, 2, b"before" + b"\x81\x03one" + b"\x82\x01b")
+    assert rest == []
+    # A ping in the read: nothing is called, the parse is handed back.
+    data = frame(1, b"one") + frame(9, b"p")
+    answer, calls, rest, _ = _steady(read, data, len(data), 100, [], [])
+    assert calls == [] and answer == (_frames.STEADY_PARSED, _comparable(parse_frames_python(data, 100)))
+    # A frame cut short: the same.
+    answer, calls, _, _ = _steady(read, data, 5, 100, [], [])
+    assert calls == [] and answer == (_frames.STEADY_PARSED, _comparable(parse_frames_python(data[:5], 100)))
+    # A result it does not answer: where it stopped, the state that call got, what it returned.
+    data = frame(1, b"a") + frame(1, b"b") + frame(1, b"c")
+    answer, calls, rest, _ = _steady(read, data, len(data), 100, ["close", "reply-str"], [])
+    assert answer[:4] == (_frames.STEADY_RESULT, 1, 2, 1)  # the first call replied, the second closed
+    assert answer[4] == (list, ["a", "b", "c"]) and answer[5] == ("close", 1000)
+    assert rest == [b"\x81\x01a"]
+    # An exception: the same, with the exception.
+    answer, *_ = _steady(read, data, len(data), 100, ["raise"], [])
+    assert answer[:4] == (_frames.STEADY_RAISED, 0, 1, 0) and answer[5] == (ValueError, ("failed at 0",))
+    answer, *_ = _steady(read, data, len(data), 100, ["raise-base"], [])
+    assert answer[:4] == (_frames.STEADY_FATAL, 0, 1, 0) and answer[5] == (_Stop, ("stopped at 0",))
+    # The flag gone during a call: that call's result goes to the general path.
+    answer, calls, rest, steady = _steady(read, data, len(data), 100, ["reply-str", "leave"], [])
+    assert answer[:4] == (_frames.STEADY_RESULT, 0, 1, 0) and answer[5] == ("reply", "after", 1)
+    assert not steady and rest == []
+
+
+@pytest.mark.parametrize("read", [_frames.steady_read_python, _frames.steady_read], ids=["python", "default"])
+def test_steady_read_refuses_bad_arguments(read: Any) -> None:
+    handler = ShapeHandler([], _Core())
+    with pytest.raises(ValueError, match="negative"):
+        read(b"", 0, -1, handler, 0, [], _Core())
+    with pytest.raises(ValueError, match="within"):
+        read(b"ab", 3, 10, handler, 0, [], _Core())
+    with pytest.raises(TypeError):
+        read("text", 0, 10, handler, 0, [], _Core())

@@ -13,16 +13,17 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pywsserver import Worker, broadcast
+from pywsserver import Worker, _core, broadcast
 from pywsserver._core import ConnectionCore
 from pywsserver._options import parse_options
 from pywsserver.protocols import CloseAction
-from pywsserver.protocols._frames import SPEEDUPS
+from pywsserver.protocols._frames import steady_read, steady_read_python
 
 from .test_websocket_fastpath import client_frames, encode
 
 _groups = itertools.count()
-needs_c = pytest.mark.skipif(not SPEEDUPS, reason="the steady path needs the C parser (no compiler at install)")
+#: The steady path's one call per read: the C speedup's (when built) and its pure-Python twin.
+READS = {"default": steady_read, "python": steady_read_python}
 
 #: What the handler does with the n-th message (cycling through the drawn script).
 RESULTS = [
@@ -156,8 +157,14 @@ class SyncDriver:
         self.core._flush()
 
 
-def serve(data: bytes, cuts: list[int], script: list[str], steady: bool, limit: int, idle: bool) -> dict[str, Any]:
-    """Feed ``data`` in pieces to a core serving the WebSocket module; what came out of it."""
+def serve(
+    data: bytes, cuts: list[int], script: list[str], steady: bool, limit: int, idle: bool, read: str = "default"
+) -> dict[str, Any]:
+    """Feed ``data`` in pieces to a core serving the WebSocket module; what came out of it.
+
+    ``steady``: each piece as the asyncio driver hands it over (the steady path when the core is
+    steady, with ``read`` as its `steady_read`); else each piece to the general path.
+    """
     log: list[Any] = []
     websocket: list[tuple[str, Any]] = [
         ("handler_module", ScriptHandler),
@@ -176,23 +183,12 @@ def serve(data: bytes, cuts: list[int], script: list[str], steady: bool, limit: 
     driver = SyncDriver(core)
     core._attach(driver)  # type: ignore[arg-type]
     core._feed(core._module.start(b"", {}))
-    taken = 0
-    start = 0
-    for cut in [*sorted(set(cuts)), len(data)]:
-        if cut <= start:
-            continue
-        piece = data[start:cut]
-        start = cut
-        if steady:
-            buffer = bytearray(piece)
-            view = memoryview(buffer)
-            if core._steady_input(view):
-                taken += 1
-            else:
-                core._input("data", bytes(view))
-            buffer[:] = b"\xaa" * len(buffer)  # the driver's buffer is reused: nothing may keep it
-        else:
-            core._input("data", piece)
+    saved = _core.steady_read
+    _core.steady_read = READS[read]
+    try:
+        taken = _feed_pieces(core, data, cuts, steady)
+    finally:
+        _core.steady_read = saved
     core._on_eof()
     module: Any = core._module
     return {
@@ -206,13 +202,37 @@ def serve(data: bytes, cuts: list[int], script: list[str], steady: bool, limit: 
     }
 
 
+def _feed_pieces(core: ConnectionCore, data: bytes, cuts: list[int], steady: bool) -> int:
+    """Hand ``data`` to ``core`` cut at ``cuts``; how many pieces took the steady path."""
+    taken = start = 0
+    for cut in [*sorted(set(cuts)), len(data)]:
+        if cut <= start:
+            continue
+        piece = data[start:cut]
+        start = cut
+        if steady:
+            buffer = bytearray(piece) + bytearray(b"\x81")  # more in the buffer than was read
+            view = memoryview(buffer)
+            if core._steady_ok:  # the flag kept from an earlier check must still be right
+                core._steady_ok = False
+                assert core._steady_check()
+            if core._steady_check():
+                core._steady_read(view, len(piece))
+                taken += 1
+            else:
+                core._input("data", bytes(view[: len(piece)]))
+            buffer[:] = b"\xaa" * len(buffer)  # the driver's buffer is reused: nothing may keep it
+        else:
+            core._input("data", piece)
+    return taken
+
+
 def _lines(records: list[logging.LogRecord]) -> list[str]:
     """The first line of each record, without connection numbers and object addresses."""
     lines = (record.getMessage().splitlines()[0] for record in records)
     return [re.sub(r" at 0x[0-9a-f]+|(?:conn|Worker) \d+", "", line) for line in lines]
 
 
-@needs_c
 @settings(
     max_examples=int(os.environ.get("PYWSSERVER_FUZZ_EXAMPLES", "300")),
     deadline=None,
@@ -224,9 +244,16 @@ def _lines(records: list[logging.LogRecord]) -> list[str]:
     script=st.lists(st.sampled_from(RESULTS), max_size=6),
     limit=st.sampled_from([64, 1 << 20]),
     idle=st.booleans(),
+    read=st.sampled_from(sorted(READS)),
 )
 def test_the_steady_path_does_what_the_general_path_does(
-    frames: list[Any], cuts: list[int], script: list[str], limit: int, idle: bool, caplog: pytest.LogCaptureFixture
+    frames: list[Any],
+    cuts: list[int],
+    script: list[str],
+    limit: int,
+    idle: bool,
+    read: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     data = encode(frames)
     caplog.clear()
@@ -234,20 +261,20 @@ def test_the_steady_path_does_what_the_general_path_does(
         general = serve(data, cuts, script, steady=False, limit=limit, idle=idle)
         general_logs = _lines(caplog.records)
         caplog.clear()
-        steady = serve(data, cuts, script, steady=True, limit=limit, idle=idle)
+        steady = serve(data, cuts, script, steady=True, limit=limit, idle=idle, read=read)
         steady_logs = _lines(caplog.records)
     del general["taken"], steady["taken"]
     assert steady == general
     assert steady_logs == general_logs
 
 
-@needs_c
-def test_echoes_of_whole_frames_take_the_steady_path() -> None:
+@pytest.mark.parametrize("read", sorted(READS))
+def test_echoes_of_whole_frames_take_the_steady_path(read: str) -> None:
     """The common case does take the shortcut (else the property above would test nothing)."""
     mask = b"\x01\x02\x03\x04"
     frame = bytes((0x81, 0x80 | 5)) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(b"hello"))
     data = frame * 3
-    result = serve(data, [11], ["echo"], steady=True, limit=1 << 20, idle=True)
+    result = serve(data, [11], ["echo"], steady=True, limit=1 << 20, idle=True, read=read)
     assert result["taken"] == 2  # one frame, then two
     assert result["written"].startswith(b"\x81\x05hello" * 3)
     assert [entry[1] for entry in result["told"][:3]] == ["hello"] * 3

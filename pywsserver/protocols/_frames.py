@@ -7,6 +7,12 @@ stops at the first frame it does not take, and at a close frame, and says
 why; the WebSocket module judges the close frame's payload itself and hands a
 frame it does not take, and what follows, to wsproto.
 
+`steady_read` is a whole read of the connection core's steady state in one
+call: the frames parsed, each message handed to the handler's ``handle``, the
+commonest results (a reply, no reply) answered with frames, and where it had
+to stop, and why, told to the core, which goes on from there on its general
+path (``ConnectionCore._steady_read``).
+
 The C speedup (``pywsserver._speedups``, built at install when a compiler is
 there) does it with no Python call per frame; without it, the pure-Python
 functions below are used. Both give the same answers for any bytes
@@ -26,10 +32,17 @@ __all__ = [
     "INCOMPLETE",
     "OTHER",
     "SPEEDUPS",
+    "STEADY_DONE",
+    "STEADY_FATAL",
+    "STEADY_PARSED",
+    "STEADY_RAISED",
+    "STEADY_RESULT",
     "encode_frame",
     "encode_frame_python",
     "parse_frames",
     "parse_frames_python",
+    "steady_read",
+    "steady_read_python",
 ]
 
 #: Why `parse_frames` stopped: at the end of the complete frames (what is left is kept for more bytes),
@@ -40,6 +53,17 @@ OTHER = 1
 CLOSE = 2
 #: at a text frame that is not UTF-8 (``detail`` is the decoder's message; ``position`` is after it).
 BAD_UTF8 = 3
+
+#: How `steady_read`'s answer begins: every message was answered, ``(DONE, state, count, replies)``;
+STEADY_DONE = 0
+#: the read is not whole text and binary frames only, no handler called: ``(PARSED, parsed)``;
+STEADY_PARSED = 1
+#: a result it does not answer: ``(RESULT, state, count, replies, items, result)``;
+STEADY_RESULT = 2
+#: ``handle`` raised an Exception: ``(RAISED, state, count, replies, items, exception)``;
+STEADY_RAISED = 3
+#: ``handle`` raised another BaseException, to be raised again: ``(FATAL, ..., items, exception)``.
+STEADY_FATAL = 4
 
 #: What `parse_frames` returns: (items, position, stop, detail).
 Parsed = tuple[list[Any], int, int, str | None]
@@ -109,14 +133,80 @@ def encode_frame_python(data: str | bytes) -> bytes:
     return header + payload
 
 
+def steady_read_python(
+    buffer: bytes | bytearray | memoryview,
+    nbytes: int,
+    limit: int,
+    handler: Any,
+    state: Any,
+    out: list[bytes],
+    core: Any,
+) -> tuple[Any, ...]:
+    """A read of the core's steady state: the first ``nbytes`` of ``buffer`` parsed and handled.
+
+    Unless they are whole text and binary frames only, no handler is called: ``(STEADY_PARSED,
+    parsed)`` (what `parse_frames` gives). Else each message goes to ``handler.handle(message,
+    state)`` in turn; ``("reply", str or bytes, state)`` has its frame appended to ``out``,
+    ``("noreply", state)`` nothing, and the next call gets the new state, as long as
+    ``core._steady_ok`` is still true after the call: ``(STEADY_DONE, state, count, replies,
+    output)``, ``output`` being what ``out`` held as one bytes object (``None`` if nothing), ``out``
+    emptied. Anything else stops it, the
+    message given to the last call being ``items[count - 1]`` and ``state`` the one it got:
+    ``(STEADY_RESULT, state, count, replies, items, result)`` for another result (another shape, a
+    tuple subclass, text that cannot be encoded, the flag gone false), ``(STEADY_RAISED, ...,
+    items, exception)`` when ``handle`` raised an Exception, ``(STEADY_FATAL, ..., items,
+    exception)`` for any other exception.
+    """
+    if limit < 0:
+        raise ValueError("limit must not be negative")
+    if not 0 <= nbytes <= len(buffer):
+        raise ValueError("nbytes must be within the buffer")
+    parsed = parse_frames_python(bytes(buffer[:nbytes]), limit)
+    items, position, stop, _ = parsed
+    if stop != INCOMPLETE or position != nbytes or any(type(item) is tuple for item in items):
+        return STEADY_PARSED, parsed
+    count = replies = 0
+    for message in items:
+        count += 1
+        try:
+            raw = handler.handle(message, state)
+        except Exception as error:
+            return STEADY_RAISED, state, count, replies, items, error
+        except BaseException as error:
+            return STEADY_FATAL, state, count, replies, items, error
+        if type(raw) is tuple and getattr(core, "_steady_ok", False) is True:
+            if len(raw) == 3 and _is_literal(raw[0], "reply") and type(raw[1]) in (str, bytes):
+                try:
+                    frame = encode_frame_python(raw[1])
+                except UnicodeEncodeError:  # a lone surrogate: the general path meets it where it would
+                    return STEADY_RESULT, state, count, replies, items, raw
+                out.append(frame)
+                replies += 1
+                state = raw[2]
+                continue
+            if len(raw) == 2 and _is_literal(raw[0], "noreply"):
+                state = raw[1]
+                continue
+        return STEADY_RESULT, state, count, replies, items, raw
+    output = (out[0] if len(out) == 1 else b"".join(out)) if out else None
+    out.clear()
+    return STEADY_DONE, state, count, replies, output
+
+
+def _is_literal(value: object, literal: str) -> bool:
+    return type(value) is str and value == literal
+
+
 parse_frames: Callable[[bytes | bytearray | memoryview, int], Parsed]
 encode_frame: Callable[[str | bytes], bytes]
+steady_read: Callable[[bytes | bytearray | memoryview, int, int, Any, Any, list[bytes], Any], tuple[Any, ...]]
 try:
-    from .._speedups import encode_frame, parse_frames
+    from .._speedups import encode_frame, parse_frames, steady_read
 
     #: Whether the C speedups are in use.
     SPEEDUPS = True
 except ImportError:  # pragma: no cover - depends on the installation
     parse_frames = parse_frames_python
     encode_frame = encode_frame_python
+    steady_read = steady_read_python
     SPEEDUPS = False

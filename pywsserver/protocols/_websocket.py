@@ -233,7 +233,6 @@ _VALID_CLOSE_CODES = frozenset(
     (1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014, *range(3000, 5000))
 )
 _UTF8 = codecs.getincrementaldecoder("utf-8")
-_NO_EFFECTS: list[Effect] = []  # never changed: shared
 
 
 def _text_size(text: str) -> int:
@@ -434,54 +433,38 @@ class WebSocketProtocol:
 
     # ------------------------------------------------- the steady state's shortcut
 
-    def steady_messages(self, data: memoryview) -> tuple[list[str | bytes] | None, list[Effect]] | None:
-        """The connection core's fast path (``ConnectionCore._steady_input``): a read in the steady state.
+    def steady_parameters(self) -> tuple[int, float | None] | None:
+        """Whether the next read may take the connection core's steady path (``ConnectionCore._steady_read``).
 
-        ``None`` when the connection is not in the steady state (not open, a frame carried from an
-        earlier read, messages waiting or one being handled, frames going to wsproto, no C parser):
-        nothing was read, and the core hands the bytes to `data_received`. Otherwise the frames of
-        ``data`` (a view of the driver's read buffer, valid only during this call) are parsed in
-        one C call, and the answer is ``(messages, effects)``: when the read held only whole text and
-        binary frames, ``messages`` are theirs, for the core to hand to the handler one after the
-        other (answering each with `steady_reply`), and ``effects`` come first (the idle timer's
-        restart); for any other read, ``messages`` is ``None`` and ``effects`` are what
-        `data_received` would have returned for the same bytes (the parse is not done twice).
+        ``None`` when it may not: the connection is not open, or a frame is carried from an earlier
+        read, messages wait or one is being handled, frames go to wsproto, compression is on (a
+        reply is compressed), or a close frame was sent. Otherwise ``(max_message_size, idle
+        timeout)``: the read is parsed with that limit, the idle timer (if any) restarts first, as
+        `data_received` does, and whole text and binary messages go to the handler one after the
+        other; a read of anything else goes to `steady_parsed`. The answer holds until the core
+        next gives the module anything to do: the core asks again after that.
         """
+        ws = self._ws
         if (
             self.state is not State.OPEN
             or not self._fast
             or self._carry
             or self._awaiting is not None
             or self._inbox
-            or _parse_frames is None
+            or self._deflate_extension is not None
+            or (ws is not None and ws.state is not ConnectionState.OPEN)
         ):
             return None
-        parsed = _parse_frames(data, self.options.max_message_size)
-        items = parsed[0]
-        if parsed[1] == len(data) and parsed[2] == INCOMPLETE and tuple not in map(type, items):
-            return items, [self._idle_timer] if self._idle_timer is not None else _NO_EFFECTS
-        idle = [self._idle_timer] if self._idle_timer is not None else []
-        return None, [*idle, *self._receive_parsed(bytes(data), parsed), *self._pump()]
+        return self.options.max_message_size, self.options.idle_timeout
 
-    def steady_reply(self, data: str | bytes | None) -> bytes | None:
-        """A message from `steady_messages` was handled with a reply of ``data`` (``None``: no reply).
-
-        Returns the reply's frame (``b""`` for no reply) while the connection is still in the steady
-        state, counted as `handler_returned` counts it; ``None`` once it is not (the handler closed
-        the connection, for instance): then the core goes on with `steady_resume`.
-        """
-        if self.state is not State.OPEN or not self._fast:
-            return None
-        ws = self._ws
-        if ws is not None and ws.state is not ConnectionState.OPEN:
-            return None
-        if data is None:
-            return b""
-        self.messages_out += 1
-        return encode_frame(data)
+    def steady_parsed(self, data: bytes, parsed: Parsed) -> list[Effect]:
+        """A read of the steady path that was not only whole text and binary frames: what
+        `data_received` would return for ``data``, ``parsed`` being its frames (not parsed twice;
+        the idle timer has been restarted already)."""
+        return [*self._receive_parsed(data, parsed), *self._pump()]
 
     def steady_resume(self, message: str | bytes, rest: list[str | bytes]) -> None:
-        """Back to the general path: ``message`` (from `steady_messages`) is being handled, ``rest``
+        """Back to the general path: ``message`` (from the steady path) is being handled, ``rest``
         wait behind it, as if they had come through `data_received` (the core then calls
         `handler_returned` or `handler_failed` for ``message``)."""
         self._awaiting = message
