@@ -10,7 +10,7 @@ task waits with ``trio.lowlevel.wait_readable`` on the socket, reads with
 ``recv_into`` into one buffer shared by every connection of the thread, and
 hands the read to the core, which runs a sync handler and writes its replies
 before the task waits again: in the steady state the core parses the read
-where it lies (`ConnectionCore._steady_input`), else it takes a copy. Writes are tried at once with ``sock.send``
+where it lies (`ConnectionCore._steady_read`), else it takes a copy. Writes are tried at once with ``sock.send``
 (the core's writer is this driver): a broadcast costs one system call per
 member and no task switch. Only what the kernel does not take waits in the
 driver; a writer task then waits with ``wait_writable`` and sends it, in a
@@ -269,9 +269,10 @@ class TrioDriver:
                     # In the steady state the read is parsed where it lies, in the shared buffer, and
                     # its replies written at once: no copy of the read and no effect objects (a 64 KiB
                     # message's read is not copied again before it is unmasked); else a copy goes in.
-                    data = view[:size]
-                    if not core._steady_input(data):
-                        core._input("data", bytes(data))
+                    if core._steady_ok or core._steady_check():
+                        core._steady_read(view, size)
+                    else:
+                        core._input("data", bytes(view[:size]))
                     if core._busy or core._stopped or core._socket_closed or self._lost:
                         return  # (actions put in the mailbox meanwhile have woken the task)
             except trio.ClosedResourceError:  # aborted: the socket was closed under the wait

@@ -283,20 +283,20 @@ async def test_a_sync_handlers_reads_are_parsed_in_the_shared_buffer_and_answere
     answers as the general path for every size, up to a 1 MiB message that arrives in many reads."""
     steady_reads = []
     general_reads = []
-    steady_input = _core.ConnectionCore._steady_input
+    steady_read = _core.ConnectionCore._steady_read
     feed = _core.ConnectionCore._input
 
-    def counting_steady_input(core: _core.ConnectionCore, data: memoryview) -> bool:
-        taken = steady_input(core, data)
-        (steady_reads if taken else general_reads).append(len(data))
-        return taken
+    def counting_steady_read(core: _core.ConnectionCore, buffer: memoryview, nbytes: int) -> None:
+        steady_reads.append(nbytes)
+        steady_read(core, buffer, nbytes)
 
     def counting_input(core: _core.ConnectionCore, kind: str, value: Any) -> None:
         if kind == "data":
             assert type(value) is bytes  # a copy: the shared buffer is read into again
+            general_reads.append(len(value))
         feed(core, kind, value)
 
-    monkeypatch.setattr(_core.ConnectionCore, "_steady_input", counting_steady_input)
+    monkeypatch.setattr(_core.ConnectionCore, "_steady_read", counting_steady_read)
     monkeypatch.setattr(_core.ConnectionCore, "_input", counting_input)
     script = [
         message for message in SCRIPT if not (isinstance(message, str) and message[:4] in ("stre", "all:", "big:"))
