@@ -335,8 +335,7 @@ def scaling(args: argparse.Namespace) -> str:
     info = machine()
     return "\n".join(
         [
-            f"Machine: {info['cpu']}, {cores} cores, Python {info['python']}; {where}. "
-            f"Command: `{' '.join(sys.argv)}`",
+            f"Machine: {info['cpu']}, {cores} cores, Python {info['python']}; {where}. Command: `{' '.join(sys.argv)}`",
             "",
             "| scenario | 1 process (msgs/s) | 2 processes (msgs/s) | scaling |",
             "|---|---:|---:|---:|",
@@ -354,14 +353,59 @@ CLUSTER_SERVERS = [
 ]
 
 
-#: The cluster comparison's scenarios: broadcast and broadcast-burst as in the main suite, and "hop":
-#: one message at a time to 20 connections, where the time until all have it is mostly the way
-#: through Redis (for the servers with two processes).
+#: The cluster comparison's scenarios: broadcast (200 rounds, not the main suite's 50: a run of 50 lasts
+#: 1 to 3 s, too short for a machine shared with other work) and broadcast-burst as in the main suite,
+#: and "hop": one message at a time to 20 connections, where the time until all have it is mostly the
+#: way through Redis (for the servers with two processes).
 CLUSTER_SCENARIOS = {
-    "broadcast": SCENARIOS["broadcast"][0],
+    "broadcast": ["broadcast", "--conns", "2000", "--count", "200", "--size", "64", "--one-at-a-time"],
     "broadcast-burst": SCENARIOS["broadcast-burst"][0],
     "hop": ["broadcast", "--conns", "20", "--count", "200", "--size", "64", "--one-at-a-time"],
 }
+
+
+def server_cpu_seconds(server: Server) -> tuple[float, float]:
+    """User and system CPU time so far of the server's process and of the server processes it started."""
+    pid = server.process.pid
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    pids = [pid, *(int(child) for child in children.read_text().split())] if children.exists() else [pid]
+    user = system = 0.0
+    for each in pids:
+        fields = Path(f"/proc/{each}/stat").read_text().rsplit(")", 1)[1].split()
+        user += int(fields[11]) / os.sysconf("SC_CLK_TCK")
+        system += int(fields[12]) / os.sysconf("SC_CLK_TCK")
+    return user, system
+
+
+def generator_cpu_seconds() -> float:
+    """User + system CPU time of this script's finished child processes (the generator runs)."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def cluster_run(loadgen: Path, server: Server, arguments: list[str], duration: float) -> dict[str, float]:
+    """One measured run, with the CPU time per delivery of the servers (user, system) and of the generator.
+
+    The generator runs twice: once with a single message (connections, handshakes, one message,
+    closes), then the run measured, which does the same with all its messages; the differences of
+    the CPU times between the two are what the other messages cost, without the handshakes.
+    """
+    count = arguments.index("--count") + 1
+    single = [*arguments[:count], "1", *arguments[count + 1 :]]
+    before, generator_before = server_cpu_seconds(server), generator_cpu_seconds()
+    first = run_loadgen(loadgen, server.port, single, duration)
+    middle, generator_middle = server_cpu_seconds(server), generator_cpu_seconds()
+    row = run_loadgen(loadgen, server.port, arguments, duration)
+    after, generator_after = server_cpu_seconds(server), generator_cpu_seconds()
+    extra = row["deliveries"] - first["deliveries"]
+    for index, kind in enumerate(("user", "system")):
+        spent = (after[index] - middle[index]) - (middle[index] - before[index])
+        row[f"server_{kind}_us"] = spent / extra * 1e6
+    generator = (generator_after - generator_middle) - (generator_middle - generator_before)
+    row["generator_us"] = generator / extra * 1e6
+    return row
 
 
 @contextlib.contextmanager
@@ -414,31 +458,52 @@ def cluster(args: argparse.Namespace) -> str:
                 for name, cpus, processes in CLUSTER_SERVERS:  # interleaved, a fresh server each run
                     server = start(name, cpus, processes)
                     try:
-                        row = run_loadgen(loadgen, server.port, arguments, args.duration)
+                        row = cluster_run(loadgen, server, arguments, args.duration)
                     finally:
                         server.stop()
                     runs.setdefault((scenario, name), []).append(row)
-                    print(f"{name:30} {scenario:16} {row['rate']:,.0f} deliveries/s", flush=True)
+                    print(
+                        f"{name:30} {scenario:16} {row['rate']:,.0f} deliveries/s; CPU per delivery: server "
+                        f"{row['server_user_us']:.2f} µs user + {row['server_system_us']:.2f} system, "
+                        f"generator {row['generator_us']:.2f}",
+                        flush=True,
+                    )
     info = machine()
     lines = [
         f"Machine: {info['cpu']}, {info['cores']} cores, Python {info['python']}; one-process servers on CPU 0,"
-        f" two-process ones on CPUs 0 and 1, the generator on CPU 1, redis-server unpinned. "
-        f"Command: `{' '.join(sys.argv)}`",
+        f" two-process ones on CPUs 0 and 1, the generator on CPU 1, redis-server unpinned; load average"
+        f" {os.getloadavg()[0]:.1f} at the end. Command: `{' '.join(sys.argv)}`",
         "",
-        "| server | scenario | deliveries/s | p50 ms | p99 ms | vs websockets + redis-py |",
-        "|---|---|---:|---:|---:|---:|",
+        "| server | scenario | deliveries/s | p50 ms | p99 ms | vs websockets + redis-py "
+        "| server CPU µs/delivery (user + system) | websockets + redis-py's / ours | generator CPU µs/delivery |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for scenario in scenarios:
         medians = {}
         for name, _, _ in CLUSTER_SERVERS:
             rows = runs[(scenario, name)]
             median = statistics.median(r["rate"] for r in rows)
-            medians[name] = (median, min(rows, key=lambda r: abs(r["rate"] - median)))
-        reference = medians["websockets-redis-2-processes"][0]
-        for name, (median, row) in medians.items():
+            user = statistics.median(r["server_user_us"] for r in rows)
+            system = statistics.median(r["server_system_us"] for r in rows)
+            generator = statistics.median(r["generator_us"] for r in rows)
+            row = min(rows, key=lambda r: abs(r["rate"] - median))
+            medians[name] = (median, user, system, generator, row)
+        reference, reference_user, reference_system, _, _ = medians["websockets-redis-2-processes"]
+        for name, (median, user, system, generator, row) in medians.items():
             p50 = f"{row['p50_ms']:.2f}" if "p50_ms" in row else ""
             p99 = f"{row['p99_ms']:.2f}" if "p99_ms" in row else ""
-            lines.append(f"| {name} | {scenario} | {median:,.0f} | {p50} | {p99} | {median / reference:.2f}x |")
+            cpu = user + system
+            lines.append(
+                f"| {name} | {scenario} | {median:,.0f} | {p50} | {p99} | {median / reference:.2f}x "
+                f"| {cpu:.2f} ({user:.2f} + {system:.2f}) | {(reference_user + reference_system) / cpu:.2f}x "
+                f"| {generator:.2f} |"
+            )
+    lines += [
+        "",
+        "deliveries/s and p50/p99: the median run. CPU per delivery: medians of the runs, what the messages"
+        " cost beyond one (handshakes left out, see cluster_run), in the clock ticks of /proc (10 ms): the"
+        " bursts' figures are few ticks, rough. Server: every process of the server.",
+    ]
     return "\n".join(lines)
 
 
@@ -505,9 +570,7 @@ def main() -> None:
     parser.add_argument(
         "--repeats", type=int, default=0, help="runs per scenario to take the median of (default 3; idle: 1)"
     )
-    parser.add_argument(
-        "--scaling", action="store_true", help="only measure pywsserver with 1 and 2 server processes"
-    )
+    parser.add_argument("--scaling", action="store_true", help="only measure pywsserver with 1 and 2 server processes")
     parser.add_argument(
         "--cluster",
         action="store_true",
