@@ -113,7 +113,8 @@ def serve(url: str | None) -> None:
     sys.path.insert(0, str(HERE))
     from servers import pywsserver_options, ready
 
-    options = pywsserver_options(0)
+    # No loop watchdog: its cost grows with the run's duration (long under valgrind), not with its broadcasts.
+    options = [*pywsserver_options(0), ("loop_watchdog", None)]
     if url is not None:
         # Heartbeats far apart: their cost grows with the run's duration, not with its broadcasts.
         cluster = [("url", url), ("node", "cost"), ("heartbeat_interval", 600), ("node_timeout", 1200)]

@@ -177,3 +177,23 @@ def test_a_broadcast_decodes_where_it_lies_and_malformed_ones_are_wire_errors() 
     for cut in range(2, len(encoded) - len(b"payload")):
         with pytest.raises(_wire.WireError):
             _wire.decode_broadcast(encoded[:cut])
+
+
+def test_a_broadcast_publish_is_the_wire_message_in_one_redis_command() -> None:
+    from pywsserver.cluster._node import ClusterNode
+    from pywsserver.cluster._options import parse_cluster
+
+    node = ClusterNode(parse_cluster([("url", "redis://127.0.0.1:1/0"), ("node", "web-1"), ("prefix", "p")]))
+    written: list[bytes] = []
+    node._write = lambda command, reply: written.append(command) or True  # type: ignore[method-assign]
+    cases = [("grüppe", "text ✓", "drop", 1013), ("g", b"\r\nbytes\x00", "close", 4000), ("", "", "drop", 1000)]
+    for group, data, slow, code in cases:
+        written.clear()
+        assert node.publish_broadcast(group, data, slow, code) is True
+        parsed = parse(written[0], 0)
+        assert parsed is not None and parsed[1] == len(written[0])
+        flags = (_wire.TEXT if isinstance(data, str) else 0) | (_wire.CLOSE if slow == "close" else 0)
+        payload = data.encode() if isinstance(data, str) else data
+        expected = _wire.encode(b"B", flags, [b"web-1", group.encode(), b"%d" % code], payload)
+        assert parsed[0] == [b"PUBLISH", b"p:broadcast", expected]
+        assert _wire.decode_broadcast(expected) == (flags, group.encode(), code, payload)

@@ -75,7 +75,7 @@ from ._errors import ClusterStartError, ClusterUnavailable, NameRegisteredElsewh
 from ._options import ClusterOptions
 from ._resp import RespError, RespReader, take_over
 from ._state import ClusterStats
-from ._wire import Status
+from ._wire import _LENGTH, Status
 
 __all__ = ["ClusterNode", "ClusterStartError", "ClusterStats", "ClusterUnavailable"]
 
@@ -164,6 +164,10 @@ class ClusterNode:
         self._inbox = self.inbox_of(self.name)
         # A broadcast's origin field as this node writes it: its own come back from Redis, skipped unread.
         self._own_origin = len(self.name.encode()).to_bytes(4, "big") + self.name.encode()
+        # A broadcast's PUBLISH command up to its message, and the message's size without group, code, data.
+        channel = self._broadcast_channel
+        self._broadcast_command = b"*3\r\n$7\r\nPUBLISH\r\n$%d\r\n%b\r\n" % (len(channel), channel)
+        self._broadcast_size = 2 + len(self._own_origin) + 4 + 4
         self._nodes_key = f"{prefix}:nodes"
         self._started_at = time.time()
         self._client: aioredis.Redis | None = None
@@ -540,6 +544,11 @@ class ClusterNode:
 
         ``False`` at once when the link is down or ``publish_queue`` publishes await their reply.
         """
+        command = b"*3\r\n$7\r\nPUBLISH\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n" % (len(channel), channel, len(payload), payload)
+        return self._write(command, reply)
+
+    def _write(self, command: bytes, reply: int) -> bool:
+        """Write one PUBLISH command (see `_publish`), or hold it, or refuse it."""
         transport = self._transport
         if not self._connected or transport is None:
             self.stats.publish_failed += 1
@@ -554,8 +563,6 @@ class ClusterNode:
                 self.options.publish_queue,
             )
             return False
-        # The whole PUBLISH command in one piece, one write (redis-py's packing took a list of parts).
-        command = b"*3\r\n$7\r\nPUBLISH\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n" % (len(channel), channel, len(payload), payload)
         if not in_flight:  # idle (nothing held either: what is held awaits its reply)
             transport.write(command)
             self.stats.written += 1
@@ -571,13 +578,29 @@ class ClusterNode:
 
     def publish_broadcast(self, group: str, data: str | bytes, slow: str, close_code: int) -> bool:
         """Queue the broadcast for the other nodes: one publish, whatever their number and members'."""
-        flags, payload = _wire.pack(data)
+        if isinstance(data, str):
+            flags, payload = _wire.TEXT, data.encode()
+        else:
+            flags, payload = 0, data
         if slow == "close":
             flags |= _wire.CLOSE
-        message = _wire.encode(
-            b"B", flags, [self._name_bytes, group.encode("utf-8", "surrogatepass"), b"%d" % close_code], payload
+        group_field = group.encode("utf-8", "surrogatepass")
+        code = b"%d" % close_code
+        # The PUBLISH command and the broadcast in it (as _wire.encode lays it out) built in one piece:
+        # the data is copied once (three copies through _wire.encode and _publish).
+        size = self._broadcast_size + len(group_field) + len(code) + len(payload)
+        command = b"%b$%d\r\nB%c%b%b%b%b%b%b\r\n" % (
+            self._broadcast_command,
+            size,
+            flags,
+            self._own_origin,
+            _LENGTH.pack(len(group_field)),
+            group_field,
+            _LENGTH.pack(len(code)),
+            code,
+            payload,
         )
-        return self._publish(self._broadcast_channel, message)
+        return self._write(command, 0)
 
     async def request(
         self, node: str, kind: bytes, flags: int, fields: list[bytes], payload: bytes, timeout: float
