@@ -246,6 +246,8 @@ async def _listener(server: Server, *, task_status: anyio.abc.TaskStatus[None]) 
         await server._listener_broken.wait()
         raise ListenerFailed("the listening socket failed")
     finally:
+        for listener in listeners:
+            _release_listener(listener)
         with anyio.CancelScope(shield=True):
             await multi.aclose()
         if options.unix_path is not None:
@@ -304,11 +306,79 @@ def _running_asyncio_loop() -> asyncio.AbstractEventLoop | None:
         return None
 
 
-#: Per listening socket: the raw socket and the asyncio loop for the fast path (the loop ``None``: trio's
-#: low-level path), or ``None`` (anyio's streams: TLS on trio, other backends).
-_raw_sockets: weakref.WeakKeyDictionary[
-    SocketListener, tuple[socket.socket, asyncio.AbstractEventLoop | None] | None
-] = weakref.WeakKeyDictionary()
+class _Listening:
+    """A listening socket's fast path on asyncio: accepts without the socket module's wrapper, and
+    stays registered with the event loop's selector between accepts while acceptors wait.
+
+    ``loop.sock_accept`` registers the listening socket for each connection it waits for and
+    unregisters it after (two ``epoll_ctl`` calls, a handle and the selector's Python layers per
+    connection when none is waiting). Here the reader stays registered while an acceptor waits
+    or has just been woken (`readable` wakes it), and is removed only when it fires twice in a row
+    with no acceptor waiting (so a server at ``max_connections`` does not spin) or when an acceptor
+    stops while none waits (`release`). ``socket.accept`` converts the family and type to enums twice per
+    connection and ``_no_delay`` a third time: the listening socket's are looked up once.
+    """
+
+    __slots__ = ("family", "idle_events", "loop", "proto", "raw", "registered", "tcp", "type", "waiter")
+
+    def __init__(self, raw: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
+        self.raw = raw
+        self.loop = loop
+        self.family, self.type, self.proto = raw.family, raw.type, raw.proto
+        self.tcp = raw.family != getattr(socket, "AF_UNIX", None)  # Unix sockets have no TCP_NODELAY
+        self.waiter: asyncio.Future[None] | None = None
+        self.idle_events = 0  # readiness events in a row with no acceptor waiting
+        self.registered = False
+
+    def take(self, fd: int) -> socket.socket:
+        """The accepted ``fd`` as a non-blocking socket, with no Nagle delay."""
+        client = socket.socket(self.family, self.type, self.proto, fileno=fd)
+        client.setblocking(False)
+        if self.tcp:
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return client
+
+    async def wait(self) -> None:
+        """Until the listening socket is readable (one acceptor at a time: the caller holds the lock)."""
+        waiter = self.waiter = self.loop.create_future()
+        self.idle_events = 0
+        if not self.registered:
+            self.loop.add_reader(self.raw, self.readable)
+            self.registered = True
+        try:
+            await waiter
+        except BaseException:
+            self.waiter = None
+            self.release()
+            raise
+
+    def readable(self) -> None:
+        """The selector's callback: wake the waiting acceptor; with none waiting, unregister."""
+        waiter = self.waiter
+        if waiter is None:
+            # The first such event may be stale (polled before the acceptor woken last took the
+            # connection, in the same loop turn); a second in a row means nobody is there to accept.
+            self.idle_events += 1
+            if self.idle_events > 1:
+                self.release()
+            return
+        self.waiter = None
+        if not waiter.done():
+            waiter.set_result(None)
+
+    def release(self) -> None:
+        """Unregister from the selector, unless an acceptor is waiting."""
+        if self.registered and self.waiter is None:
+            self.registered = False
+            with contextlib.suppress(ValueError, OSError):
+                self.loop.remove_reader(self.raw)
+
+
+#: Per listening socket: `_Listening` on asyncio, the raw socket on trio (the trio driver's path), or
+#: ``None`` (anyio's streams: TLS on trio, other backends).
+_raw_sockets: weakref.WeakKeyDictionary[SocketListener, _Listening | socket.socket | None] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 async def accept(listener: SocketListener, lock: anyio.Lock) -> anyio.abc.ByteStream | socket.socket:
@@ -325,30 +395,36 @@ async def accept(listener: SocketListener, lock: anyio.Lock) -> anyio.abc.ByteSt
     else:  # anyio builds every extra attribute on each call: look it up once per listener
         loop = _running_asyncio_loop()
         raw_socket = listener.extra(anyio.abc.SocketAttribute.raw_socket)
-        fast = _raw_sockets[listener] = (raw_socket, loop) if loop is not None or _on_trio() else None
+        if loop is not None:
+            fast = _raw_sockets[listener] = _Listening(raw_socket, loop)
+        else:
+            fast = _raw_sockets[listener] = raw_socket if _on_trio() else None
     if fast is None:
         async with lock:
             return await listener.accept()
-    raw, loop = fast
-    if loop is None:
-        return await _accept_on_trio(raw, lock)
+    if type(fast) is not _Listening:
+        return await _accept_on_trio(fast, lock)  # type: ignore[arg-type]
+    raw = fast.raw
     try:
-        # Under load a connection is usually waiting: take it without registering for readiness.
-        client, _ = raw.accept()
+        # Under load a connection is usually waiting: take it without waiting for readiness.
+        fd, _ = raw._accept()  # type: ignore[attr-defined]
     except (BlockingIOError, InterruptedError):
-        pass
-    else:
-        client.setblocking(False)
-        return _no_delay(client)
-    async with lock:  # asyncio allows one reader per socket: one acceptor waits, the others queue here
-        try:
-            client, _ = await loop.sock_accept(raw)
-        except BaseException:
-            # A cancelled sock_accept can leave its reader registered (bpo-41317).
-            with contextlib.suppress(ValueError, NotImplementedError, OSError):
-                loop.remove_reader(raw)
-            raise
-    return _no_delay(client)
+        async with lock:  # asyncio allows one reader per socket: one acceptor waits, the others queue here
+            while True:
+                await fast.wait()
+                try:
+                    fd, _ = raw._accept()  # type: ignore[attr-defined]
+                except (BlockingIOError, InterruptedError):
+                    continue  # another acceptor took it
+                break
+    return fast.take(fd)
+
+
+def _release_listener(listener: SocketListener) -> None:
+    """An acceptor stops: unregister the listening socket from the selector unless another waits."""
+    fast = _raw_sockets.get(listener)
+    if type(fast) is _Listening:
+        fast.release()
 
 
 async def _accept_on_trio(raw: socket.socket, lock: anyio.Lock) -> socket.socket:
@@ -385,9 +461,16 @@ async def _acceptor(server: Server, index: int, *, task_status: anyio.abc.TaskSt
     listeners = server._listeners
     listener = listeners[index % len(listeners)]
     lock = server._accept_locks[index % len(listeners)]
+    task_status.started()
+    try:
+        await _accept_loop(server, listener, lock)
+    finally:
+        _release_listener(listener)
+
+
+async def _accept_loop(server: Server, listener: SocketListener, lock: anyio.Lock) -> None:
     backoff = 0.0
     streak = 0
-    task_status.started()
     slots = server._slots
     while True:
         try:
