@@ -349,6 +349,13 @@ class ProtocolDriver(asyncio.BufferedProtocol):
             self._core._socket_closed = True
             self._transport.abort()
 
+    def closed_now(self) -> bool:
+        """`closed` when it needs no wait (the socket is closed already): ``True`` if it was done."""
+        if self._lost or self._transport is None:
+            self._sock.close()
+            return True
+        return False
+
     async def closed(self) -> None:
         """Close the socket and wait for ``connection_lost``; a graceful close is aborted after the linger."""
         transport = self._transport

@@ -878,7 +878,10 @@ class ConnectionCore(HandlerCalls):
             if not self._socket_closed:
                 self._out.append(effect.data)  # type: ignore[union-attr]  # written together by _flush
         elif kind is SetTimer:
-            self._set_timer(effect.name, effect.seconds)  # type: ignore[union-attr]
+            if effect.seconds is None:  # type: ignore[union-attr]
+                self._timers.pop(effect.name, None)  # type: ignore[union-attr]  # stopped: `_set_timer` without the call
+            else:
+                self._set_timer(effect.name, effect.seconds)  # type: ignore[union-attr]
         elif kind is CloseSocket:
             if not self._socket_closed:
                 self._flush()
@@ -1001,9 +1004,14 @@ class ConnectionCore(HandlerCalls):
         self._driver.cancel_timer()
         self._timers.clear()
         try:
+            # The driver owns the socket's end: the slot goes back once the socket is closed.
+            self._socket_closed = True
+            closed_now = getattr(self._driver, "closed_now", None)
+            if closed_now is not None and closed_now() and (self._told_close or not self._opened):
+                # The common end (the socket closed already, the handler told): nothing to wait for,
+                # so no shielded cancel scope (about 15 Python calls fewer per connection).
+                return
             with anyio.CancelScope(shield=True):
-                # The driver owns the socket's end: the slot goes back once the socket is closed.
-                self._socket_closed = True
                 await self._driver.closed()
                 if self._opened and not self._told_close:
                     if self._aborted is not None:
