@@ -357,7 +357,7 @@ class ConnectionCore(HandlerCalls):
         self._reading_paused = False
         self._eof_seen = False
         self._can_write = False  # the driver takes more output now (asyncio: its buffer is below the bound)
-        # The mailbox is made when an action first has to wait (or at once, by the stream driver).
+        # The mailbox is made when an action first has to wait.
         self._mailbox_send: MemoryObjectSendStream[Action] | None = None
         self._mailbox_receive: MemoryObjectReceiveStream[Action] | None = None
         # Bytes of the messages waiting in the mailbox: ``await send`` waits while they reach

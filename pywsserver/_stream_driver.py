@@ -3,13 +3,21 @@
 Three tasks, all in the driver's task group (owned by the worker's task): the
 *reader* receives bytes and hands them to the core, runs the core's timers
 (as the deadline of the receive) and makes the async handler calls the core
-asks for; the *mailbox* task hands the core the actions queued by
-``send``/``ping``/``close`` callers; the *writer* writes what the core
-produced, in order. Like asyncio's transport, the writer holds what waits to
-be written: above ``write_buffer_size`` bytes the reader stops reading and
-the mailbox task stops taking actions (timers still run), until it is down to
-a quarter of that. TLS is anyio's `TLSStream`, its handshake bounded by
+asks for; the *mailbox* task, woken by the core, carries out the actions that
+had to wait in the mailbox; the *writer* writes what the core produced, in
+order. Like asyncio's transport, the writer holds what waits to be written:
+above ``write_buffer_size`` bytes the core cannot write (``_can_write``), the
+reader stops reading and ``send``/``ping``/``close`` callers' actions wait in
+the mailbox (timers still run), until it is down to a quarter of that. Below
+it an action is carried out at once, in its caller's task, as on the other
+drivers. TLS is anyio's `TLSStream`, its handshake bounded by
 ``tls_handshake_timeout``.
+
+Order: an action is taken from the mailbox and carried out in one go
+(`ConnectionCore._take_mailbox`), never held by a task between the two, so
+that whoever takes the next one (the mailbox task, or the core before an
+async handler's reply) cannot overtake it: an async handler's own sends and
+broadcasts go out in the order it made them, before its reply.
 
 The socket's end: what the core produced is written, then the stream is
 closed; a peer that does not read gets `pywsserver._core.CLOSE_LINGER`
@@ -53,6 +61,7 @@ class StreamDriver:
         "_stream",
         "_tls",
         "_tls_handshake_timeout",
+        "_wakeup",
         "_writer_done",
     )
 
@@ -71,6 +80,7 @@ class StreamDriver:
         self._pending_bytes = 0
         self._output = anyio.Event()  # set when there is something for the writer to do
         self._room: anyio.Event | None = None  # set when the pending bytes are down again
+        self._wakeup = anyio.Event()  # set by wake(): the mailbox task looks at the mailbox
         self._writer_done: anyio.Event | None = None
         self._close_requested = False
         self._finishing = False
@@ -80,9 +90,12 @@ class StreamDriver:
         core._clock = anyio.current_time
 
     def write(self, data: bytes) -> None:
-        """The core's output, for the writer task."""
+        """The core's output, for the writer task; above ``write_buffer_size`` the core cannot write."""
         self._pending.append(data)
         self._pending_bytes += len(data)
+        core = self._core
+        if core._can_write and self._pending_bytes > core._options.write_buffer_size:
+            core._can_write = False  # actions wait in the mailbox, the reader stops reading
         if not self._output.is_set():
             self._output.set()
 
@@ -102,7 +115,6 @@ class StreamDriver:
 
     async def _serve(self) -> None:
         core = self._core
-        core._mailbox()  # the mailbox task reads it from the start
         if self._tls is not None and not await self._start_tls():
             return
         async with anyio.create_task_group() as tg:
@@ -110,6 +122,7 @@ class StreamDriver:
             self._writer_done = anyio.Event()
             tg.start_soon(self._writer_loop)
             tg.start_soon(self._mailbox_loop)
+            core._can_write = True
             core._feed(core._module.start(b"", {}))
             await self._settle()
             await self._reader_loop()
@@ -123,6 +136,7 @@ class StreamDriver:
             self._writer_done = anyio.Event()
             self._finishing = False
             tg.start_soon(self._writer_loop)
+            tg.start_soon(self._mailbox_loop)
             await self._settle()
             await self._reader_loop()
             await self._finish_writing()
@@ -131,10 +145,9 @@ class StreamDriver:
     async def _reader_loop(self) -> None:
         core = self._core
         stream = self._stream
-        limit = core._options.write_buffer_size
         while not core._stopped and not core._socket_closed:
-            if self._pending_bytes > limit:
-                await self._wait_for_room(timers=True)
+            if not core._can_write:
+                await self._wait_for_room()
                 continue
             timers = core._timers
             if timers:
@@ -162,13 +175,13 @@ class StreamDriver:
             core._feed(core._module.data_received(data))
             await self._settle()
 
-    async def _wait_for_room(self, *, timers: bool) -> None:
+    async def _wait_for_room(self) -> None:
         """Wait until the writer is down to a quarter of the bound; the reader runs the timers meanwhile."""
         core = self._core
         room = self._room
         if room is None or room.is_set():
             room = self._room = anyio.Event()
-        deadline = min(core._timers.values()) if timers and core._timers else math.inf
+        deadline = min(core._timers.values()) if core._timers else math.inf
         with anyio.CancelScope(deadline=deadline) as scope:
             await room.wait()
         if scope.cancelled_caught:
@@ -184,18 +197,17 @@ class StreamDriver:
                 core._take_backlog()  # timers that expired together wait there while one is busy
 
     async def _mailbox_loop(self) -> None:
+        """Carry out what waits in the mailbox, while the core can write, each time the core wakes it.
+
+        It never waits in the mailbox's ``receive``: an action handed to a waiting receiver would
+        be held by this task until it runs, and an action queued after it, or the async handler's
+        reply, could go out first. The writer wakes it when the core can write again.
+        """
         core = self._core
-        assert core._mailbox_receive is not None
-        limit = core._options.write_buffer_size
-        async for action in core._mailbox_receive:
-            if core._stopped:
-                return
-            core._took(action)
-            core._act(action)
-            while self._pending_bytes > limit and not core._stopped and not core._socket_closed:
-                await self._wait_for_room(timers=False)
-            if core._stopped:
-                return
+        while not core._stopped:
+            await self._wakeup.wait()
+            self._wakeup = anyio.Event()
+            core._take_mailbox()
 
     async def _writer_loop(self) -> None:
         """Write what is pending, in order; close when the core asked to; end when serving ends."""
@@ -222,8 +234,11 @@ class StreamDriver:
                     return
                 finally:
                     self._pending_bytes -= len(data)
-                if self._room is not None and self._pending_bytes <= limit // 4:
-                    self._room.set()
+                if not core._can_write and self._pending_bytes <= limit // 4:
+                    core._can_write = True
+                    self.wake()  # the mailbox task carries out the actions that waited
+                    if self._room is not None:
+                        self._room.set()
         finally:
             if core._socket_closed and not self._closed:
                 pending.clear()
@@ -287,7 +302,9 @@ class StreamDriver:
         """Nothing to do (see `pause_reading`)."""
 
     def wake(self) -> None:
-        """Nothing to do: the tasks wait on the stream and the mailbox themselves."""
+        """Wake the mailbox task (actions wait in the mailbox); the reader waits on the stream itself."""
+        if not self._wakeup.is_set():
+            self._wakeup.set()
 
     def wake_at(self, deadline: float) -> None:
         """Nothing to do: the reader takes the earliest deadline at each receive."""
@@ -296,4 +313,5 @@ class StreamDriver:
         """Nothing to do (see `wake_at`)."""
 
     def flush_soon(self) -> None:
-        """Never asked: broadcasts are written now only when the core can write now, never here."""
+        """A broadcast's frame, gathered while the core can write: handed to the writer now."""
+        self._core._flush()

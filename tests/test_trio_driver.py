@@ -115,9 +115,10 @@ SCRIPT: list[str | bytes] = [
 ]
 
 
-async def run_script(port: int, script: list[str | bytes]) -> list[Any]:
+async def run_script(port: int, script: list[str | bytes], tls: ssl.SSLContext | None = None) -> list[Any]:
     """The client's part (websockets, in a thread): every message of ``script``, then what came back."""
-    async with connect(f"ws://127.0.0.1:{port}/", max_size=None, compression=None) as ws:
+    address = f"{'wss' if tls else 'ws'}://127.0.0.1:{port}/"
+    async with connect(address, ssl=tls, max_size=None, compression=None) as ws:
         for message in script:
             await ws.send(message)
         answers: list[Any] = []
@@ -163,22 +164,26 @@ async def test_plain_connections_take_the_trio_driver_and_tls_ones_the_stream_dr
 
 
 async def test_the_trio_driver_answers_as_the_stream_driver_does(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The same client script over both drivers: the same answers, in the same order."""
-    # Without what an async handler queues in its own connection's mailbox (its sends, a broadcast that
-    # reaches its sender): the stream driver loses some of that (the last send, the broadcast), which
-    # the trio driver does not; it is held to the whole script in the next test.
-    script = [message for message in SCRIPT if not (isinstance(message, str) and message[:4] in ("stre", "all:"))]
+    """The whole client script over both drivers (the stream driver on a plain socket and over TLS):
+    the same answers, in the same order, an async handler's own sends and broadcast included."""
+    authority = trustme.CA()
+    server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    authority.issue_cert("127.0.0.1").configure_cert(server_tls)
+    client_tls = ssl.create_default_context()
+    authority.configure_trust(client_tls)
     results = []
-    for low_level in (True, False):
-        if not low_level:  # the acceptor hands anyio streams over, as it did before the trio driver
+    for path, driver in [("plain", TrioDriver), ("tls", StreamDriver), ("streams", StreamDriver)]:
+        if path == "streams":  # the acceptor hands anyio streams over, as it did before the trio driver
             monkeypatch.setattr(pywsserver._server, "_on_trio", lambda: False)
         seen = new_seen()
-        async with start_link(options(seen)) as server:
-            answers = await in_client_thread(run_script, server.port, script, timeout=60)
-        assert seen["drivers"] == [TrioDriver if low_level else StreamDriver]
+        tls = path == "tls"
+        async with start_link(options(seen, **({"tls": server_tls} if tls else {}))) as server:
+            answers = await in_client_thread(run_script, server.port, SCRIPT, client_tls if tls else None, timeout=60)
+        assert seen["drivers"] == [driver]
         results.append((answers, seen["messages"]))
-    assert results[0] == results[1]
-    assert results[0] == (expected_answers(script), script)
+    assert results[0] == (expected_answers(SCRIPT), SCRIPT)
+    assert results[1] == results[0]
+    assert results[2] == results[0]
 
 
 async def test_the_trio_driver_carries_an_async_handlers_sends_a_broadcast_and_large_replies_in_order() -> None:
