@@ -583,6 +583,42 @@ async def test_publishes_awaiting_their_reply_are_bounded_by_publish_queue(redis
         await client.aclose()
 
 
+@asyncio_only
+async def test_a_publish_unanswered_past_connect_timeout_ends_the_link_and_it_comes_back(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(redis_server.url)
+    # Heartbeats 5 s apart: what ends the link is the publish's overdue reply, not a heartbeat's.
+    options = cluster_options(
+        redis_server.url, node="overdue", connect_timeout=0.5, max_backoff=0.2, heartbeat_interval=5, node_timeout=10
+    )
+    try:
+        async with serve_for_test("pywsserver.echo", cluster=options) as server:
+            node = server.cluster
+            assert node is not None
+            await client.execute_command("CLIENT", "PAUSE", "2500", "ALL")  # Redis answers nothing for 2.5 s
+            assert broadcast("g", b"unanswered").published is True
+
+            async def dropped() -> bool:
+                return node.stats.link_failures >= 1
+
+            # Overdue after 0.5 s, seen within 0.75 s (the watch looks every half of connect_timeout).
+            with caplog.at_level(logging.WARNING, logger="pywsserver.cluster"):
+                await until(dropped, "the link ended for the unanswered publish", attempts=30)
+            assert "Redis did not answer a publish within 0.5s" in caplog.text
+            assert node.stats.publish_failed == 1 and node.stats.published == 0
+
+            async def back() -> bool:
+                return node.connected and node.stats.connections >= 2
+
+            await until(back, "the link back once Redis answers again")
+            assert broadcast("g", b"again").published is True
+    finally:
+        await client.aclose()
+
+
 @pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler to build the load generator")
 def test_the_cluster_benchmark_servers_deliver_every_broadcast(
     redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
