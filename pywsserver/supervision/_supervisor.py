@@ -891,6 +891,10 @@ class Supervisor:
 
         Exits reported before this call (and the restarts they cause) are
         done when it returns; useful in tests, as ``sys:get_state`` is in OTP.
+        A restart attempt that fails is tried again by a message queued then,
+        behind this call (OTP's ``try_again_restart``): the child may still be
+        ``restarting`` when it returns, and each further call waits for one
+        more attempt.
         """
         await self._request(_noop)
 
