@@ -108,18 +108,31 @@ def pywsserver_options(port: int) -> list[tuple[str, Any]]:
     ]
 
 
-def run_pywsserver(port: int, backend: str, uvloop: bool, watchdog: bool = True) -> None:
-    """pywsserver on ``backend``; ``watchdog=False`` turns the loop watchdog off (what it costs per message)."""
+def _without_keepalive(modules: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    """The protocol modules' options with the WebSocket module's keepalive pings off."""
+    return [(name, [*config, ("ping_interval", None)] if name == "websocket" else config) for name, config in modules]
+
+
+def run_pywsserver(port: int, backend: str, uvloop: bool, watchdog: bool = True, keepalive: bool = True) -> None:
+    """pywsserver on ``backend``; ``watchdog=False`` turns the loop watchdog off (what it costs per message),
+    ``keepalive=False`` the keepalive pings (and so the timer each connection keeps in the event loop)."""
     import anyio
 
     import pywsserver
 
     options = pywsserver_options(port) + ([] if watchdog else [("loop_watchdog", None)])
+    if not keepalive:
+        options = [
+            (key, [(k, v if k != "protocol_modules" else _without_keepalive(v)) for k, v in value])
+            if key == "worker_options"
+            else (key, value)
+            for key, value in options
+        ]
 
     async def main() -> None:
         async with pywsserver.start_link(options) as server:
             ready(server.port)
-            await anyio.sleep_forever()
+            await anyio.Event().wait()  # not sleep_forever: a timer at +inf on asyncio
 
     backend_options = {"use_uvloop": True} if uvloop else {}
     anyio.run(main, backend=backend, backend_options=backend_options)
@@ -144,7 +157,7 @@ def run_pywsserver_without_tree(port: int) -> None:
 
             server.worker_supervisor.start_child_soon = start_child_soon  # type: ignore[method-assign]
             ready(server.port)
-            await anyio.sleep_forever()
+            await anyio.Event().wait()  # not sleep_forever: a timer at +inf on asyncio
 
     anyio.run(main)
 
@@ -164,7 +177,7 @@ def run_pywsserver_processes(port: int, count: int, raw: list[tuple[str, Any]] |
         async def main() -> None:
             async with pywsserver.start_link(child) as server:
                 ready(server.port)
-                await anyio.sleep_forever()
+                await anyio.Event().wait()  # not sleep_forever: a timer at +inf on asyncio
 
         anyio.run(main)
 
@@ -480,6 +493,7 @@ SERVERS = {
     "pywsserver-trio": lambda port: run_pywsserver(port, "trio", False),
     "pywsserver-without-tree": run_pywsserver_without_tree,
     "pywsserver-nowatchdog": lambda port: run_pywsserver(port, "asyncio", False, watchdog=False),
+    "pywsserver-nokeepalive": lambda port: run_pywsserver(port, "asyncio", False, keepalive=False),
     "pywsserver-1-process": lambda port: run_pywsserver_processes(port, 1),
     "pywsserver-2-processes": lambda port: run_pywsserver_processes(port, 2),
     "pywsserver-cluster-1-node": lambda port: run_pywsserver_cluster(port, 1),
