@@ -71,6 +71,8 @@ class TrioDriver:
         "_closed",
         "_core",
         "_fd",
+        "_fresh",
+        "_handling",
         "_lost",
         "_nursery",
         "_pending",
@@ -78,6 +80,7 @@ class TrioDriver:
         "_reading",
         "_scope",
         "_sock",
+        "_woken",
         "_writing",
     )
 
@@ -94,6 +97,9 @@ class TrioDriver:
         self._close_requested = False
         self._closed = False  # the socket is closed
         self._lost = False  # a write failed: the task tells the core
+        self._fresh = True  # nothing read yet
+        self._handling = False  # the task is handing a read to the core
+        self._woken = False  # wake() was called meanwhile
         core._writer = self
         core._clock = trio.current_time
 
@@ -185,7 +191,7 @@ class TrioDriver:
     def _close_now(self) -> None:
         if not self._closed:
             self._closed = True
-            trio.lowlevel.notify_closing(self._sock)  # a task waiting on it gets ClosedResourceError
+            trio.lowlevel.notify_closing(self._fd)  # a task waiting on it gets ClosedResourceError
             self._sock.close()
 
     # ----------------------------------------------------------- the task
@@ -244,13 +250,21 @@ class TrioDriver:
         sock = self._sock
         fd = self._fd
         view = _read_buffer()
+        # A new connection's request has usually arrived with it: read it before waiting. The wait
+        # skipped is a registration with epoll (two system calls for a new socket) and a turn of
+        # trio's scheduler: 1,098,000 to 1,043,000 instructions per handshake under callgrind.
+        ready = self._fresh
+        self._fresh = False
         with trio.CancelScope(deadline=core._wake_at) as scope:
             self._scope = scope
             try:
                 while True:
                     if not self._reading:
                         await trio.sleep_forever()  # until resume_reading wakes the task
-                    await _wait_readable(fd)
+                    if ready:
+                        ready = False
+                    else:
+                        await _wait_readable(fd)
                     try:
                         size = sock.recv_into(view)
                     except (BlockingIOError, InterruptedError):
@@ -269,12 +283,22 @@ class TrioDriver:
                     # In the steady state the read is parsed where it lies, in the shared buffer, and
                     # its replies written at once: no copy of the read and no effect objects (a 64 KiB
                     # message's read is not copied again before it is unmasked); else a copy goes in.
-                    if core._steady_ok or core._steady_check():
-                        core._steady_read(view, size)
-                    else:
-                        core._input("data", bytes(view[:size]))
+                    # While the task hands a read over, a wake-up is a flag, not a cancellation of
+                    # its own wait, which trio makes costly: 1,043,000 to 1,020,000 instructions per
+                    # handshake (the close frame's Stop woke the task that was reading it).
+                    self._handling = True
+                    try:
+                        if core._steady_ok or core._steady_check():
+                            core._steady_read(view, size)
+                        else:
+                            core._input("data", bytes(view[:size]))
+                    finally:
+                        self._handling = False
+                    if self._woken:
+                        self._woken = False
+                        return
                     if core._busy or core._stopped or core._socket_closed or self._lost:
-                        return  # (actions put in the mailbox meanwhile have woken the task)
+                        return
             except trio.ClosedResourceError:  # aborted: the socket was closed under the wait
                 return
             finally:
@@ -284,6 +308,9 @@ class TrioDriver:
 
     def wake(self) -> None:
         """End the task's current wait (the task then looks at the core)."""
+        if self._handling:  # the task itself is handing over a read: it looks once that is done
+            self._woken = True
+            return
         scope = self._scope
         if scope is not None:
             scope.cancel()
