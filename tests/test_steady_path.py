@@ -18,6 +18,7 @@ from pywsserver._core import ConnectionCore
 from pywsserver._options import parse_options
 from pywsserver.protocols import CloseAction
 from pywsserver.protocols._frames import steady_read, steady_read_python
+from pywsserver.supervision import groups
 
 from .test_websocket_fastpath import client_frames, encode
 
@@ -166,9 +167,10 @@ def serve(
     steady, with ``read`` as its `steady_read`); else each piece to the general path.
     """
     log: list[Any] = []
+    group = f"steady-{next(_groups)}"
     websocket: list[tuple[str, Any]] = [
         ("handler_module", ScriptHandler),
-        ("handler_options", {"script": script, "log": log, "group": f"steady-{next(_groups)}"}),
+        ("handler_options", {"script": script, "log": log, "group": group}),
         ("max_message_size", limit),
         ("ping_interval", None),
         ("idle_timeout", 30 if idle else None),
@@ -190,6 +192,8 @@ def serve(
     finally:
         _core.steady_read = saved
     core._on_eof()
+    for member in groups.members(group):  # a bare core has no worker supervisor to take it out of its group
+        groups.leave(group, member)
     module: Any = core._module
     return {
         "written": bytes(driver.written),
