@@ -66,6 +66,30 @@ def masked_frame(opcode: int, payload: bytes, *, fin: bool = True) -> bytes:
     return header + b"\0\0\0\0" + payload
 
 
+def take_server_frames(buffer: bytearray, messages: list[bytes], last: bytes) -> bool:
+    """Move the payloads of the server's whole frames (unfragmented, unmasked) from ``buffer`` to
+    ``messages``, the upgrade's answer skipped; ``True`` once a payload starting with ``last`` came."""
+    if buffer.startswith(b"HTTP/"):  # the upgrade's answer first
+        end = buffer.find(b"\r\n\r\n")
+        if end < 0:
+            return False
+        assert buffer.startswith(b"HTTP/1.1 101"), bytes(buffer[:40])
+        del buffer[: end + 4]
+    while len(buffer) >= 2:
+        size, header = buffer[1] & 0x7F, 2
+        if size == 126:
+            size, header = int.from_bytes(buffer[2:4], "big"), 4
+        elif size == 127:
+            size, header = int.from_bytes(buffer[2:10], "big"), 10
+        if len(buffer) < header + size:
+            return False
+        messages.append(bytes(buffer[header : header + size]))
+        del buffer[: header + size]
+        if messages[-1].startswith(last):
+            return True
+    return False
+
+
 async def reset(stream: anyio.abc.SocketStream) -> None:
     """Close with a TCP reset (SO_LINGER 0), as a crashed client or a broken network does."""
     raw: socket.socket = stream.extra(anyio.abc.SocketAttribute.raw_socket)

@@ -25,7 +25,7 @@ import pywsserver._server
 from pywsserver import ConnectionClose, broadcast, start_link
 from pywsserver._stream_driver import StreamDriver
 
-from .reliability_tools import UPGRADE, masked_frame
+from .reliability_tools import UPGRADE, masked_frame, take_server_frames
 from .wstools import in_client_thread
 
 pytestmark = pytest.mark.anyio
@@ -124,24 +124,8 @@ def read_frames(sock: socket.socket) -> list[bytes]:
         chunk = sock.recv(1 << 20)
         assert chunk, f"the server closed the connection after {len(messages)} messages"
         buffer += chunk
-        if buffer.startswith(b"HTTP/"):  # the upgrade's answer first
-            end = buffer.find(b"\r\n\r\n")
-            if end < 0:
-                continue
-            assert buffer.startswith(b"HTTP/1.1 101"), bytes(buffer[:40])
-            del buffer[: end + 4]
-        while len(buffer) >= 2:
-            size, header = buffer[1] & 0x7F, 2
-            if size == 126:
-                size, header = int.from_bytes(buffer[2:4], "big"), 4
-            elif size == 127:
-                size, header = int.from_bytes(buffer[2:10], "big"), 10
-            if len(buffer) < header + size:
-                break
-            messages.append(bytes(buffer[header : header + size]))
-            del buffer[: header + size]
-            if messages[-1].startswith(b"sent "):
-                return messages
+        if take_server_frames(buffer, messages, b"sent "):
+            return messages
 
 
 @pytest.mark.parametrize("path", PATHS)
