@@ -211,6 +211,21 @@ parse_into(const unsigned char *buffer, Py_ssize_t size, Py_ssize_t limit, PyObj
     return 0;
 }
 
+/* The message size limit argument as a non-negative Py_ssize_t; -1 with an exception set if not. */
+static int
+limit_arg(PyObject *arg, Py_ssize_t *limit)
+{
+    *limit = PyLong_AsSsize_t(arg);
+    if (*limit == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    if (*limit < 0) {
+        PyErr_SetString(PyExc_ValueError, "limit must not be negative");
+        return -1;
+    }
+    return 0;
+}
+
 /* parse_frames(data, limit) -> (items, position, stop, detail): parse_into over a bytes-like object. */
 static PyObject *
 parse_frames(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
@@ -224,12 +239,7 @@ parse_frames(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "parse_frames(data, limit) takes exactly two arguments");
         return NULL;
     }
-    limit = PyLong_AsSsize_t(args[1]);
-    if (limit == -1 && PyErr_Occurred()) {
-        return NULL;
-    }
-    if (limit < 0) {
-        PyErr_SetString(PyExc_ValueError, "limit must not be negative");
+    if (limit_arg(args[1], &limit) < 0) {
         return NULL;
     }
     if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) {
@@ -342,8 +352,9 @@ still_steady(PyObject *core)
         PyErr_Clear(); /* no flag: not steady, the general path goes on */
         return 0;
     }
-    Py_DECREF(flag); /* True and False are immortal enough: the identity is what counts */
-    return flag == Py_True;
+    int ok = flag == Py_True;
+    Py_DECREF(flag);
+    return ok;
 }
 
 /* What `out` holds, as one bytes object (None if nothing), `out` emptied; NULL on failure. */
@@ -461,12 +472,7 @@ steady_read(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (nbytes == -1 && PyErr_Occurred()) {
         return NULL;
     }
-    limit = PyLong_AsSsize_t(args[2]);
-    if (limit == -1 && PyErr_Occurred()) {
-        return NULL;
-    }
-    if (limit < 0) {
-        PyErr_SetString(PyExc_ValueError, "limit must not be negative");
+    if (limit_arg(args[2], &limit) < 0) {
         return NULL;
     }
     handler = args[3];
