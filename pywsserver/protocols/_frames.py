@@ -188,7 +188,7 @@ def steady_read_python(
                 state = raw[1]
                 continue
         return STEADY_RESULT, state, count, replies, items, raw
-    output = (out[0] if len(out) == 1 else b"".join(out)) if out else None
+    output = b"".join(out) if out else None
     out.clear()
     return STEADY_DONE, state, count, replies, output
 

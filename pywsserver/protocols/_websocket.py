@@ -444,15 +444,13 @@ class WebSocketProtocol:
         other; a read of anything else goes to `steady_parsed`. The answer holds until the core
         next gives the module anything to do: the core asks again after that.
         """
-        ws = self._ws
         if (
-            self.state is not State.OPEN
-            or not self._fast
+            not self._fast
             or self._carry
             or self._awaiting is not None
             or self._inbox
             or self._deflate_extension is not None
-            or (ws is not None and ws.state is not ConnectionState.OPEN)
+            or not self._can_send()
         ):
             return None
         return self.options.max_message_size, self.options.idle_timeout
