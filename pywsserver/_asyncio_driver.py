@@ -359,8 +359,7 @@ class ProtocolDriver(asyncio.BufferedProtocol):
     async def closed(self) -> None:
         """Close the socket and wait for ``connection_lost``; a graceful close is aborted after the linger."""
         transport = self._transport
-        if self._lost or transport is None:  # closed, or never wrapped (a failed TLS handshake)
-            self._sock.close()
+        if self.closed_now() or transport is None:  # closed, or never wrapped (a failed TLS handshake)
             return
         if not transport.is_closing():
             transport.abort()
