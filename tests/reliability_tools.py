@@ -95,3 +95,10 @@ async def reset(stream: anyio.abc.SocketStream) -> None:
     raw: socket.socket = stream.extra(anyio.abc.SocketAttribute.raw_socket)
     raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     await stream.aclose()
+
+
+async def wait_until(condition: Any, timeout: float = 20) -> None:
+    """Let the server run until ``condition()`` holds; fail after ``timeout`` seconds."""
+    with anyio.fail_after(timeout):
+        while not condition():
+            await anyio.lowlevel.checkpoint()

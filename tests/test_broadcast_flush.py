@@ -9,9 +9,6 @@ guarantees: every byte, in order, and a lost connection that harms no one else.
 
 from __future__ import annotations
 
-import socket
-import struct
-
 import anyio
 import anyio.lowlevel
 import pytest
@@ -20,6 +17,7 @@ from wsproto.events import Message
 from pywsserver import broadcast, start_link
 
 from .recorder import Recorder
+from .reliability_tools import reset
 from .test_groups import group_server
 from .wstools import RawClient
 
@@ -70,9 +68,7 @@ async def test_a_member_reset_by_its_peer_does_not_keep_the_frame_from_the_other
         doomed = await RawClient.connect(server.port)
         others = [await RawClient.connect(server.port) for _ in range(2)]
         await recorder.wait_for(lambda: recorder.open_now == 3)
-        raw = doomed.stream.extra(anyio.abc.SocketAttribute.raw_socket)
-        raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        await doomed.aclose()  # a reset: the server's next send on it fails, or it sees the loss first
+        await reset(doomed.stream)  # the server's next send on it fails, or it sees the loss first
         for i in range(20):
             broadcast("reset", f"m{i}")
             await anyio.lowlevel.checkpoint()

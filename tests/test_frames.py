@@ -376,7 +376,7 @@ def _comparable(value: Any) -> Any:
     """Exceptions as (type, args): two runs raise equal, not identical, ones."""
     if isinstance(value, BaseException):
         return (type(value), value.args)
-    if isinstance(value, tuple) and type(value) is tuple:
+    if type(value) is tuple:
         return tuple(_comparable(item) for item in value)
     return (type(value), value) if isinstance(value, tuple | list) else value
 
@@ -416,7 +416,7 @@ data_streams = st.one_of(
 def test_steady_read_c_and_python_agree_on_any_read_and_any_result(
     data: bytes, extra: bytes, cut: int, limit: int, script: list[str], before: list[bytes]
 ) -> None:
-    nbytes = min(cut, len(data)) if cut < len(data) else len(data)
+    nbytes = min(cut, len(data))
     buffer = data + extra  # the driver's buffer holds more than was read
     with_c = _steady(_frames.steady_read, buffer, nbytes, limit, script, list(before))
     with_python = _steady(_frames.steady_read_python, buffer, nbytes, limit, script, list(before))

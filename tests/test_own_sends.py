@@ -17,7 +17,7 @@ import pytest
 
 from pywsserver import ConnectionClose, start_link
 
-from .reliability_tools import UPGRADE, masked_frame, take_server_frames
+from .reliability_tools import UPGRADE, masked_frame, take_server_frames, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -59,12 +59,6 @@ def options(seen: dict[str, Any]) -> list[tuple[str, Any]]:
         ("port", 0),
         ("worker_options", [("write_buffer_size", BOUND), ("protocol_modules", [("websocket", websocket)])]),
     ]
-
-
-async def wait_until(condition: Any, timeout: float = 20) -> None:
-    with anyio.fail_after(timeout):
-        while not condition():
-            await anyio.lowlevel.checkpoint()  # lets the server run; bounded by the timeout
 
 
 async def read_messages(sock: socket.socket, timeout: float = 30) -> list[bytes]:

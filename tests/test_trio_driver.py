@@ -23,7 +23,7 @@ from pywsserver import ConnectionClose, _core, broadcast, start_link
 from pywsserver._stream_driver import StreamDriver
 from pywsserver._trio_driver import TrioDriver
 
-from .reliability_tools import UPGRADE, masked_frame
+from .reliability_tools import UPGRADE, masked_frame, wait_until
 from .wstools import in_client_thread
 
 pytestmark = [pytest.mark.anyio, pytest.mark.parametrize("anyio_backend", ["trio"])]
@@ -89,12 +89,6 @@ def options(
 
 def new_seen() -> dict[str, Any]:
     return {"workers": [], "drivers": [], "messages": [], "closes": []}
-
-
-async def wait_until(condition: Any, timeout: float = 20) -> None:
-    with anyio.fail_after(timeout):
-        while not condition():
-            await anyio.lowlevel.checkpoint()  # lets the server run; bounded by the timeout
 
 
 #: What the client sends, and then reads all that comes back: sizes across the frame-length bounds,

@@ -21,7 +21,7 @@ from pywsserver import ConnectionClose, Worker, _core, broadcast_threadsafe, sta
 from pywsserver._worker import bad_input
 from pywsserver.testing import Client
 
-from .reliability_tools import UPGRADE, masked_frame, open_descriptors
+from .reliability_tools import UPGRADE, masked_frame, open_descriptors, wait_until
 from .wstools import RawClient
 
 pytestmark = pytest.mark.anyio
@@ -62,12 +62,6 @@ def options(seen: dict[str, Any], *websocket: tuple[str, Any], **top: Any) -> li
 
 def new_seen() -> dict[str, Any]:
     return {"workers": [], "closes": []}
-
-
-async def wait_until(condition: Any, timeout: float = 20) -> None:
-    with anyio.fail_after(timeout):
-        while not condition():
-            await anyio.lowlevel.checkpoint()  # lets the server run; bounded by the timeout
 
 
 def jammed_client(port: int) -> socket.socket:
