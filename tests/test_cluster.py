@@ -584,6 +584,45 @@ async def test_publishes_awaiting_their_reply_are_bounded_by_publish_queue(redis
 
 
 @asyncio_only
+async def test_a_publish_redis_refuses_is_counted_and_the_node_goes_on(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    import redis.asyncio as aioredis
+
+    admin = aioredis.Redis.from_url(redis_server.url)
+    # A user that may do all the node does except PUBLISH: Redis answers each publish with an error.
+    await admin.execute_command("ACL", "SETUSER", "nopublish", "on", ">secret", "~*", "&*", "+@all", "-publish")
+    url = redis_server.url.replace("redis://", "redis://nopublish:secret@")
+    options = cluster_options(url, node="refused", log_interval=60.0, send_timeout=30.0)
+    try:
+        async with serve_for_test("tests.cluster_node:Handler", cluster=options) as server:
+            node = server.cluster
+            assert node is not None
+            async with connect(f"ws://127.0.0.1:{server.port}/") as client:
+                with caplog.at_level(logging.WARNING, logger="pywsserver.cluster"):
+                    for number in range(3):
+                        result = broadcast("chat", f"local {number}")
+                        assert (result.delivered, result.published) == (1, True)  # written: the reply says no
+                        assert await receive(client) == f"local {number}"
+
+                        async def refused(expected: int = number + 1) -> bool:
+                            return node.stats.publish_failed == expected
+
+                        await until(refused, f"refusal {number + 1} read and counted")
+                    # A send's publish refused fails at once, not when its 30 s timeout ends.
+                    with anyio.fail_after(5), pytest.raises(cluster.ClusterUnavailable, match="NOPERM"):
+                        await cluster.send("elsewhere/0000/1", "lost")
+                assert node.stats.publish_failed == 4 and node.stats.published == 0
+                refusals = [r.getMessage() for r in caplog.records if "Redis refused a publish" in r.getMessage()]
+                assert len(refusals) == 1 and "NOPERM" in refusals[0], refusals  # once per log_interval
+                # The link stayed up all along: no reconnection, and the node serves on.
+                assert node.connected and (node.stats.connections, node.stats.link_failures) == (1, 0)
+                assert await ask(client, "nodes") == json.dumps(["refused"])
+    finally:
+        await admin.aclose()
+
+
+@asyncio_only
 async def test_a_publish_unanswered_past_connect_timeout_ends_the_link_and_it_comes_back(
     redis_server: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:

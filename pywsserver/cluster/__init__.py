@@ -97,8 +97,9 @@ async def send(target: Address | str, data: str | bytes, *, timeout: float | Non
     ``worker.send_nowait`` does). Raises `ConnectionClosed` when the
     connection is gone (closed, its node stopped or restarted since, or its
     node dead), `MailboxFull` when its mailbox is full, and
-    `ClusterUnavailable` when Redis is unreachable or the node did not
-    answer within ``timeout`` (``cluster.send_timeout`` by default).
+    `ClusterUnavailable` when Redis is unreachable or refuses the publish
+    (an error reply, at once), or the node did not answer within
+    ``timeout`` (``cluster.send_timeout`` by default).
     """
     if not isinstance(data, str | bytes):
         raise TypeError(f"send() takes str or bytes, got {type(data).__name__}")

@@ -130,17 +130,23 @@ def intensity_for(maximum: float, period: float = PERIOD) -> int:
 
 
 class _Pending:
-    """A send or cast waiting for its answer."""
+    """A send or cast waiting for its answer (or for Redis's refusal of its publish)."""
 
-    __slots__ = ("done", "status")
+    __slots__ = ("done", "refusal", "status")
 
     def __init__(self) -> None:
         self.done = anyio.Event()
         self.status: Status | None = None
+        self.refusal: bytes | None = None
 
     def answer(self, status: Status) -> None:
         if self.status is None:
             self.status = status
+            self.done.set()
+
+    def refuse(self, refusal: bytes) -> None:
+        if self.status is None and self.refusal is None:
+            self.refusal = refusal
             self.done.set()
 
 
@@ -417,8 +423,11 @@ class ClusterNode:
                     waiting.answer(Status.GONE)
         else:
             self.stats.publish_failed += 1
-            refusal = bytes(value) if isinstance(value, RespError) else value
+            refusal = bytes(value) if isinstance(value, RespError) else repr(value).encode()
             self._warn("refused", "Redis refused a publish: %r", refusal)
+            waiting = self._pending.get(reply) if reply else None
+            if waiting is not None:
+                waiting.refuse(refusal)  # its sender fails now, not at its timeout
         if not in_flight and self._drained is not None:
             self._drained.set()
 
@@ -618,6 +627,8 @@ class ClusterNode:
                 await waiting.done.wait()
         finally:
             del self._pending[reply]
+        if waiting.refusal is not None:
+            raise ClusterUnavailable(f"Redis refused the publish: {waiting.refusal.decode(errors='replace')}")
         if waiting.status is None:
             if not self._connected:
                 raise ClusterUnavailable("the link to Redis was lost before the node answered")
