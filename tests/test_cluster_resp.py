@@ -69,6 +69,28 @@ def test_every_message_once_in_order_however_the_reads_cut_the_stream() -> None:
         assert recorder.lost == []
 
 
+def test_a_large_message_in_many_reads_is_parsed_once_when_all_of_it_is_there() -> None:
+    # Joining and parsing again on every read would make one message of n reads cost n^2 copies.
+    big = bytes(range(256)) * 4096  # 1 MiB
+    stream = message(b"p:broadcast", big, push=True) + b":7\r\n"
+    recorder = Recorder()
+    reader = recorder.reader()
+    parses = 0
+    read = reader._read
+
+    def counted(data: bytes) -> int:
+        nonlocal parses
+        parses += 1
+        return read(data)
+
+    reader._read = counted  # type: ignore[method-assign]
+    for start in range(0, len(stream), 65536):
+        reader.data_received(stream[start : start + 65536])
+    assert recorder.messages == [(b"p:broadcast", big)]
+    assert recorder.values == [7]
+    assert parses == 2  # the first read (the head: the size is known from it), then the whole message
+
+
 def test_replies_integers_errors_and_the_resp3_types() -> None:
     replies = b":0\r\n:12\r\n-ERR nope\r\n_\r\n$-1\r\n%1\r\n+k\r\n:1\r\n|1\r\n+a\r\n+b\r\n:7\r\n#t\r\n,1.5\r\n"
     for cut in [1, 3, len(replies)]:
