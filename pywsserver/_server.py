@@ -317,9 +317,27 @@ class _Listening:
     with no acceptor waiting (so a server at ``max_connections`` does not spin) or when an acceptor
     stops while none waits (`release`). ``socket.accept`` converts the family and type to enums twice per
     connection and ``_no_delay`` a third time: the listening socket's are looked up once.
+
+    Once an acceptor has taken a connection it arms the listening socket (`serve`): from then on the
+    selector's callback itself takes each waiting connection, with a slot of ``max_connections``, and
+    starts its worker, and the acceptor's task sleeps until the slots run out or an accept fails, which
+    it handles as ever. A connection then costs no task step of the acceptor's (two, counting the
+    wake-up by a readiness event polled before the previous connection was taken).
     """
 
-    __slots__ = ("family", "idle_events", "loop", "proto", "raw", "registered", "tcp", "type", "waiter")
+    __slots__ = (
+        "armed",
+        "family",
+        "idle_events",
+        "loop",
+        "proto",
+        "raw",
+        "registered",
+        "server",
+        "tcp",
+        "type",
+        "waiter",
+    )
 
     def __init__(self, raw: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
         self.raw = raw
@@ -329,13 +347,19 @@ class _Listening:
         self.waiter: asyncio.Future[None] | None = None
         self.idle_events = 0  # readiness events in a row with no acceptor waiting
         self.registered = False
+        self.server: Server | None = None  # the server whose workers the callback starts, while armed
+        self.armed: asyncio.Future[None] | None = None  # what the armed acceptor sleeps on
 
     def take(self, fd: int) -> socket.socket:
         """The accepted ``fd`` as a non-blocking socket, with no Nagle delay."""
         client = socket.socket(self.family, self.type, self.proto, fileno=fd)
-        client.setblocking(False)
-        if self.tcp:
-            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            client.setblocking(False)
+            if self.tcp:
+                client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except BaseException:
+            client.close()
+            raise
         return client
 
     async def wait(self) -> None:
@@ -352,8 +376,69 @@ class _Listening:
             self.release()
             raise
 
+    async def serve(self, server: Server) -> None:
+        """Take connections and start their workers from the selector's callback until the slots
+        run out (then return) or an accept fails (then raise its error; no slot is held by it).
+        One acceptor at a time: the caller holds the listening socket's lock."""
+        armed = self.armed = self.loop.create_future()
+        self.server = server
+        self.idle_events = 0
+        self.take_waiting()  # connections already waiting are taken now
+        if not armed.done() and not self.registered:
+            self.loop.add_reader(self.raw, self.readable)
+            self.registered = True
+        try:
+            await armed
+        finally:
+            if self.armed is armed:  # cancelled (the acceptor stops): disarm
+                self.armed = self.server = None
+                self.release()
+
+    def disarm(self, error: BaseException | None) -> None:
+        """Stop starting workers from the callback and wake the armed acceptor (with ``error`` if any)."""
+        armed = self.armed
+        self.armed = self.server = None
+        self.release()
+        if armed is not None and not armed.done():
+            if error is None:
+                armed.set_result(None)
+            else:
+                armed.set_exception(error)
+
+    def take_waiting(self) -> None:
+        """Armed: take up to a batch of waiting connections, each with a slot, and start their workers."""
+        server = self.server
+        assert server is not None
+        slots = server._slots
+        start = server.worker_supervisor.start_child_soon
+        raw = self.raw
+        for _ in range(_ACCEPT_BATCH):  # a burst a batch per readiness event, as asyncio's servers do
+            try:
+                slots.acquire_nowait()
+            except anyio.WouldBlock:  # max_connections reached: stop accepting until a connection ends
+                self.disarm(None)
+                return
+            client: socket.socket | None = None
+            try:
+                fd, _ = raw._accept()  # type: ignore[attr-defined]
+                client = self.take(fd)
+                start(client)
+            except (BlockingIOError, InterruptedError):
+                slots.release()
+                return
+            except BaseException as error:  # the acceptor handles it as any accept or start error
+                if client is not None:
+                    client.close()  # closed before its slot is released
+                slots.release()
+                self.disarm(error)
+                return
+
     def readable(self) -> None:
-        """The selector's callback: wake the waiting acceptor; with none waiting, unregister."""
+        """The selector's callback: armed, take the waiting connections; else wake the waiting
+        acceptor; with none waiting, unregister."""
+        if self.armed is not None:
+            self.take_waiting()
+            return
         waiter = self.waiter
         if waiter is None:
             # The first such event may be stale (polled before the acceptor woken last took the
@@ -368,7 +453,7 @@ class _Listening:
 
     def release(self) -> None:
         """Unregister from the selector, unless an acceptor is waiting."""
-        if self.registered and self.waiter is None:
+        if self.registered and self.waiter is None and self.armed is None:
             self.registered = False
             with contextlib.suppress(ValueError, OSError):
                 self.loop.remove_reader(self.raw)
@@ -480,16 +565,11 @@ async def _accept_loop(server: Server, listener: SocketListener, lock: anyio.Loc
         try:
             connection = await server._accept(listener, lock)
         except OSError as error:
-            server._slots.release()
-            if error.errno in _TRANSIENT_ACCEPT_ERRORS:
-                backoff = min(max(backoff * 2, 0.05), 1.0)
-                logger.warning("accept failed (%s); retrying in %.2fs", error.strerror or error, backoff)
-                await anyio.sleep(backoff)
-                continue
-            server._listener_broken.set()
-            raise
+            slots.release()
+            backoff = await _accept_failed(server, error, backoff)
+            continue
         except BaseException:
-            server._slots.release()
+            slots.release()
             raise
         backoff = 0.0
         try:
@@ -497,7 +577,7 @@ async def _accept_loop(server: Server, listener: SocketListener, lock: anyio.Loc
             # not wait for it, as Ranch's acceptors do not wait for their connection processes.
             server.worker_supervisor.start_child_soon(connection)
         except BaseException as error:
-            server._slots.release()
+            slots.release()
             with anyio.CancelScope(shield=True):
                 if isinstance(connection, socket.socket):
                     connection.close()
@@ -506,12 +586,36 @@ async def _accept_loop(server: Server, listener: SocketListener, lock: anyio.Loc
             if isinstance(error, NotRunning):
                 return
             raise
+        fast = _raw_sockets.get(listener)
+        if type(fast) is _Listening:
+            # On asyncio the selector's callback takes the next connections itself (`_Listening.serve`):
+            # 925,500 to 864,800 instructions per handshake under callgrind (no acceptor task step per connection).
+            try:
+                async with lock:
+                    await fast.serve(server)
+            except OSError as error:  # its slot is released already
+                backoff = await _accept_failed(server, error, backoff)
+            except NotRunning:
+                return
+            continue
         streak += 1
         if streak == _ACCEPT_BATCH:
             # A burst of waiting connections is taken a batch at a time (as asyncio's own servers
             # take up to a backlog's worth per readiness event), then the workers started run.
             streak = 0
             await anyio.lowlevel.checkpoint()
+
+
+async def _accept_failed(server: Server, error: OSError, backoff: float) -> float:
+    """An accept failed: out of a resource for now, wait and return the next backoff; else the
+    listening socket is broken (the listener restarts) and ``error`` is raised."""
+    if error.errno in _TRANSIENT_ACCEPT_ERRORS:
+        backoff = min(max(backoff * 2, 0.05), 1.0)
+        logger.warning("accept failed (%s); retrying in %.2fs", error.strerror or error, backoff)
+        await anyio.sleep(backoff)
+        return backoff
+    server._listener_broken.set()
+    raise error
 
 
 # --------------------------------------------------------------- public API

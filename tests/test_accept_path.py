@@ -9,6 +9,7 @@ connection as ``loop.sock_accept`` does; it must unregister when nobody waits
 from __future__ import annotations
 
 import asyncio
+import errno
 from typing import Any
 
 import anyio
@@ -81,3 +82,95 @@ async def test_at_max_connections_the_listening_socket_is_unregistered_until_a_s
         second = await RawClient.connect(server.port)
         await _echo_once(second)
         await second.aclose()
+
+
+class _FaultyListeningSocket:
+    """The listening socket with faults injected into its next accepts (the raw socket's methods are read-only)."""
+
+    def __init__(self, raw: Any, faults: list[BaseException]) -> None:
+        self.raw = raw
+        self.faults = faults
+
+    def _accept(self) -> Any:
+        if self.faults:
+            raise self.faults.pop(0)
+        return self.raw._accept()
+
+    def fileno(self) -> int:
+        return int(self.raw.fileno())
+
+
+async def _armed(server: Any) -> _Listening:
+    """The listening socket once its acceptor has armed it (after the first connection)."""
+    first = await RawClient.connect(server.port)
+    await _echo_once(first)
+    await first.aclose()
+    fast = _listening(server)
+    with anyio.fail_after(10):
+        while fast.armed is None:
+            await anyio.lowlevel.checkpoint()
+    return fast
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_once_armed_the_acceptor_task_is_not_woken_per_connection(monkeypatch: Any) -> None:
+    async with start_link(server_options(port=0, number_of_workers=1)) as server:
+        accepts: list[object] = []
+        original = server._accept
+
+        async def counting_accept(listener: Any, lock: Any) -> Any:
+            accepts.append(listener)
+            return await original(listener, lock)
+
+        monkeypatch.setattr(server, "_accept", counting_accept)
+        await server.acceptor_supervisor.terminate_child(("acceptor", 0))
+        await server.acceptor_supervisor.restart_child(("acceptor", 0))
+        await _armed(server)
+        for _ in range(20):
+            client = await RawClient.connect(server.port)
+            await _echo_once(client)
+            await client.aclose()
+        assert len(accepts) == 1  # the first connection; the next 20 were taken by the selector's callback
+        assert await no_connections(server)
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_an_accept_out_of_descriptors_in_the_callback_slows_down_and_serves_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with start_link(server_options(port=0, number_of_workers=1)) as server:
+        fast = await _armed(server)
+        fast.raw = _FaultyListeningSocket(fast.raw, [OSError(errno.EMFILE, "Too many open files")])  # type: ignore[assignment]
+        client = await RawClient.connect(server.port)
+        await _echo_once(client)  # served after the acceptor's backoff
+        await client.aclose()
+        assert server.acceptor_supervisor.restart_count == 0
+        assert await no_connections(server)
+    assert any("Too many open files" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_worker_start_that_fails_in_the_callback_closes_the_socket_and_restarts_the_acceptor(
+    monkeypatch: Any,
+) -> None:
+    async with start_link(server_options(port=0, number_of_workers=1, max_connections=5)) as server:
+        await _armed(server)
+        original = server.worker_supervisor.start_child_soon
+        faults = [RuntimeError("injected start fault")]
+
+        def faulty_start(*args: Any) -> Any:
+            if faults:
+                raise faults.pop()
+            return original(*args)
+
+        monkeypatch.setattr(server.worker_supervisor, "start_child_soon", faulty_start)
+        refused = await anyio.connect_tcp("127.0.0.1", server.port)
+        with anyio.fail_after(10), pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
+            await refused.receive()  # closed, never served
+        await refused.aclose()
+        client = await RawClient.connect(server.port)  # the restarted acceptor serves on
+        await _echo_once(client)
+        await client.aclose()
+        assert server.acceptor_supervisor.restart_count == 1
+        assert await no_connections(server)
+        assert server._slots.value == 5  # the failed start's slot came back
