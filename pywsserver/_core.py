@@ -813,7 +813,7 @@ class ConnectionCore(HandlerCalls):
         timers = self._timers
         if not timers:
             return
-        now = self._clock() + 0.001
+        now = self._clock()
         for deadline, name in sorted((deadline, name) for name, deadline in timers.items() if deadline <= now):
             if timers.get(name) == deadline and not self._stopped:  # not moved or stopped by an earlier one
                 del timers[name]

@@ -38,6 +38,7 @@ import anyio.lowlevel
 import attrs
 from anyio.abc import SocketListener
 
+from ._asyncio_driver import deadline_queue
 from ._errors import OptionError, ServerStartError
 from ._logs import JSONFormatter
 from ._options import ServerOptions, parse_options
@@ -649,7 +650,8 @@ async def serve(options: Any, *, task_status: anyio.abc.TaskStatus[Server] = any
     if server.watchdog is not None:
         server.watchdog.start()
     try:
-        await server.supervisor.run(task_status=_ReportServer(task_status, server))
+        with deadline_queue():  # asyncio: the connections' timers off the event loop's heap, one thread
+            await server.supervisor.run(task_status=_ReportServer(task_status, server))
     except ChildStartError as error:
         raise _start_error(error) from error
     finally:
