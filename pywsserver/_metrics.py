@@ -34,6 +34,7 @@ from .protocols._http import http_response, parse_request_head
 
 if TYPE_CHECKING:
     from ._server import Server
+    from ._watchdog import LoopWatchdog
     from .supervision import Supervisor
 
 __all__ = ["MULTIPROCESS_DIRECTORY", "Metrics"]
@@ -135,20 +136,21 @@ class Metrics:
             multiprocess_mode="liveall",
         )
         watchdog = server.watchdog
-        self._blocks: Counter | None = None
-        self._longest_block: Gauge | None = None
-        if watchdog is not None:  # its figures, read at each sync (see _watchdog: one writer each)
-            self._blocks = Counter(
+        #: The watchdog with its two figures, read at each sync (see _watchdog: one writer each).
+        self._watchdog_figures: tuple[LoopWatchdog, Counter, Gauge] | None = None
+        if watchdog is not None:
+            blocks = Counter(
                 "pywsserver_event_loop_blocks_total",
                 "Times the loop watchdog saw the event loop blocked longer than loop_watchdog seconds.",
                 registry=registry,
             )
-            self._longest_block = Gauge(
+            longest_block = Gauge(
                 "pywsserver_event_loop_longest_block_seconds",
                 "The longest the event loop was blocked since the server started, as the watchdog measured it.",
                 registry=registry,
                 multiprocess_mode="max",
             )
+            self._watchdog_figures = (watchdog, blocks, longest_block)
         # What was last moved into the library's counters.
         self._pushed = [0] * len(COUNTS)
         self._pushed_accepted = 0
@@ -214,13 +216,13 @@ class Metrics:
                 self._broadcasts.labels(result).inc(total - pushed)
         self._pushed_broadcasts = broadcasts
         self._lag.set(self._max_lag)
-        watchdog = self._server.watchdog
-        if watchdog is not None and self._blocks is not None and self._longest_block is not None:
+        if self._watchdog_figures is not None:
+            watchdog, blocks_counter, longest_block = self._watchdog_figures
             blocks = watchdog.blocked_count  # written by the watchdog's thread only: read whole
             if blocks > self._pushed_blocks:
-                self._blocks.inc(blocks - self._pushed_blocks)
+                blocks_counter.inc(blocks - self._pushed_blocks)
                 self._pushed_blocks = blocks
-            self._longest_block.set(watchdog.max_lag)
+            longest_block.set(watchdog.max_lag)
 
     def render(self) -> tuple[str, bytes]:
         """Sync, then the text a scrape gets: ``(content_type, body)``."""
