@@ -377,6 +377,19 @@ def server_cpu_seconds(server: Server) -> tuple[float, float]:
     return user, system
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time so far of one process (Redis's)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_seconds() -> tuple[float, float]:
+    """CPU time of the whole machine so far, all cores: busy (anything but idle and iowait), and total."""
+    fields = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
+    total = sum(fields) / os.sysconf("SC_CLK_TCK")
+    return total - (fields[3] + fields[4]) / os.sysconf("SC_CLK_TCK"), total
+
+
 def generator_cpu_seconds() -> float:
     """User + system CPU time of this script's finished child processes (the generator runs)."""
     import resource
@@ -385,32 +398,53 @@ def generator_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def cluster_run(loadgen: Path, server: Server, arguments: list[str], duration: float) -> dict[str, float]:
-    """One measured run, with the CPU time per delivery of the servers (user, system) and of the generator.
+def cluster_run(
+    loadgen: Path, server: Server, arguments: list[str], duration: float, redis_pid: int
+) -> dict[str, float]:
+    """One measured run, with the CPU time per delivery of the servers (user, system), of the generator
+    and of Redis, and how busy the machine's cores were meanwhile.
 
     The generator runs twice: once with a single message (connections, handshakes, one message,
     closes), then the run measured, which does the same with all its messages; the differences of
-    the CPU times between the two are what the other messages cost, without the handshakes.
+    the CPU times between the two are what the other messages cost, without the handshakes. The
+    cores' busy share is the whole machine's (other work included) during the run measured: near
+    100% the run was bound by CPU, well below it by the waits of its rounds.
     """
     count = arguments.index("--count") + 1
     single = [*arguments[:count], "1", *arguments[count + 1 :]]
-    before, generator_before = server_cpu_seconds(server), generator_cpu_seconds()
+
+    def sample() -> tuple[tuple[float, float], float, float]:
+        return server_cpu_seconds(server), generator_cpu_seconds(), process_cpu_seconds(redis_pid)
+
+    before = sample()
     first = run_loadgen(loadgen, server.port, single, duration)
-    middle, generator_middle = server_cpu_seconds(server), generator_cpu_seconds()
+    middle, busy_before = sample(), machine_busy_seconds()
     row = run_loadgen(loadgen, server.port, arguments, duration)
-    after, generator_after = server_cpu_seconds(server), generator_cpu_seconds()
+    after, busy_after = sample(), machine_busy_seconds()
     extra = row["deliveries"] - first["deliveries"]
-    for index, kind in enumerate(("user", "system")):
-        spent = (after[index] - middle[index]) - (middle[index] - before[index])
-        row[f"server_{kind}_us"] = spent / extra * 1e6
-    generator = (generator_after - generator_middle) - (generator_middle - generator_before)
-    row["generator_us"] = generator / extra * 1e6
+
+    def spent(start: float, end: float, finish: float) -> float:
+        return (finish - end) - (end - start)
+
+    row["server_user_us"] = spent(before[0][0], middle[0][0], after[0][0]) / extra * 1e6
+    row["server_system_us"] = spent(before[0][1], middle[0][1], after[0][1]) / extra * 1e6
+    row["generator_us"] = spent(before[1], middle[1], after[1]) / extra * 1e6
+    connections = int(arguments[arguments.index("--conns") + 1]) + 1  # the listeners and the control one
+    row["redis_us_per_broadcast"] = spent(before[2], middle[2], after[2]) / (extra / connections) * 1e6
+    row["cores_busy"] = (busy_after[0] - busy_before[0]) / (busy_after[1] - busy_before[1])
     return row
 
 
 @contextlib.contextmanager
 def redis_server() -> Iterator[str]:
     """A redis-server on a free loopback port, in a temporary directory, without persistence: its URL."""
+    with redis_process() as (url, _):
+        yield url
+
+
+@contextlib.contextmanager
+def redis_process() -> Iterator[tuple[str, int]]:
+    """`redis_server`, and its process id."""
     import socket
     import tempfile
 
@@ -428,7 +462,7 @@ def redis_server() -> Iterator[str]:
                 with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
                     break
                 time.sleep(0.05)
-            yield f"redis://127.0.0.1:{port}/0"
+            yield f"redis://127.0.0.1:{port}/0", process.pid
         finally:
             process.terminate()
             process.wait(10)
@@ -449,34 +483,37 @@ def start(name: str, cpus: str, processes: int, attempts: int = 3) -> Server:
 def cluster(args: argparse.Namespace) -> str:
     """Broadcast to 2,000 connections over two nodes on Redis, beside one node and websockets + redis-py."""
     loadgen = build("loadgen")
-    scenarios = CLUSTER_SCENARIOS
+    scenarios = {name: value for name, value in CLUSTER_SCENARIOS.items() if name in (args.scenarios or [name])}
     runs: dict[tuple[str, str], list[dict[str, float]]] = {}
-    with redis_server() as url:
+    load_at_start = os.getloadavg()[0]
+    with redis_process() as (url, redis_pid):
         os.environ["BENCH_REDIS_URL"] = url
         for scenario, arguments in scenarios.items():
             for _ in range(1 if args.quick else (args.repeats or 3)):
                 for name, cpus, processes in CLUSTER_SERVERS:  # interleaved, a fresh server each run
                     server = start(name, cpus, processes)
                     try:
-                        row = cluster_run(loadgen, server, arguments, args.duration)
+                        row = cluster_run(loadgen, server, arguments, args.duration, redis_pid)
                     finally:
                         server.stop()
                     runs.setdefault((scenario, name), []).append(row)
                     print(
                         f"{name:30} {scenario:16} {row['rate']:,.0f} deliveries/s; CPU per delivery: server "
                         f"{row['server_user_us']:.2f} µs user + {row['server_system_us']:.2f} system, "
-                        f"generator {row['generator_us']:.2f}",
+                        f"generator {row['generator_us']:.2f}; Redis {row['redis_us_per_broadcast']:.1f} µs per "
+                        f"broadcast; cores busy {row['cores_busy']:.0%}",
                         flush=True,
                     )
     info = machine()
     lines = [
         f"Machine: {info['cpu']}, {info['cores']} cores, Python {info['python']}; one-process servers on CPU 0,"
         f" two-process ones on CPUs 0 and 1, the generator on CPU 1, redis-server unpinned; load average"
-        f" {os.getloadavg()[0]:.1f} at the end. Command: `{' '.join(sys.argv)}`",
+        f" {load_at_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end. Command: `{' '.join(sys.argv)}`",
         "",
         "| server | scenario | deliveries/s | p50 ms | p99 ms | vs websockets + redis-py "
-        "| server CPU µs/delivery (user + system) | websockets + redis-py's / ours | generator CPU µs/delivery |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| server CPU µs/delivery (user + system) | websockets + redis-py's / ours | generator CPU µs/delivery "
+        "| Redis CPU µs/broadcast | cores busy |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for scenario in scenarios:
         medians = {}
@@ -486,23 +523,39 @@ def cluster(args: argparse.Namespace) -> str:
             user = statistics.median(r["server_user_us"] for r in rows)
             system = statistics.median(r["server_system_us"] for r in rows)
             generator = statistics.median(r["generator_us"] for r in rows)
+            redis = statistics.median(r["redis_us_per_broadcast"] for r in rows)
+            busy = statistics.median(r["cores_busy"] for r in rows)
             row = min(rows, key=lambda r: abs(r["rate"] - median))
-            medians[name] = (median, user, system, generator, row)
-        reference, reference_user, reference_system, _, _ = medians["websockets-redis-2-processes"]
-        for name, (median, user, system, generator, row) in medians.items():
+            medians[name] = (median, user, system, generator, redis, busy, row)
+        reference, reference_user, reference_system, *_ = medians["websockets-redis-2-processes"]
+        for name, (median, user, system, generator, redis, busy, row) in medians.items():
             p50 = f"{row['p50_ms']:.2f}" if "p50_ms" in row else ""
             p99 = f"{row['p99_ms']:.2f}" if "p99_ms" in row else ""
             cpu = user + system
             lines.append(
                 f"| {name} | {scenario} | {median:,.0f} | {p50} | {p99} | {median / reference:.2f}x "
                 f"| {cpu:.2f} ({user:.2f} + {system:.2f}) | {(reference_user + reference_system) / cpu:.2f}x "
-                f"| {generator:.2f} |"
+                f"| {generator:.2f} | {redis:.1f} | {busy:.0%} |"
             )
+    ours, theirs = "pywsserver-cluster-2-nodes", "websockets-redis-2-processes"
     lines += [
+        "",
+        "Two nodes against websockets + redis-py, run by run (each pair measured back to back):",
+        "",
+        *(
+            f"- {scenario}: "
+            + ", ".join(
+                f"{mine['rate'] / other['rate']:.2f}x"
+                for mine, other in zip(runs[(scenario, ours)], runs[(scenario, theirs)], strict=True)
+            )
+            for scenario in scenarios
+        ),
         "",
         "deliveries/s and p50/p99: the median run. CPU per delivery: medians of the runs, what the messages"
         " cost beyond one (handshakes left out, see cluster_run), in the clock ticks of /proc (10 ms): the"
-        " bursts' figures are few ticks, rough. Server: every process of the server.",
+        " bursts' figures are few ticks, rough. Server: every process of the server. Redis: redis-server's"
+        " CPU per broadcast, the same way. Cores busy: the whole machine's (other work included) during the"
+        " run measured.",
     ]
     return "\n".join(lines)
 
@@ -564,7 +617,13 @@ def main() -> None:
     parser.add_argument(
         "--servers", nargs="+", default=SERVERS, choices=[*SERVERS, "pywsserver-without-tree", "pywsserver-nowatchdog"]
     )
-    parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
+    parser.add_argument(
+        "--scenarios",
+        nargs="+",
+        default=None,
+        choices=[*SCENARIOS, "hop"],
+        help="the scenarios to run (default: all; with --cluster: broadcast, broadcast-burst, hop)",
+    )
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per measured run (default 5)")
     parser.add_argument("--quick", action="store_true", help="2 s per run, one run per scenario")
     parser.add_argument(
@@ -577,6 +636,10 @@ def main() -> None:
         help="only the cluster comparison: 2 nodes on Redis, 1 node, websockets + redis-py (needs redis-server)",
     )
     args = parser.parse_args()
+    if not args.cluster:
+        args.scenarios = args.scenarios or list(SCENARIOS)
+        if "hop" in args.scenarios:
+            parser.error("hop is a scenario of --cluster only")
     if args.quick:
         args.duration = 2.0
     if args.cluster:
