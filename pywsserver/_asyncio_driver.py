@@ -33,6 +33,7 @@ import anyio
 from . import _core
 from ._deadlines import DeadlineQueue
 from ._tls_pump import TLSPump
+from .protocols._frames import STEADY_DONE, steady_read
 
 if TYPE_CHECKING:
     from ._core import ConnectionCore
@@ -489,10 +490,45 @@ class ProtocolDriver(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         """Bytes arrived: parsed where they lie in the steady state, else a copy goes to the core."""
         core = self._core
-        if core._steady_ok or core._steady_check():  # one test per read while the connection stays steady
-            core._steady_read(self._view, nbytes)
-        else:
+        if not (core._steady_ok or core._steady_check()):  # one test per read while the connection stays steady
             core._input("data", bytes(self._view[:nbytes]))
+            return
+        # `ConnectionCore._steady_read` written out, and its reply handed to the socket as the
+        # transport's own ``write`` would when nothing is buffered (see `_write`): one Python frame
+        # less and no ``write`` call per read, 30,900 to 28,700 instructions per echoed 64 B
+        # message under callgrind (``benchmarks/instructions.py``).
+        idle = core._steady_idle
+        if idle is not None:
+            core._set_timer("idle", idle)  # as the module's data_received would first
+        core._bytes_in += nbytes
+        view = self._view
+        answer = steady_read(
+            view, nbytes, core._steady_limit, core._handler_object, core._handler_state, core._out, core
+        )
+        if answer[0] != STEADY_DONE:
+            core._steady_answer(answer, view, nbytes)
+            return
+        core._handler_state = answer[1]
+        core._messages_in += answer[2]
+        if answer[3]:
+            core._module.messages_out += answer[3]  # type: ignore[attr-defined]
+        reply = answer[4]
+        if reply is None or core._socket_closed:
+            return
+        core._bytes_out += len(reply)
+        transport: Any = self._plain
+        if transport is None or transport._buffer or transport._conn_lost:
+            core._writer.write(reply)
+            return
+        try:
+            sent = transport._sock.send(reply)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except Exception:
+            transport.write(reply)  # fails the same way, and closes the transport as its own write would
+            return
+        if sent < len(reply):
+            transport.write(reply[sent:])
 
     def eof_received(self) -> bool:
         """The peer's end: close the transport once the core is done with it."""

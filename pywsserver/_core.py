@@ -707,6 +707,11 @@ class ConnectionCore(HandlerCalls):
         self._bytes_in += nbytes
         out = self._out
         answer = steady_read(buffer, nbytes, self._steady_limit, self._handler_object, self._handler_state, out, self)
+        self._steady_answer(answer, buffer, nbytes)
+
+    def _steady_answer(self, answer: tuple[Any, ...], buffer: memoryview, nbytes: int) -> None:
+        """What `steady_read` answered for a read of ``nbytes`` in ``buffer``, carried out (the
+        asyncio driver's ``buffer_updated`` carries out the commonest answer itself)."""
         kind = answer[0]
         module: Any = self._module  # the WebSocket module (its steady_* methods are not in the contract)
         if kind == STEADY_PARSED:
