@@ -315,7 +315,7 @@ class ConnectionCore(HandlerCalls):
         "_out",
         "_queue",
         "_queued_bytes",
-        "_raw_frames_ok",
+        "_raw_module",
         "_reading_paused",
         "_release",
         "_room",
@@ -386,7 +386,9 @@ class ConnectionCore(HandlerCalls):
         self._log: ConnectionLogger | None = None  # made at the first line logged
         self._log_context: dict[str, Any] | None = None
         self._frames_log: ConnectionLogger | None = None
-        self._raw_frames_ok: Callable[[], bool] | None = None  # the module's raw_frames_ok, if any
+        # The module, if it has a ``raw_frames`` flag (whether a broadcast's ready-made frame may be
+        # written as is, kept up to date by the module), else ``None``: every broadcast is queued.
+        self._raw_module: Any = None
         # The event loop's cores with broadcast frames to write at the end of the turn (set by a
         # driver that gathers them, see `_broadcast_now`), or ``None``: `Driver.flush_soon` per core.
         self._flushes: list[ConnectionCore] | None = None
@@ -558,19 +560,19 @@ class ConnectionCore(HandlerCalls):
         ``False`` when the frame cannot go out as is (a driver that cannot take it now, actions
         waiting in the mailbox, a module that encodes per connection): then the caller queues it.
 
-        Called once per member and broadcast, so it makes one call of its own (the module's
-        ``raw_frames_ok``, looked up once per module) and tests attributes for the rest; the frame
-        is written at the end of the event-loop turn with every other core's, from the loop's
-        ``_flushes`` (one loop callback per turn, not one per member): 12,300 to 9,400 instructions
-        per delivery under callgrind (``benchmarks/instructions.py --mode broadcast``).
+        Called once per member and broadcast, so it makes no call of its own but the mailbox's
+        when there is one: the module's answer is its ``raw_frames`` flag, which it keeps up to
+        date (no call of its ``raw_frames_ok`` per member), and the frame is written at the end of
+        the event-loop turn with every other core's, from the loop's ``_flushes`` (one loop
+        callback per turn, not one per member): 12,300 to 9,400 instructions per delivery under
+        callgrind (``benchmarks/instructions.py --mode broadcast``), then with the flag and the
+        write in the flush itself, 8,080 to 6,060.
         """
-        if self._socket_closed or self._stopped or not self._can_write:
+        module = self._raw_module
+        if module is None or not module.raw_frames or self._socket_closed or self._stopped or not self._can_write:
             return False
         mailbox = self._mailbox_send
         if mailbox is not None and mailbox.statistics().current_buffer_used:
-            return False
-        raw_frames_ok = self._raw_frames_ok
-        if raw_frames_ok is None or not raw_frames_ok():
             return False
         out = self._out
         self._messages_out += 1
@@ -645,7 +647,7 @@ class ConnectionCore(HandlerCalls):
         self._steady_ok = False
         self._module = module
         self._steady = getattr(module, "steady_parameters", None)
-        self._raw_frames_ok = getattr(module, "raw_frames_ok", None)
+        self._raw_module = module if hasattr(module, "raw_frames") else None
 
     def _steady_check(self) -> bool:
         """Whether the next read may take `_steady_read`; sets ``_steady_ok`` when it may.

@@ -1,7 +1,7 @@
 """Broadcast frames written at the end of the event-loop turn, over real sockets.
 
 On asyncio's default loop the frames gathered in a turn leave through the
-socket directly when the transport buffers nothing (`_asyncio_driver._write`);
+socket directly when the transport buffers nothing (`_asyncio_driver._LoopShared.flush`);
 a short send hands the rest to the transport, which buffers it as its own
 ``write`` would. These tests hold that path to what the transport's ``write``
 guarantees: every byte, in order, and a lost connection that harms no one else.

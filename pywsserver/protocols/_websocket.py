@@ -270,6 +270,7 @@ class WebSocketProtocol:
         "connection",
         "messages_out",
         "options",
+        "raw_frames",
         "state",
     )
 
@@ -282,6 +283,10 @@ class WebSocketProtocol:
         self.options = options
         self.connection = connection
         self.state = State.OPEN
+        #: Whether a frame encoded once for many connections (a broadcast) may be written as is: what
+        #: `raw_frames_ok` answers, kept up to date where it changes (compression negotiated, each
+        #: change of ``state``) so that a broadcast reads an attribute per member instead of a call.
+        self.raw_frames = True
         # wsproto's connection (with its extensions) is made when first needed (a fragment, a
         # close we send, a ping to send, compression): an idle connection does without it.
         self._ws: Connection | None = None
@@ -327,6 +332,7 @@ class WebSocketProtocol:
             self._deflate_extension = BoundedDeflate(
                 parameters, self.options.compression, self.options.max_message_size
             )
+            self.raw_frames = False  # each connection compresses with its own context
         self._inbox.append(Opened(info, context.get("handler")))
         effects: list[Effect] = []
         if self.options.ping_interval is not None:
@@ -472,8 +478,8 @@ class WebSocketProtocol:
     # ------------------------------------------------------------ helpers
 
     def raw_frames_ok(self) -> bool:
-        """Whether a frame encoded once for many connections (a broadcast) may be written as is."""
-        # `_can_send` written out: asked once per member of every broadcast.
+        """Whether a frame encoded once for many connections (a broadcast) may be written as is
+        (what ``raw_frames`` holds; the tests hold the two equal)."""
         if self._deflate_extension is not None or self.state is not State.OPEN:
             return False
         ws = self._ws
@@ -658,6 +664,7 @@ class WebSocketProtocol:
             except UnicodeDecodeError:
                 return None
         self.state = State.REMOTE_CLOSING
+        self.raw_frames = False
         if self.closed_by is None:
             self.closed_by = "client"
         return _PeerClosed(code, reason, bytes((0x88, len(payload))) + payload)
@@ -740,6 +747,7 @@ class WebSocketProtocol:
             elif isinstance(event, CloseConnection):
                 if ws.state is ConnectionState.REMOTE_CLOSING:
                     self.state = State.REMOTE_CLOSING
+                    self.raw_frames = False
                     if self.closed_by is None:
                         self.closed_by = "client"
                     self._inbox.append(_PeerClosed(int(event.code), event.reason or "", None))
@@ -788,6 +796,7 @@ class WebSocketProtocol:
         if self.closed_by is None:
             self.closed_by = "server"
         self.state = State.LOCAL_CLOSING
+        self.raw_frames = False
         self._close_code, self._close_reason = code, reason
         write = Write(self._wsproto().send(CloseConnection(code=code, reason=reason)))
         # The peer's answer moves wsproto's closing state: wsproto parses from now on.
@@ -813,6 +822,7 @@ class WebSocketProtocol:
     def _closed(self, code: int, reason: str) -> list[Effect]:
         was_open = self.state is State.OPEN or self.state is State.REMOTE_CLOSING
         self.state = State.CLOSED
+        self.raw_frames = False
         self._message, self._size, self._utf8 = None, 0, None
         # Messages that had fully arrived while the connection was open are still delivered (without
         # replies), then the close notice: what the handler sees does not depend on whether the
