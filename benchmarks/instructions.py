@@ -18,7 +18,10 @@ message). ``--mode broadcast``: 200 connections open; N rounds of one ``go:1:64`
 round over once every connection has its copy: instructions per delivery (one frame to one member).
 ``--mode handshake``: N connections opened one after another, each upgraded and closed (client close
 frame, then the server's close): instructions per connection. ``--profile DIR`` keeps the second run's
-callgrind output there, for ``callgrind_annotate``.
+callgrind output there, for ``callgrind_annotate``, and the first run's in ``DIR/SERVER/first``; it
+also prints the functions whose own instructions grew most from the first run to the second, per
+message (start-up cancels out as in the total): where a message's instructions go, C functions of
+the interpreter and the extensions (a Python function's bytecode counts in the interpreter's loop).
 """
 
 from __future__ import annotations
@@ -195,6 +198,27 @@ def count_instructions(
         return int(summary.group(1))
 
 
+def _own_instructions(out: Path) -> dict[str, int]:
+    """Each function's own instructions (exclusive) in a callgrind output, by ``callgrind_annotate``."""
+    text = subprocess.run(
+        ["callgrind_annotate", "--auto=no", "--threshold=100", str(out)], capture_output=True, text=True, check=True
+    ).stdout
+    own: dict[str, int] = {}
+    for match in re.finditer(r"^\s*([\d,]+) \([^)]*\)\s+(\S.*?)(?: \[[^\]]*\])?$", text, re.MULTILINE):
+        name = match.group(2)
+        if name == "PROGRAM TOTALS":
+            continue
+        own[name] = own.get(name, 0) + int(match.group(1).replace(",", ""))
+    return own
+
+
+def per_function(first: Path, second: Path, rounds: int, top: int = 25) -> list[tuple[str, float]]:
+    """The ``top`` functions whose own instructions grew most from ``first`` to ``second``, per round."""
+    low, high = _own_instructions(first), _own_instructions(second)
+    growth = {name: (high.get(name, 0) - low.get(name, 0)) / rounds for name in high.keys() | low.keys()}
+    return sorted(growth.items(), key=lambda item: -item[1])[:top]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--server", nargs="+", default=["pywsserver"], help="servers of servers.py")
@@ -210,14 +234,19 @@ def main() -> None:
     per = {"echo": (1, "message"), "broadcast": (MEMBERS, "delivery"), "handshake": (1, "connection")}
     factor, unit = per[args.mode]
     for server in args.server:
-        low = count_instructions(server, first, args.size, args.mode, binary=args.binary)
-        keep = None
+        keep = keep_first = None
         if args.profile is not None:
             keep = args.profile / server
-            keep.mkdir(parents=True, exist_ok=True)
+            keep_first = keep / "first"
+            keep_first.mkdir(parents=True, exist_ok=True)
+        low = count_instructions(server, first, args.size, args.mode, keep_first, args.binary)
         high = count_instructions(server, second, args.size, args.mode, keep, args.binary)
         figure = (high - low) / ((second - first) * factor)
         print(f"{server:24} {figure:,.0f} instructions per {unit} ({args.mode})", flush=True)
+        if keep is not None and keep_first is not None:
+            rounds = (second - first) * factor
+            for name, own in per_function(keep_first / "callgrind.out", keep / "callgrind.out", rounds):
+                print(f"    {own:10,.0f}  {name.rsplit('/', 1)[-1]}", flush=True)
 
 
 if __name__ == "__main__":
