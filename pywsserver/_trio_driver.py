@@ -36,14 +36,16 @@ import threading
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+import anyio
 import trio
 
 from . import _core
 
 if TYPE_CHECKING:
     from ._core import ConnectionCore
+    from ._server import Server
 
-__all__ = ["TrioDriver"]
+__all__ = ["TrioDriver", "serve_listener"]
 
 _buffers = threading.local()
 _wait_readable = trio.lowlevel.wait_readable
@@ -385,6 +387,53 @@ class TrioDriver:
     def flush_soon(self) -> None:
         """Write the core's output now: one ``send`` per broadcast frame and member, no task switch."""
         self._core._flush()
+
+
+async def serve_listener(raw: socket.socket, server: Server, batch: int) -> None:
+    """An acceptor's loop on trio once it has taken a connection: take each connection waiting on
+    ``raw``, with a slot of ``max_connections``, and start its worker, then wait on ``raw`` again;
+    return when the slots run out, raise when an accept or a start fails (no slot held for it).
+
+    One acceptor at a time (the caller holds the listening socket's lock, and keeps it while
+    connections come): the others wait on the lock, instead of taking turns on it at every
+    connection (a release that wakes the next acceptor, whose task then waits on the socket, and
+    the last one queueing again), and a connection is taken without ``socket.accept``'s wrapper,
+    which converts the family and type to enums (once per call here).
+    """
+    slots = server._slots
+    start = server.worker_supervisor.start_child_soon
+    family, kind, proto = raw.family, raw.type, raw.proto
+    tcp = family != getattr(socket, "AF_UNIX", None)  # Unix sockets have no TCP_NODELAY
+    while True:
+        for _ in range(batch):  # a burst a batch at a time, then the workers started run
+            try:
+                slots.acquire_nowait()
+            except anyio.WouldBlock:  # max_connections reached: the acceptor waits for a slot
+                return
+            try:
+                fd, _ = raw._accept()  # type: ignore[attr-defined]
+            except (BlockingIOError, InterruptedError):
+                slots.release()
+                break
+            except BaseException:
+                slots.release()
+                raise
+            client: socket.socket | None = None
+            try:
+                client = socket.socket(family, kind, proto, fileno=fd)
+                client.setblocking(False)
+                if tcp:
+                    client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                start(client)
+            except BaseException:
+                if client is not None:
+                    client.close()  # closed before its slot is released
+                slots.release()
+                raise
+        else:
+            await trio.lowlevel.checkpoint()
+            continue
+        await _wait_readable(raw)
 
 
 def _sockname(getter: Callable[[], Any]) -> Any:
