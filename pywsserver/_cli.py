@@ -102,7 +102,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag(
         ("--acceptors",),
         ("number_of_workers",),
-        "acceptor tasks accepting connections in parallel, not processes (number_of_workers; default: 10)",
+        "acceptor tasks, not processes (number_of_workers; default: 1, enough on one event loop)",
         parse=int,
         metavar="N",
     ),

@@ -77,8 +77,9 @@ class ServerOptions:
     host: str | None = "127.0.0.1"
     #: The TCP port; 0 picks a free one (see ``Server.port``).
     port: int = 8080
-    #: The acceptor pool: how many connections are accepted in parallel.
-    number_of_workers: int = 10
+    #: The acceptor pool: how many acceptor tasks accept connections (one serves every listening
+    #: socket; on one event loop more do not accept faster, see docs/architecture.md).
+    number_of_workers: int = 1
     #: The most connections served at once; at the bound, accepting pauses.
     max_connections: int = 10000
     #: The listening socket's backlog.

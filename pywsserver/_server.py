@@ -543,13 +543,31 @@ def _no_delay(client: socket.socket) -> socket.socket:
 _ACCEPT_BATCH = 16
 
 
+def _listening_sockets_of(index: int, acceptors: int, count: int) -> list[int]:
+    """Which of ``count`` listening sockets acceptor ``index`` of ``acceptors`` accepts on: every
+    socket has at least one acceptor (one acceptor, the default, serves them all), and with more
+    acceptors than sockets they are spread over the sockets in turn."""
+    if acceptors >= count:
+        return [index % count]
+    return list(range(index, count, acceptors))
+
+
 async def _acceptor(server: Server, index: int, *, task_status: anyio.abc.TaskStatus[None]) -> None:
     listeners = server._listeners
-    listener = listeners[index % len(listeners)]
-    lock = server._accept_locks[index % len(listeners)]
+    mine = _listening_sockets_of(index, server.options.number_of_workers, len(listeners))
     task_status.started()
+    if len(mine) == 1:
+        await _accept_on(server, mine[0])
+        return
+    async with anyio.create_task_group() as tg:  # several listening sockets (e.g. IPv4 and IPv6)
+        for which in mine:
+            tg.start_soon(_accept_on, server, which)
+
+
+async def _accept_on(server: Server, which: int) -> None:
+    listener = server._listeners[which]
     try:
-        await _accept_loop(server, listener, lock)
+        await _accept_loop(server, listener, server._accept_locks[which])
     finally:
         _release_listener(listener)
 

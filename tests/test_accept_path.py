@@ -174,3 +174,41 @@ async def test_a_worker_start_that_fails_in_the_callback_closes_the_socket_and_r
         assert server.acceptor_supervisor.restart_count == 1
         assert await no_connections(server)
         assert server._slots.value == 5  # the failed start's slot came back
+
+
+def test_every_listening_socket_has_an_acceptor_whatever_the_pool() -> None:
+    from pywsserver._server import _listening_sockets_of
+
+    for count in range(1, 5):
+        for acceptors in range(1, 7):
+            served = [which for index in range(acceptors) for which in _listening_sockets_of(index, acceptors, count)]
+            assert sorted(set(served)) == list(range(count))  # each socket has an acceptor
+            assert all(_listening_sockets_of(index, acceptors, count) for index in range(acceptors))  # none idle
+
+
+async def test_one_acceptor_serves_every_listening_socket(monkeypatch: Any) -> None:
+    from anyio.streams.stapled import MultiListener
+
+    create_tcp_listener = anyio.create_tcp_listener
+
+    async def on_loopback_v4_and_v6(**kwargs: Any) -> Any:  # as a host name with both addresses would give
+        v4 = await create_tcp_listener(local_host="127.0.0.1", local_port=0)
+        port = v4.listeners[0].extra(anyio.abc.SocketAttribute.local_port)
+        try:
+            v6 = await create_tcp_listener(local_host="::1", local_port=port)
+        except OSError:
+            await v4.aclose()
+            pytest.skip("no IPv6 loopback here")
+        return MultiListener([*v4.listeners, *v6.listeners])
+
+    monkeypatch.setattr(anyio, "create_tcp_listener", on_loopback_v4_and_v6)
+    async with start_link(server_options()) as server:
+        assert len(server._listeners) == 2
+        assert server.acceptor_supervisor.count_children().active == 1  # the default pool: one acceptor
+        for host in ("127.0.0.1", "::1", "127.0.0.1", "::1"):
+            client = RawClient(await anyio.connect_tcp(host, server.port))
+            await client.send(Request(host=f"{host}:{server.port}", target="/"))
+            assert isinstance(await client.next_event(), AcceptConnection)
+            await _echo_once(client)
+            await client.aclose()
+        assert await no_connections(server)

@@ -138,7 +138,7 @@ def test_the_old_workers_flag_still_sets_the_acceptors_with_a_notice() -> None:
     assert parse_options(tree).number_of_workers == 3
     assert by_flag == {"number_of_workers": "--workers"}
     assert notices == [
-        "--workers is now --acceptors (acceptor tasks accepting connections in parallel, not processes); "
+        "--workers is now --acceptors (acceptor tasks, not processes); "
         "the old name still works"
     ]
 
