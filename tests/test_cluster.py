@@ -88,6 +88,7 @@ def test_cluster_option_errors_name_the_option() -> None:
         ([("url", "redis://x"), ("node", "a/b")], "cluster.node: expected 1 to 100 characters"),
         ([("url", "redis://x"), ("heartbeat_interval", 3.0)], "cluster.node_timeout: expected at least twice"),
         ([("url", "redis://x"), ("publish_queue", 0)], "cluster.publish_queue: expected an int >= 1"),
+        ([("url", "redis://x"), ("publish_queue_bytes", 0)], "cluster.publish_queue_bytes: expected an int >= 1"),
         ([("url", "redis://x"), ("colour", "red")], "cluster.colour: unknown option"),
     ]
     for raw, message in cases:
@@ -578,6 +579,38 @@ async def test_publishes_awaiting_their_reply_are_bounded_by_publish_queue(redis
 
             await until(answered, "the five answered")
             assert broadcast("g", b"after").published is True  # room again
+    finally:
+        await pubsub.aclose()
+        await client.aclose()
+
+
+@asyncio_only
+async def test_publishes_awaiting_redis_are_bounded_by_bytes_too(redis_server: RedisServer) -> None:
+    client, pubsub = await subscribed(redis_server.url)
+    options = cluster_options(redis_server.url, node="bytes", publish_queue_bytes=1000)
+    try:
+        async with serve_for_test("pywsserver.echo", cluster=options) as server:
+            node = server.cluster
+            assert node is not None
+            # In one step of the loop: the first is written at once and awaits its reply, the rest
+            # are held for the step's end, counted by bytes.
+            results = [
+                broadcast("g", b"a" * 600).published,  # written: the socket took it
+                broadcast("g", b"b" * 600).published,  # held: about 650 bytes
+                broadcast("g", b"c" * 600).published,  # would hold about 1,300: refused
+                broadcast("g", b"d" * 100).published,  # held: about 800
+                broadcast("g", b"e" * 2000).published,  # larger than the bound: never crosses nodes
+            ]
+            assert results == [True, True, False, True, False]
+            assert node.stats.publish_failed == 2
+            seen = await broadcasts_seen(pubsub, 3)
+            assert seen == [b"a" * 600, b"b" * 600, b"d" * 100]
+
+            async def answered() -> bool:
+                return node.stats.published == 3
+
+            await until(answered, "the three answered")
+            assert broadcast("g", b"f" * 600).published is True  # room again
     finally:
         await pubsub.aclose()
         await client.aclose()

@@ -187,6 +187,7 @@ class ClusterNode:
         self._transport: asyncio.Transport | None = None
         self._in_flight: collections.deque[int] = collections.deque()
         self._held: list[bytes] = []
+        self._held_bytes = 0  # their total size (see `_write`: bounded with the transport's buffer)
         self._progress_at = 0.0
         self._drained: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -374,6 +375,7 @@ class ClusterNode:
         """The link is gone: what was written without a reply, or held, is lost for the other nodes."""
         self._transport = None
         self._held = []
+        self._held_bytes = 0
         lost = len(self._in_flight)
         self._in_flight.clear()
         if lost:
@@ -383,6 +385,7 @@ class ClusterNode:
     def _flush(self) -> None:
         """Write the publishes held during the last step, in one write."""
         held, self._held = self._held, []
+        self._held_bytes = 0
         if held and self._transport is not None:
             self._transport.writelines(held)
             self.stats.written += len(held)
@@ -572,6 +575,19 @@ class ClusterNode:
                 self.options.publish_queue,
             )
             return False
+        # Bounded by bytes too: what is held for the step's end and what the transport has not
+        # handed to the socket yet (Redis reading slower than large broadcasts are made).
+        size = len(command)
+        if self._held_bytes + transport.get_write_buffer_size() + size > self.options.publish_queue_bytes:
+            self.stats.publish_failed += 1
+            self._warn(
+                "queue_bytes",
+                "a publish of %d bytes would take the bytes awaiting Redis beyond %d "
+                "(cluster.publish_queue_bytes): dropping",
+                size,
+                self.options.publish_queue_bytes,
+            )
+            return False
         if not in_flight:  # idle (nothing held either: what is held awaits its reply)
             transport.write(command)
             self.stats.written += 1
@@ -582,6 +598,7 @@ class ClusterNode:
                 assert loop is not None
                 loop.call_soon(self._flush)
             self._held.append(command)
+            self._held_bytes += size
         in_flight.append(reply)
         return True
 

@@ -23,6 +23,7 @@ _LEVEL = (
     "wait_for_redis",
     "max_backoff",
     "publish_queue",
+    "publish_queue_bytes",
     "send_timeout",
     "log_interval",
 )
@@ -55,6 +56,9 @@ class ClusterOptions:
     max_backoff: float = 5.0
     #: Messages waiting to be published at most; beyond, a broadcast's publish fails at once.
     publish_queue: int = 10000
+    #: Bytes of publishes held for the end of a step or not yet taken by Redis's socket at most;
+    #: beyond, a publish fails at once (a broadcast larger than this never crosses nodes).
+    publish_queue_bytes: int = 64 * 1024 * 1024
     #: Default seconds `pywsserver.cluster.send` and ``cast`` wait for the target node's answer.
     send_timeout: float = 5.0
     #: Seconds between two log lines about the same cluster fault (a failed publish, a lost link).
@@ -93,8 +97,9 @@ def parse_cluster(raw: Any, path: str = "cluster") -> ClusterOptions:
         fields["log_interval"] = check_number(options["log_interval"], join(path, "log_interval"))
     if "wait_for_redis" in options:
         fields["wait_for_redis"] = check_bool(options["wait_for_redis"], join(path, "wait_for_redis"))
-    if "publish_queue" in options:
-        fields["publish_queue"] = check_int(options["publish_queue"], join(path, "publish_queue"), minimum=1)
+    for name in ("publish_queue", "publish_queue_bytes"):
+        if name in options:
+            fields[name] = check_int(options[name], join(path, name), minimum=1)
     parsed = ClusterOptions(**fields)
     if parsed.node_timeout < 2 * parsed.heartbeat_interval:
         raise OptionError(
