@@ -90,11 +90,10 @@ from .protocols import (
     Write,
 )
 from .protocols._frames import (
-    STEADY_DONE,
     STEADY_PARSED,
     STEADY_RAISED,
     STEADY_RESULT,
-    steady_read,
+    steady_step,
 )
 from .supervision import cleanup_scope, groups
 
@@ -686,9 +685,11 @@ class ConnectionCore(HandlerCalls):
         """The first ``nbytes`` of ``buffer`` read in the steady state (`_steady_check`), parsed where
         they lie and handled without effect objects.
 
-        One call of `steady_read` (C, or its pure-Python twin) parses the frames, hands each message
-        to ``handle`` and answers the two commonest results, ``("reply", data, state)`` and
-        ``("noreply", state)``, with frames appended to ``_out``, which is then written in one piece.
+        One call of `steady_step` (C, or its pure-Python twin) restarts the idle timer, parses the
+        frames, hands each message to ``handle`` and answers the two commonest results, ``("reply",
+        data, state)`` and ``("noreply", state)``, with frames appended to ``_out``, and then
+        stores the state, counts and writes ``_out`` in one piece (the asyncio driver passes its
+        transport for a direct ``send``).
         It stops at anything else: a read that is not only whole text and binary frames goes to the
         module as `data_received` would have it (the parse is not done twice); another result, an
         exception, or a call after which ``_steady_ok`` is false (the handler closed the connection,
@@ -700,20 +701,17 @@ class ConnectionCore(HandlerCalls):
         per message, and no Python frame but this one and ``handle`` between the read and the
         write: a 64-byte echoed message went from 72,300 to 47,000 instructions under callgrind with
         the effect objects gone, then from 46,200 to 35,900 with the parse, the calls and the
-        replies in one C call (``benchmarks/instructions.py``; on uvloop 22,600 to 12,500).
+        replies in one C call (``benchmarks/instructions.py``; on uvloop 22,600 to 12,500), and
+        with the counters, the state and the write in that call too, 28,700 to 26,700.
         ``tests/test_steady_path.py`` holds it to the general path with hypothesis.
         """
-        idle = self._steady_idle
-        if idle is not None:
-            self._set_timer("idle", idle)  # as the module's data_received would first
-        self._bytes_in += nbytes
-        out = self._out
-        answer = steady_read(buffer, nbytes, self._steady_limit, self._handler_object, self._handler_state, out, self)
-        self._steady_answer(answer, buffer, nbytes)
+        answer = steady_step(self, buffer, nbytes, None)
+        if answer is not None:
+            self._steady_answer(answer, buffer, nbytes)
 
     def _steady_answer(self, answer: tuple[Any, ...], buffer: memoryview, nbytes: int) -> None:
-        """What `steady_read` answered for a read of ``nbytes`` in ``buffer``, carried out (the
-        asyncio driver's ``buffer_updated`` carries out the commonest answer itself)."""
+        """What `steady_step` answered for a read of ``nbytes`` in ``buffer`` when it did not answer
+        every message itself: the parse, or where it stopped, carried on by the general path."""
         kind = answer[0]
         module: Any = self._module  # the WebSocket module (its steady_* methods are not in the contract)
         if kind == STEADY_PARSED:
@@ -724,24 +722,18 @@ class ConnectionCore(HandlerCalls):
         self._messages_in += count
         if answer[3]:
             module.messages_out += answer[3]
-        if kind != STEADY_DONE:  # the general path, from the message of the last call on
-            items = answer[4]
-            message = items[count - 1]
-            module.steady_resume(message, items[count:])
-            if kind == STEADY_RESULT:
-                self._feed(self._handled(message, answer[5]))
-            elif kind == STEADY_RAISED:
-                self._report(f"raised in handle({message!r:.80})", answer[5])
-                self._feed(module.handler_failed(answer[5]))
-            else:  # not an Exception (KeyboardInterrupt, a cancellation): raised again, as handle raised it
-                self._steady_ok = False
-                raise answer[5]
-            return
-        # `_flush` inlined (no frame log in the steady state), the output joined in `steady_read`.
-        reply = answer[4]
-        if reply is not None and not self._socket_closed:
-            self._bytes_out += len(reply)
-            self._writer.write(reply)
+        # The general path, from the message of the last call on.
+        items = answer[4]
+        message = items[count - 1]
+        module.steady_resume(message, items[count:])
+        if kind == STEADY_RESULT:
+            self._feed(self._handled(message, answer[5]))
+        elif kind == STEADY_RAISED:
+            self._report(f"raised in handle({message!r:.80})", answer[5])
+            self._feed(module.handler_failed(answer[5]))
+        else:  # not an Exception (KeyboardInterrupt, a cancellation): raised again, as handle raised it
+            self._steady_ok = False
+            raise answer[5]
 
     def _dispatch(self, kind: str, value: Any) -> None:
         if self._frames_log is not None:

@@ -9,8 +9,13 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
+#include <errno.h>
 #include <stdint.h>
 #include <string.h>
+#ifndef MS_WINDOWS
+#include <sys/socket.h>
+#endif
 
 /* XOR `length` bytes of `in` with the repeated 4-byte `key` into `out`, eight bytes at a time. */
 static void
@@ -326,12 +331,183 @@ encode_frame(PyObject *module, PyObject *data)
     return result;
 }
 
+/*
+ * Attributes read where they lie. A read of the steady state reads and writes about a dozen
+ * attributes of the connection core; PyObject_GetAttr on a __slots__ attribute costs about 100
+ * instructions (the type's method cache, the member descriptor and its checks), more than the
+ * interpreter's own specialised read. The core's attributes are plain object slots, so their
+ * offsets are looked up once per type and the slots read and written directly. A table holds the
+ * offsets for one type (a strong reference) and that type's version tag: the type changed in any
+ * way (an attribute set on the class), the tag changes and the table is filled again. An
+ * attribute that is not a plain writable object slot of a type with the generic getattr and
+ * setattr (and any attribute of an object of another type) is looked up by name as Python would.
+ */
+#define TABLE_SIZE 16
+
+typedef struct {
+    int count;
+    const char *spelled[TABLE_SIZE];
+    PyObject *names[TABLE_SIZE];    /* interned at import */
+    PyTypeObject *type;             /* the offsets' type (a strong reference), or NULL */
+    unsigned int version;           /* its version tag then; 0: not to be trusted, fill again */
+    Py_ssize_t offsets[TABLE_SIZE]; /* 0: looked up by name */
+} SlotTable;
+
+/* The connection core's attributes (pywsserver/_core.py ConnectionCore). */
+enum {
+    CORE_STEADY_OK, CORE_STEADY_IDLE, CORE_STEADY_LIMIT, CORE_HANDLER_OBJECT, CORE_HANDLER_STATE, CORE_OUT,
+    CORE_BYTES_IN, CORE_MESSAGES_IN, CORE_BYTES_OUT, CORE_MODULE, CORE_SOCKET_CLOSED, CORE_WRITER, CORE_COUNT
+};
+static SlotTable core_table = {
+    CORE_COUNT,
+    {"_steady_ok", "_steady_idle", "_steady_limit", "_handler_object", "_handler_state", "_out", "_bytes_in",
+     "_messages_in", "_bytes_out", "_module", "_socket_closed", "_writer"},
+};
+/* The protocol module's (the WebSocket module's counter of messages sent). */
+enum { MODULE_MESSAGES_OUT, MODULE_COUNT };
+static SlotTable module_table = {MODULE_COUNT, {"messages_out"}};
+/* The transport's (asyncio's selector socket transport: no slots, looked up by name). */
+enum { TRANSPORT_BUFFER, TRANSPORT_CONN_LOST, TRANSPORT_SOCK_FD, TRANSPORT_SOCK, TRANSPORT_COUNT };
+static SlotTable transport_table = {TRANSPORT_COUNT, {"_buffer", "_conn_lost", "_sock_fd", "_sock"}};
+
+static int
+table_intern(SlotTable *table)
+{
+    int i;
+    for (i = 0; i < table->count; i++) {
+        table->names[i] = PyUnicode_InternFromString(table->spelled[i]);
+        if (table->names[i] == NULL) {
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* The table made ready for `object`'s type: filled again unless it is for that type as it is now. */
+static void
+table_ready(SlotTable *table, PyObject *object)
+{
+    PyTypeObject *type = Py_TYPE(object);
+    int i, generic;
+
+    if (type == table->type && table->version != 0 && type->tp_version_tag == table->version) {
+        return;
+    }
+    generic = type->tp_getattro == PyObject_GenericGetAttr && type->tp_setattro == PyObject_GenericSetAttr;
+    for (i = 0; i < table->count; i++) {
+        /* _PyType_Lookup gives the type a version tag if it has none (a borrowed reference, no error). */
+        PyObject *descr = generic ? _PyType_Lookup(type, table->names[i]) : NULL;
+        Py_ssize_t offset = 0;
+        if (descr != NULL && Py_IS_TYPE(descr, &PyMemberDescr_Type)) {
+            PyMemberDef *member = ((PyMemberDescrObject *)descr)->d_member;
+            if (member->type == T_OBJECT_EX && !(member->flags & READONLY) && member->offset > 0) {
+                offset = member->offset;
+            }
+        }
+        table->offsets[i] = offset;
+    }
+    Py_INCREF(type);
+    Py_XDECREF(table->type);
+    table->type = type;
+    table->version = generic && (type->tp_flags & Py_TPFLAGS_VALID_VERSION_TAG) ? type->tp_version_tag : 0;
+    if (table->version == 0) {
+        for (i = 0; i < table->count; i++) {
+            table->offsets[i] = 0;
+        }
+    }
+}
+
+/* object.<name> as a new reference (NULL with an exception set, as getattr would). */
+static PyObject *
+table_get(SlotTable *table, PyObject *object, int index)
+{
+    Py_ssize_t offset;
+
+    table_ready(table, object);
+    offset = table->offsets[index];
+    if (offset != 0) {
+        PyObject *value = *(PyObject **)((char *)object + offset);
+        if (value != NULL) {
+            return Py_NewRef(value);
+        }
+    }
+    return PyObject_GetAttr(object, table->names[index]); /* an empty slot: AttributeError, as Python */
+}
+
+/* object.<name> = value; -1 with an exception set on failure. */
+static int
+table_set(SlotTable *table, PyObject *object, int index, PyObject *value)
+{
+    Py_ssize_t offset;
+
+    table_ready(table, object);
+    offset = table->offsets[index];
+    if (offset != 0) {
+        PyObject **slot = (PyObject **)((char *)object + offset);
+        PyObject *old = *slot;
+        *slot = Py_NewRef(value);
+        Py_XDECREF(old); /* last: a finaliser it runs sees the new value */
+        return 0;
+    }
+    return PyObject_SetAttr(object, table->names[index], value);
+}
+
+/* object.<name> += amount (an int object); -1 with an exception set on failure. */
+static int
+table_add(SlotTable *table, PyObject *object, int index, PyObject *amount)
+{
+    PyObject *value = table_get(table, object, index), *sum;
+    int result;
+
+    if (value == NULL) {
+        return -1;
+    }
+    sum = PyNumber_InPlaceAdd(value, amount);
+    Py_DECREF(value);
+    if (sum == NULL) {
+        return -1;
+    }
+    result = table_set(table, object, index, sum);
+    Py_DECREF(sum);
+    return result;
+}
+
+/* object.<name> += amount; -1 with an exception set on failure. */
+static int
+table_add_ssize(SlotTable *table, PyObject *object, int index, Py_ssize_t amount)
+{
+    PyObject *number = PyLong_FromSsize_t(amount);
+    int result;
+
+    if (number == NULL) {
+        return -1;
+    }
+    result = table_add(table, object, index, number);
+    Py_DECREF(number);
+    return result;
+}
+
+/* bool(object.<name>): 1, 0, or -1 with an exception set. */
+static int
+table_true(SlotTable *table, PyObject *object, int index)
+{
+    PyObject *value = table_get(table, object, index);
+    int result;
+
+    if (value == NULL) {
+        return -1;
+    }
+    result = PyObject_IsTrue(value);
+    Py_DECREF(value);
+    return result;
+}
+
 /* How steady_read's answer begins (the same numbers as pywsserver/protocols/_frames.py). */
 enum { STEADY_DONE = 0, STEADY_PARSED = 1, STEADY_RESULT = 2, STEADY_RAISED = 3, STEADY_FATAL = 4 };
 
 /* Interned at import: the handler's literals "reply" and "noreply" are the same objects, so most
  * tests are one pointer comparison. */
-static PyObject *str_reply, *str_noreply, *str_steady_ok, *str_handle;
+static PyObject *str_reply, *str_noreply, *str_handle, *str_set_timer, *str_idle, *str_write, *str_send;
 
 /* Whether `value` is exactly the str `literal` (an exact str, not a subclass). */
 static int
@@ -343,16 +519,18 @@ is_literal(PyObject *value, PyObject *literal)
     return PyUnicode_CheckExact(value) && PyUnicode_Compare(value, literal) == 0;
 }
 
-/* Whether `core.<_steady_ok>` is True now (the handler's call may have left the steady state). */
+/* Whether `core._steady_ok` is True now (the handler's call may have left the steady state). */
 static int
 still_steady(PyObject *core)
 {
-    PyObject *flag = PyObject_GetAttr(core, str_steady_ok);
+    PyObject *flag = table_get(&core_table, core, CORE_STEADY_OK);
+    int ok;
+
     if (flag == NULL) {
         PyErr_Clear(); /* no flag: not steady, the general path goes on */
         return 0;
     }
-    int ok = flag == Py_True;
+    ok = flag == Py_True;
     Py_DECREF(flag);
     return ok;
 }
@@ -399,6 +577,127 @@ take_output(PyObject *out)
     return data;
 }
 
+/* Where a read of the steady state stopped, and what it holds (every reference a new one). */
+typedef struct {
+    int kind;
+    PyObject *state; /* the last state (every kind but PARSED) */
+    Py_ssize_t count, replies;
+    PyObject *items; /* RESULT, RAISED, FATAL: the messages */
+    PyObject *value; /* PARSED: the parse; RESULT: the result; RAISED, FATAL: the exception */
+} SteadyRun;
+
+/*
+ * The parse and the handler's calls of steady_read (see there) over `buffer`'s first `nbytes`;
+ * fills `run`. Returns -1 with an exception set on failure (nothing held).
+ */
+static int
+steady_run(PyObject *buffer, Py_ssize_t nbytes, Py_ssize_t limit, PyObject *handler, PyObject *state, PyObject *out,
+           PyObject *core, SteadyRun *run)
+{
+    Py_buffer view;
+    Py_ssize_t position = 0, count = 0, replies = 0, total;
+    PyObject *items, *detail = NULL;
+    int stop = STOP_INCOMPLETE, only_data = 1, failed;
+
+    if (!PyList_Check(out)) {
+        PyErr_SetString(PyExc_TypeError, "out must be a list");
+        return -1;
+    }
+    if (PyObject_GetBuffer(buffer, &view, PyBUF_SIMPLE) < 0) {
+        return -1;
+    }
+    if (nbytes < 0 || nbytes > view.len) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "nbytes must be within the buffer");
+        return -1;
+    }
+    items = PyList_New(0);
+    failed = items == NULL
+             || parse_into((const unsigned char *)view.buf, nbytes, limit, items, &position, &stop, &detail,
+                           &only_data) < 0;
+    /* Every message is a copy: the buffer is not needed (nor held) while handlers run. */
+    PyBuffer_Release(&view);
+    if (failed) {
+        Py_XDECREF(items);
+        Py_XDECREF(detail);
+        return -1;
+    }
+    run->state = run->items = run->value = NULL;
+    run->count = run->replies = 0;
+    if (stop != STOP_INCOMPLETE || position != nbytes || !only_data) {
+        run->kind = STEADY_PARSED;
+        run->value = parse_result(items, position, stop, detail);
+        return run->value == NULL ? -1 : 0;
+    }
+    Py_INCREF(state);
+    total = PyList_GET_SIZE(items);
+    while (count < total) {
+        /* handler.handle(message, state), looked up for each call as the general path does, with
+         * no bound method made (a method call, not an attribute then a call: about 500 instructions
+         * less per read). */
+        PyObject *call[4] = {NULL, handler, PyList_GET_ITEM(items, count), state};
+        PyObject *raw = PyObject_VectorcallMethod(str_handle, call + 1, 3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+
+        count++;
+        if (raw == NULL) {
+            PyObject *type, *value, *traceback;
+            run->kind = PyErr_ExceptionMatches(PyExc_Exception) ? STEADY_RAISED : STEADY_FATAL;
+            PyErr_Fetch(&type, &value, &traceback);
+            PyErr_NormalizeException(&type, &value, &traceback);
+            if (value == NULL) {
+                value = Py_None;
+                Py_INCREF(value);
+            }
+            else if (traceback != NULL) {
+                PyException_SetTraceback(value, traceback);
+            }
+            Py_XDECREF(type);
+            Py_XDECREF(traceback);
+            run->value = value;
+            break;
+        }
+        if (PyTuple_CheckExact(raw) && still_steady(core)) {
+            Py_ssize_t size = PyTuple_GET_SIZE(raw);
+            if (size == 3 && is_literal(PyTuple_GET_ITEM(raw, 0), str_reply)) {
+                PyObject *data = PyTuple_GET_ITEM(raw, 1);
+                if (PyUnicode_CheckExact(data) || PyBytes_CheckExact(data)) {
+                    PyObject *frame = encode_frame(NULL, data);
+                    if (frame != NULL && PyList_Append(out, frame) == 0) {
+                        Py_DECREF(frame);
+                        replies++;
+                        Py_SETREF(state, Py_NewRef(PyTuple_GET_ITEM(raw, 2)));
+                        Py_DECREF(raw);
+                        continue;
+                    }
+                    /* Text that cannot be encoded (a lone surrogate), or no memory: the general
+                     * path meets the same failure where it would. */
+                    Py_XDECREF(frame);
+                    PyErr_Clear();
+                }
+            }
+            else if (size == 2 && is_literal(PyTuple_GET_ITEM(raw, 0), str_noreply)) {
+                Py_SETREF(state, Py_NewRef(PyTuple_GET_ITEM(raw, 1)));
+                Py_DECREF(raw);
+                continue;
+            }
+        }
+        run->kind = STEADY_RESULT;
+        run->value = raw;
+        break;
+    }
+    run->state = state;
+    run->count = count;
+    run->replies = replies;
+    if (run->value == NULL) {
+        run->kind = STEADY_DONE;
+        Py_DECREF(items);
+    }
+    else {
+        run->items = items;
+    }
+    return 0;
+}
+
 /* (kind, state, count, replies, output) when `items` is NULL, else (kind, state, count, replies,
  * items, value): steals the references to `state`, `items`, `value`. */
 static PyObject *
@@ -437,6 +736,55 @@ steady_answer(int kind, PyObject *state, Py_ssize_t count, Py_ssize_t replies, P
     return answer;
 }
 
+/* A stopped run's answer, as steady_read gives it: (PARSED, parsed), or (kind, state, count,
+ * replies, items, value). Takes the run's references. */
+static PyObject *
+run_answer(SteadyRun *run)
+{
+    PyObject *answer;
+    PyObject *numbers[3];
+    Py_ssize_t size = run->kind == STEADY_PARSED ? 2 : 6, i;
+
+    answer = PyTuple_New(size);
+    numbers[0] = PyLong_FromLong(run->kind);
+    numbers[1] = PyLong_FromSsize_t(run->count);
+    numbers[2] = PyLong_FromSsize_t(run->replies);
+    if (answer == NULL || numbers[0] == NULL || numbers[1] == NULL || numbers[2] == NULL) {
+        Py_XDECREF(answer);
+        for (i = 0; i < 3; i++) {
+            Py_XDECREF(numbers[i]);
+        }
+        Py_XDECREF(run->state);
+        Py_XDECREF(run->items);
+        Py_XDECREF(run->value);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(answer, 0, numbers[0]);
+    if (run->kind == STEADY_PARSED) {
+        PyTuple_SET_ITEM(answer, 1, run->value);
+        Py_DECREF(numbers[1]);
+        Py_DECREF(numbers[2]);
+        return answer;
+    }
+    PyTuple_SET_ITEM(answer, 1, run->state);
+    PyTuple_SET_ITEM(answer, 2, numbers[1]);
+    PyTuple_SET_ITEM(answer, 3, numbers[2]);
+    PyTuple_SET_ITEM(answer, 4, run->items);
+    PyTuple_SET_ITEM(answer, 5, run->value);
+    return answer;
+}
+
+/* The five arguments' common checks; -1 with an exception set if they are wrong. */
+static int
+size_arguments(PyObject *nbytes_arg, PyObject *limit_value, Py_ssize_t *nbytes, Py_ssize_t *limit)
+{
+    *nbytes = PyLong_AsSsize_t(nbytes_arg);
+    if (*nbytes == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    return limit_arg(limit_value, limit);
+}
+
 /*
  * steady_read(buffer, nbytes, limit, handler, state, out, core) -> answer
  *
@@ -458,119 +806,238 @@ steady_answer(int kind, PyObject *state, Py_ssize_t count, Py_ssize_t replies, P
 static PyObject *
 steady_read(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    Py_buffer view;
-    Py_ssize_t nbytes, limit, position = 0, count = 0, replies = 0, total;
-    PyObject *items, *detail = NULL, *handler, *state, *out, *core;
-    int stop = STOP_INCOMPLETE, only_data = 1, failed;
+    Py_ssize_t nbytes, limit;
+    SteadyRun run;
 
     if (nargs != 7) {
         PyErr_SetString(PyExc_TypeError,
                         "steady_read(buffer, nbytes, limit, handler, state, out, core) takes exactly 7 arguments");
         return NULL;
     }
-    nbytes = PyLong_AsSsize_t(args[1]);
-    if (nbytes == -1 && PyErr_Occurred()) {
+    if (size_arguments(args[1], args[2], &nbytes, &limit) < 0
+        || steady_run(args[0], nbytes, limit, args[3], args[4], args[5], args[6], &run) < 0) {
         return NULL;
     }
-    if (limit_arg(args[2], &limit) < 0) {
-        return NULL;
+    if (run.kind != STEADY_DONE) {
+        return run_answer(&run);
     }
-    handler = args[3];
-    out = args[5];
-    core = args[6];
-    if (!PyList_Check(out)) {
-        PyErr_SetString(PyExc_TypeError, "out must be a list");
-        return NULL;
-    }
-    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) {
-        return NULL;
-    }
-    if (nbytes < 0 || nbytes > view.len) {
-        PyBuffer_Release(&view);
-        PyErr_SetString(PyExc_ValueError, "nbytes must be within the buffer");
-        return NULL;
-    }
-    items = PyList_New(0);
-    failed = items == NULL
-             || parse_into((const unsigned char *)view.buf, nbytes, limit, items, &position, &stop, &detail,
-                           &only_data) < 0;
-    /* Every message is a copy: the buffer is not needed (nor held) while handlers run. */
-    PyBuffer_Release(&view);
-    if (failed) {
-        Py_XDECREF(items);
-        Py_XDECREF(detail);
-        return NULL;
-    }
-    if (stop != STOP_INCOMPLETE || position != nbytes || !only_data) {
-        PyObject *parsed = parse_result(items, position, stop, detail), *answer;
-        if (parsed == NULL) {
-            return NULL;
-        }
-        answer = PyTuple_New(2);
-        if (answer == NULL) {
-            Py_DECREF(parsed);
-            return NULL;
-        }
-        PyTuple_SET_ITEM(answer, 0, PyLong_FromLong(STEADY_PARSED)); /* a small int: cached, never NULL */
-        PyTuple_SET_ITEM(answer, 1, parsed);
-        return answer;
-    }
-    state = args[4];
-    Py_INCREF(state);
-    total = PyList_GET_SIZE(items);
-    while (count < total) {
-        /* handler.handle(message, state), looked up for each call as the general path does, with
-         * no bound method made (a method call, not an attribute then a call: about 500 instructions
-         * less per read). */
-        PyObject *call[4] = {NULL, handler, PyList_GET_ITEM(items, count), state};
-        PyObject *raw = PyObject_VectorcallMethod(str_handle, call + 1, 3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    return steady_answer(STEADY_DONE, run.state, run.count, run.replies, NULL, take_output(args[5]));
+}
+/* Hand `data` to `target.write(data)`; -1 with an exception set on failure. */
+static int
+call_write(PyObject *target, PyObject *data)
+{
+    PyObject *result = PyObject_CallMethodOneArg(target, str_write, data);
 
-        count++;
-        if (raw == NULL) {
-            PyObject *type, *value, *traceback;
-            int kind = PyErr_ExceptionMatches(PyExc_Exception) ? STEADY_RAISED : STEADY_FATAL;
-            PyErr_Fetch(&type, &value, &traceback);
-            PyErr_NormalizeException(&type, &value, &traceback);
-            if (value == NULL) {
-                value = Py_None;
-                Py_INCREF(value);
-            }
-            else if (traceback != NULL) {
-                PyException_SetTraceback(value, traceback);
-            }
-            Py_XDECREF(type);
-            Py_XDECREF(traceback);
-            return steady_answer(kind, state, count, replies, items, value);
+    if (result == NULL) {
+        return -1;
+    }
+    Py_DECREF(result);
+    return 0;
+}
+
+/*
+ * The reply of a read written as ConnectionCore's writer would: when `transport` (a selector
+ * socket transport of asyncio, or None) buffers nothing and is not closing, handed to its socket
+ * with one send, the rest (after a short send) to the transport's write, which buffers it and
+ * waits for the socket, as its own write does; an error of the send goes to the transport's write,
+ * which meets it again and closes the transport as it would. Otherwise `core._writer.write(reply)`.
+ */
+static int
+write_reply(PyObject *core, PyObject *transport, PyObject *reply)
+{
+    PyObject *writer;
+    int result;
+
+    if (transport != Py_None) {
+        int busy = table_true(&transport_table, transport, TRANSPORT_BUFFER);
+        if (busy == 0) {
+            busy = table_true(&transport_table, transport, TRANSPORT_CONN_LOST);
         }
-        if (PyTuple_CheckExact(raw) && still_steady(core)) {
-            Py_ssize_t size = PyTuple_GET_SIZE(raw);
-            if (size == 3 && is_literal(PyTuple_GET_ITEM(raw, 0), str_reply)) {
-                PyObject *data = PyTuple_GET_ITEM(raw, 1);
-                if (PyUnicode_CheckExact(data) || PyBytes_CheckExact(data)) {
-                    PyObject *frame = encode_frame(NULL, data);
-                    if (frame != NULL && PyList_Append(out, frame) == 0) {
-                        Py_DECREF(frame);
-                        replies++;
-                        Py_SETREF(state, Py_NewRef(PyTuple_GET_ITEM(raw, 2)));
-                        Py_DECREF(raw);
-                        continue;
-                    }
-                    /* Text that cannot be encoded (a lone surrogate), or no memory: the general
-                     * path meets the same failure where it would. */
-                    Py_XDECREF(frame);
+        if (busy < 0) {
+            return -1;
+        }
+        if (!busy) {
+            Py_buffer data;
+            Py_ssize_t sent;
+            PyObject *rest;
+#ifdef MS_WINDOWS
+            PyObject *sock = table_get(&transport_table, transport, TRANSPORT_SOCK), *number;
+            if (sock == NULL) {
+                return -1;
+            }
+            number = PyObject_CallMethodOneArg(sock, str_send, reply);
+            Py_DECREF(sock);
+            if (number == NULL) {
+                if (PyErr_ExceptionMatches(PyExc_BlockingIOError) || PyErr_ExceptionMatches(PyExc_InterruptedError)) {
                     PyErr_Clear();
+                    sent = 0;
+                }
+                else if (PyErr_ExceptionMatches(PyExc_Exception)) {
+                    PyErr_Clear();
+                    return call_write(transport, reply);
+                }
+                else {
+                    return -1;
                 }
             }
-            else if (size == 2 && is_literal(PyTuple_GET_ITEM(raw, 0), str_noreply)) {
-                Py_SETREF(state, Py_NewRef(PyTuple_GET_ITEM(raw, 1)));
-                Py_DECREF(raw);
-                continue;
+            else {
+                sent = PyLong_AsSsize_t(number);
+                Py_DECREF(number);
+                if (sent == -1 && PyErr_Occurred()) {
+                    return -1;
+                }
             }
+#else
+            /* The socket's send(2) without socket.send's argument parsing and the release of the
+             * interpreter's lock (the socket does not block). */
+            PyObject *number = table_get(&transport_table, transport, TRANSPORT_SOCK_FD);
+            long fd;
+            if (number == NULL) {
+                return -1;
+            }
+            fd = PyLong_AsLong(number);
+            Py_DECREF(number);
+            if (fd == -1 && PyErr_Occurred()) {
+                return -1;
+            }
+            if (PyObject_GetBuffer(reply, &data, PyBUF_SIMPLE) < 0) {
+                return -1;
+            }
+            sent = send((int)fd, data.buf, (size_t)data.len, 0);
+            PyBuffer_Release(&data);
+            if (sent < 0) {
+                if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
+                    return call_write(transport, reply); /* fails the same way, and closes the transport */
+                }
+                sent = 0;
+            }
+#endif
+            if (PyObject_GetBuffer(reply, &data, PyBUF_SIMPLE) < 0) {
+                return -1;
+            }
+            if (sent >= data.len) {
+                PyBuffer_Release(&data);
+                return 0;
+            }
+            rest = PyBytes_FromStringAndSize((const char *)data.buf + sent, data.len - sent);
+            PyBuffer_Release(&data);
+            if (rest == NULL) {
+                return -1;
+            }
+            result = call_write(transport, rest);
+            Py_DECREF(rest);
+            return result;
         }
-        return steady_answer(STEADY_RESULT, state, count, replies, items, raw);
     }
-    Py_DECREF(items);
-    return steady_answer(STEADY_DONE, state, count, replies, NULL, take_output(out));
+    writer = table_get(&core_table, core, CORE_WRITER);
+    if (writer == NULL) {
+        return -1;
+    }
+    result = call_write(writer, reply);
+    Py_DECREF(writer);
+    return result;
+}
+
+/*
+ * steady_step(core, buffer, nbytes, transport) -> None or answer
+ *
+ * A whole read of the connection core's steady state (pywsserver/_core.py
+ * ConnectionCore._steady_read), as pywsserver/protocols/_frames.py steady_step_python does it: the
+ * idle timer restarted (`core._set_timer("idle", core._steady_idle)` unless that is None), the
+ * bytes counted, steady_read over the first `nbytes` of `buffer` with the core's limit, handler,
+ * state and output list. When it answered every message (DONE) the step carries that out itself:
+ * the state stored, the messages and replies counted (the core's `_messages_in`, its module's
+ * `messages_out`), and unless the socket is closed the output counted and written (write_reply;
+ * `transport` is the core's writer when it is asyncio's selector socket transport, else None) and
+ * None returned. Any other answer is returned as steady_read gives it, for the core's
+ * `_steady_answer`, with only the timer and the bytes in done.
+ */
+static PyObject *
+steady_step(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *core, *transport, *value, *handler, *state, *out, *reply;
+    Py_ssize_t nbytes, limit, size;
+    SteadyRun run;
+    int failed;
+
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "steady_step(core, buffer, nbytes, transport) takes exactly 4 arguments");
+        return NULL;
+    }
+    core = args[0];
+    transport = args[3];
+    value = table_get(&core_table, core, CORE_STEADY_IDLE);
+    if (value == NULL) {
+        return NULL;
+    }
+    if (value != Py_None) { /* the idle timer first, as the module's data_received would */
+        PyObject *call[3] = {core, str_idle, value};
+        PyObject *result = PyObject_VectorcallMethod(str_set_timer, call, 3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+        Py_DECREF(value);
+        if (result == NULL) {
+            return NULL;
+        }
+        Py_DECREF(result);
+    }
+    else {
+        Py_DECREF(value);
+    }
+    if (table_add(&core_table, core, CORE_BYTES_IN, args[2]) < 0) {
+        return NULL;
+    }
+    value = table_get(&core_table, core, CORE_STEADY_LIMIT);
+    if (value == NULL) {
+        return NULL;
+    }
+    failed = size_arguments(args[2], value, &nbytes, &limit);
+    Py_DECREF(value);
+    if (failed) {
+        return NULL;
+    }
+    handler = table_get(&core_table, core, CORE_HANDLER_OBJECT);
+    state = handler == NULL ? NULL : table_get(&core_table, core, CORE_HANDLER_STATE);
+    out = state == NULL ? NULL : table_get(&core_table, core, CORE_OUT);
+    failed = out == NULL || steady_run(args[1], nbytes, limit, handler, state, out, core, &run) < 0;
+    Py_XDECREF(handler);
+    Py_XDECREF(state);
+    if (failed) {
+        Py_XDECREF(out);
+        return NULL;
+    }
+    if (run.kind != STEADY_DONE) {
+        Py_DECREF(out);
+        return run_answer(&run);
+    }
+    failed = table_set(&core_table, core, CORE_HANDLER_STATE, run.state) < 0
+             || (run.count && table_add_ssize(&core_table, core, CORE_MESSAGES_IN, run.count) < 0);
+    Py_DECREF(run.state);
+    if (!failed && run.replies) {
+        PyObject *protocol = table_get(&core_table, core, CORE_MODULE);
+        failed = protocol == NULL || table_add_ssize(&module_table, protocol, MODULE_MESSAGES_OUT, run.replies) < 0;
+        Py_XDECREF(protocol);
+    }
+    reply = failed ? NULL : take_output(out);
+    Py_DECREF(out);
+    if (reply == NULL || reply == Py_None) {
+        return reply;
+    }
+    failed = table_true(&core_table, core, CORE_SOCKET_CLOSED);
+    if (failed) { /* closed (1): the reply goes nowhere, as the core's flush would drop it */
+        Py_DECREF(reply);
+        if (failed < 0) {
+            return NULL;
+        }
+        Py_RETURN_NONE;
+    }
+    size = PyObject_Length(reply);
+    failed = size < 0 || table_add_ssize(&core_table, core, CORE_BYTES_OUT, size) < 0
+             || write_reply(core, transport, reply) < 0;
+    Py_DECREF(reply);
+    if (failed) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
 }
 
 static PyMethodDef speedups_methods[] = {
@@ -582,6 +1049,8 @@ static PyMethodDef speedups_methods[] = {
      "encode_frame(data) -> bytes: one unmasked server frame, text for str, binary for bytes."},
     {"steady_read", (PyCFunction)(void (*)(void))steady_read, METH_FASTCALL,
      "steady_read(buffer, nbytes, limit, handler, state, out, core) -> answer: a read in the steady state."},
+    {"steady_step", (PyCFunction)(void (*)(void))steady_step, METH_FASTCALL,
+     "steady_step(core, buffer, nbytes, transport) -> None or answer: a whole read of the steady state."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -595,9 +1064,14 @@ PyInit__speedups(void)
     if (str_reply == NULL) {
         str_reply = PyUnicode_InternFromString("reply");
         str_noreply = PyUnicode_InternFromString("noreply");
-        str_steady_ok = PyUnicode_InternFromString("_steady_ok");
         str_handle = PyUnicode_InternFromString("handle");
-        if (str_reply == NULL || str_noreply == NULL || str_steady_ok == NULL || str_handle == NULL) {
+        str_set_timer = PyUnicode_InternFromString("_set_timer");
+        str_idle = PyUnicode_InternFromString("idle");
+        str_write = PyUnicode_InternFromString("write");
+        str_send = PyUnicode_InternFromString("send");
+        if (str_reply == NULL || str_noreply == NULL || str_handle == NULL || str_set_timer == NULL
+            || str_idle == NULL || str_write == NULL || str_send == NULL || table_intern(&core_table) < 0
+            || table_intern(&module_table) < 0 || table_intern(&transport_table) < 0) {
             return NULL;
         }
     }

@@ -7,6 +7,8 @@ against frames built by the RFC's rules here, independently of either.
 
 from __future__ import annotations
 
+import contextlib
+import socket
 from typing import Any
 
 import pytest
@@ -474,3 +476,184 @@ def test_steady_read_refuses_bad_arguments(read: Any) -> None:
         read(b"ab", 3, 10, handler, 0, [], _Core())
     with pytest.raises(TypeError):
         read("text", 0, 10, handler, 0, [], _Core())
+
+
+# ------------------------------------------------------------------ steady_step
+
+
+class _StepModule:
+    __slots__ = ("messages_out",)
+
+    def __init__(self) -> None:
+        self.messages_out = 7
+
+
+class _Writer:
+    """The core's writer (and a transport's ``write``): records what it is given."""
+
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.written.append(bytes(data))
+
+
+class _StepCore:
+    """What `steady_step` reads and writes of the connection core, in slots as the core keeps them."""
+
+    __slots__ = (
+        "_bytes_in",
+        "_bytes_out",
+        "_handler_object",
+        "_handler_state",
+        "_messages_in",
+        "_module",
+        "_out",
+        "_socket_closed",
+        "_steady_idle",
+        "_steady_limit",
+        "_steady_ok",
+        "_timers_set",
+        "_writer",
+    )
+
+    def __init__(self, script: list[str], limit: int, idle: float | None, closed: bool, out: list[bytes]) -> None:
+        self._steady_ok = True
+        self._steady_idle = idle
+        self._steady_limit = limit
+        self._handler_object = ShapeHandler(script, self)  # type: ignore[arg-type]
+        self._handler_state = 0
+        self._out = out
+        self._bytes_in, self._bytes_out, self._messages_in = 1000, 2000, 3
+        self._module = _StepModule()
+        self._socket_closed = closed
+        self._writer = _Writer()
+        self._timers_set: list[tuple[str, Any]] = []
+
+    def _set_timer(self, name: str, seconds: float | None) -> None:
+        self._timers_set.append((name, seconds))
+
+    def seen(self) -> Any:
+        return (
+            self._steady_ok,
+            self._handler_state,
+            list(self._out),
+            (self._bytes_in, self._bytes_out, self._messages_in, self._module.messages_out),
+            self._writer.written,
+            self._timers_set,
+            self._handler_object.calls,
+        )
+
+
+class _DictCore(_StepCore):
+    """The same with an instance dict and ``__setattr__`` of its own: every attribute by name."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+
+
+class _Transport(_Writer):
+    """What `steady_step` reads of asyncio's selector socket transport, over one end of a socket pair."""
+
+    def __init__(self, sock: socket.socket, buffered: bool, lost: bool) -> None:
+        super().__init__()
+        self._sock = sock
+        self._sock_fd = sock.fileno()
+        self._buffer = bytearray(b"x" if buffered else b"")
+        self._conn_lost = 1 if lost else 0
+
+
+def _step(step: Any, data: bytes, nbytes: int, limit: int, script: list[str], setup: dict[str, Any]) -> Any:
+    kind = _DictCore if setup["by_name"] else _StepCore
+    core = kind(script, limit, setup["idle"], setup["closed"], list(setup["before"]))
+    buffer = bytearray(data)
+    ours, peer = socket.socketpair()
+    with ours, peer:
+        ours.setblocking(False)
+        peer.setblocking(False)
+        if setup["socket"] == "full":  # a send takes nothing: the reply goes to the transport's write
+            with contextlib.suppress(BlockingIOError):
+                for _ in range(10_000):
+                    ours.send(b"f" * 4096)
+        elif setup["socket"] == "broken":  # the send fails: the transport's write is handed the reply
+            peer.close()
+        transport = None
+        if setup["transport"]:
+            transport = _Transport(ours, setup["buffered"], setup["lost"])
+        try:
+            answer = _comparable(step(core, memoryview(buffer), nbytes, transport))
+        except BaseException as error:  # the handler's own (a BaseException) is answered, not raised
+            answer = ("raised", _comparable(error))
+        buffer[:] = b"\xaa" * len(buffer)  # the buffer is reused: nothing may keep it
+        received = b""
+        if setup["socket"] == "open":
+            with contextlib.suppress(BlockingIOError):
+                while chunk := peer.recv(65536):
+                    received += chunk
+        return answer, core.seen(), received, transport.written if transport else None
+
+
+step_setups = st.fixed_dictionaries(
+    {
+        "by_name": st.booleans(),
+        "idle": st.sampled_from([None, 30.0]),
+        "closed": st.booleans(),
+        "before": st.lists(st.binary(max_size=5), max_size=2),
+        "transport": st.booleans(),
+        "buffered": st.booleans(),
+        "lost": st.booleans(),
+        "socket": st.sampled_from(["open", "open", "full", "broken"]),
+    }
+)
+
+
+@needs_c
+@settings(max_examples=500, deadline=None)
+@given(
+    data=data_streams,
+    cut=st.integers(0, 4000),
+    limit=limits,
+    script=st.lists(st.sampled_from(SHAPES), max_size=6),
+    setup=step_setups,
+)
+def test_steady_step_c_and_python_agree_on_the_counters_the_state_and_the_write(
+    data: bytes, cut: int, limit: int, script: list[str], setup: dict[str, Any]
+) -> None:
+    nbytes = min(cut, len(data))
+    with_c = _step(_frames.steady_step, data + b"\x81", nbytes, limit, script, setup)
+    with_python = _step(_frames.steady_step_python, data + b"\x81", nbytes, limit, script, setup)
+    assert with_c == with_python
+
+
+@pytest.mark.parametrize("step", [_frames.steady_step_python, _frames.steady_step], ids=["python", "default"])
+def test_steady_step_writes_to_the_socket_and_counts(step: Any) -> None:
+    data = frame(1, b"one") + frame(2, b"two")
+    setup = {"by_name": False, "idle": 30.0, "closed": False, "before": [b"b"], "buffered": False, "lost": False}
+    answer, seen, received, written = _step(
+        step, data, len(data), 100, ["noreply", "reply-str"], {**setup, "transport": True, "socket": "open"}
+    )
+    _, state, out, counts, writer, timers, calls = seen
+    assert answer is None and state == 2 and out == [] and calls == [("one", 0), (b"two", 1)]
+    assert received == b"b\x81\x03one" and written == [] and writer == []  # straight to the socket
+    assert counts == (1000 + len(data), 2000 + 6, 3 + 2, 7 + 1) and timers == [("idle", 30.0)]
+    # The socket takes nothing: the transport's write has it all, counted once.
+    answer, seen, _, written = _step(
+        step, data, len(data), 100, ["noreply", "reply-str"], {**setup, "transport": True, "socket": "full"}
+    )
+    assert answer is None and written == [b"b\x81\x03one"] and seen[3][1] == 2006
+    # The transport buffers already: its write, through the core's writer (the same object in a server).
+    answer, seen, _, written = _step(
+        step, data, len(data), 100, ["reply-str"], {**setup, "buffered": True, "transport": True, "socket": "open"}
+    )
+    assert answer is None and written == [] and seen[4] == [b"b\x81\x03one\x81\x02\xc3\xa9"]
+    # No transport: the core's writer. A closed socket: nothing written, nothing counted out.
+    no_transport = {**setup, "transport": False, "socket": "open"}
+    answer, seen, _, _ = _step(step, data, len(data), 100, ["reply-str"], no_transport)
+    assert seen[4] == [b"b\x81\x03one\x81\x02\xc3\xa9"]
+    answer, seen, _, _ = _step(
+        step, data, len(data), 100, ["reply-str"], {**setup, "closed": True, "transport": False, "socket": "open"}
+    )
+    assert answer is None and seen[4] == [] and seen[3][1] == 2000 and seen[2] == []
+    # Anything else is answered as steady_read answers it, with only the timer and the bytes in done.
+    answer, seen, _, _ = _step(step, data, len(data), 100, ["close"], no_transport)
+    assert answer[0] == _frames.STEADY_RESULT and seen[3] == (1000 + len(data), 2000, 3, 7)

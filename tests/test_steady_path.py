@@ -17,14 +17,14 @@ from pywsserver import Worker, _core, broadcast
 from pywsserver._core import ConnectionCore
 from pywsserver._options import parse_options
 from pywsserver.protocols import CloseAction
-from pywsserver.protocols._frames import steady_read, steady_read_python
+from pywsserver.protocols._frames import steady_step, steady_step_python
 from pywsserver.supervision import groups
 
 from .test_websocket_fastpath import client_frames, encode
 
 _groups = itertools.count()
 #: The steady path's one call per read: the C speedup's (when built) and its pure-Python twin.
-READS = {"default": steady_read, "python": steady_read_python}
+READS = {"default": steady_step, "python": steady_step_python}
 
 #: What the handler does with the n-th message (cycling through the drawn script).
 RESULTS = [
@@ -164,7 +164,7 @@ def serve(
     """Feed ``data`` in pieces to a core serving the WebSocket module; what came out of it.
 
     ``steady``: each piece as the asyncio driver hands it over (the steady path when the core is
-    steady, with ``read`` as its `steady_read`); else each piece to the general path.
+    steady, with ``read`` as its `steady_step`); else each piece to the general path.
     """
     log: list[Any] = []
     group = f"steady-{next(_groups)}"
@@ -185,12 +185,12 @@ def serve(
     driver = SyncDriver(core)
     core._attach(driver)  # type: ignore[arg-type]
     core._feed(core._module.start(b"", {}))
-    saved = _core.steady_read
-    _core.steady_read = READS[read]
+    saved = _core.steady_step
+    _core.steady_step = READS[read]
     try:
         taken = _feed_pieces(core, data, cuts, steady)
     finally:
-        _core.steady_read = saved
+        _core.steady_step = saved
     core._on_eof()
     for member in groups.members(group):  # a bare core has no worker supervisor to take it out of its group
         groups.leave(group, member)

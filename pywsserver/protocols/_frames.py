@@ -11,7 +11,8 @@ frame it does not take, and what follows, to wsproto.
 call: the frames parsed, each message handed to the handler's ``handle``, the
 commonest results (a reply, no reply) answered with frames, and where it had
 to stop, and why, told to the core, which goes on from there on its general
-path (``ConnectionCore._steady_read``).
+path (``ConnectionCore._steady_read``). `steady_step` is that read with what the core does
+around it: the idle timer, the counters, the state stored and the replies written to the socket.
 
 The C speedup (``pywsserver._speedups``, built at install when a compiler is
 there) does it with no Python call per frame; without it, the pure-Python
@@ -43,6 +44,8 @@ __all__ = [
     "parse_frames_python",
     "steady_read",
     "steady_read_python",
+    "steady_step",
+    "steady_step_python",
 ]
 
 #: Why `parse_frames` stopped: at the end of the complete frames (what is left is kept for more bytes),
@@ -193,6 +196,54 @@ def steady_read_python(
     return STEADY_DONE, state, count, replies, output
 
 
+def steady_step_python(core: Any, buffer: bytes | bytearray | memoryview, nbytes: int, transport: Any) -> Any:
+    """A whole read of the core's steady state: `steady_read_python` and what the core does around it.
+
+    The idle timer restarts first (``core._set_timer("idle", core._steady_idle)`` unless that is
+    ``None``) and the bytes are counted; then `steady_read_python` with the core's limit, handler,
+    state and output list. When it answered every message (``STEADY_DONE``) the step carries that
+    out: the state stored in ``core._handler_state``, the messages counted in
+    ``core._messages_in``, the replies in the module's ``messages_out``, and unless the socket is
+    closed the output counted in ``core._bytes_out`` and written, then ``None`` is returned. The
+    write: when ``transport`` (the core's writer if it is asyncio's selector socket transport, else
+    ``None``) buffers nothing and is not closing, one ``send`` on its socket, the rest after a short
+    send to its ``write`` (as the transport's own ``write`` does), and on an error of the send the
+    whole to its ``write`` (which meets the error again and closes the transport); otherwise
+    ``core._writer.write``. Any other answer of `steady_read_python` is returned as it is, for
+    the core's ``_steady_answer``, with only the timer and the bytes in done.
+    """
+    idle = core._steady_idle
+    if idle is not None:
+        core._set_timer("idle", idle)  # as the module's data_received would first
+    core._bytes_in += nbytes
+    handler, state = core._handler_object, core._handler_state
+    answer = steady_read_python(buffer, nbytes, core._steady_limit, handler, state, core._out, core)
+    if answer[0] != STEADY_DONE:
+        return answer
+    core._handler_state = answer[1]
+    if answer[2]:
+        core._messages_in += answer[2]
+    if answer[3]:
+        core._module.messages_out += answer[3]
+    reply = answer[4]
+    if reply is None or core._socket_closed:
+        return None
+    core._bytes_out += len(reply)
+    if transport is None or transport._buffer or transport._conn_lost:
+        core._writer.write(reply)
+        return None
+    try:
+        sent = transport._sock.send(reply)
+    except (BlockingIOError, InterruptedError):
+        sent = 0
+    except Exception:
+        transport.write(reply)  # fails the same way, and closes the transport as its own write would
+        return None
+    if sent < len(reply):
+        transport.write(reply[sent:])
+    return None
+
+
 def _is_literal(value: object, literal: str) -> bool:
     return type(value) is str and value == literal
 
@@ -200,8 +251,9 @@ def _is_literal(value: object, literal: str) -> bool:
 parse_frames: Callable[[bytes | bytearray | memoryview, int], Parsed]
 encode_frame: Callable[[str | bytes], bytes]
 steady_read: Callable[[bytes | bytearray | memoryview, int, int, Any, Any, list[bytes], Any], tuple[Any, ...]]
+steady_step: Callable[[Any, bytes | bytearray | memoryview, int, Any], Any]
 try:
-    from .._speedups import encode_frame, parse_frames, steady_read
+    from .._speedups import encode_frame, parse_frames, steady_read, steady_step
 
     #: Whether the C speedups are in use.
     SPEEDUPS = True
@@ -209,4 +261,5 @@ except ImportError:  # pragma: no cover - depends on the installation
     parse_frames = parse_frames_python
     encode_frame = encode_frame_python
     steady_read = steady_read_python
+    steady_step = steady_step_python
     SPEEDUPS = False
