@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -88,16 +86,21 @@ async def main(url: str, count: int) -> None:
     )
 
 
-#: A broadcast of "b" * 64 to the group "bench", from a node named "elsewhere", as the wire has it.
-ELSEWHERE = b"B\x01" + b"".join(len(f).to_bytes(4, "big") + f for f in (b"elsewhere", b"bench", b"1013")) + b"b" * 64
+def elsewhere(group: bytes, payload: bytes) -> bytes:
+    """A broadcast of ``payload`` to ``group`` from a node named "elsewhere", as the wire has it."""
+    fields = (b"elsewhere", group, b"1013")
+    return b"B\x01" + b"".join(len(f).to_bytes(4, "big") + f for f in fields) + payload
+
+
+#: A broadcast of "b" * 64 to the group "bench".
+ELSEWHERE = elsewhere(b"bench", b"b" * 64)
 
 
 def publish(url: str, count: int) -> None:
     """Publish ``count`` broadcasts from a node named "elsewhere" to a group nobody here is in."""
     import redis
 
-    fields = (b"elsewhere", b"nobody", b"1013")
-    message = b"B\x01" + b"".join(len(f).to_bytes(4, "big") + f for f in fields) + b"x" * 64
+    message = elsewhere(b"nobody", b"x" * 64)
     client = redis.Redis.from_url(url)
     pipe = client.pipeline(transaction=False)
     for _ in range(count):
@@ -161,29 +164,15 @@ def _rounds(port: int, count: int, url: str | None) -> None:
 
 def count_instructions(case: str, url: str, count: int) -> int:
     """Total instructions of one run of the node for ``case`` with ``count`` rounds (start-up included)."""
+    sys.path.insert(0, str(HERE))
+    from instructions import callgrind_total, under_callgrind
+
     with tempfile.TemporaryDirectory() as directory:
         out = Path(directory) / "callgrind.out"
-        command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable, __file__, "--serve"]
-        if case != "local":
-            command.append(url)
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        try:
-            assert process.stdout is not None
-            line = process.stdout.readline()
-            if not line.startswith("ready"):
-                raise RuntimeError(f"the {case} node did not start under valgrind")
-            _rounds(int(line.split()[1]), count, url if case == "receive" else None)
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        summary = re.search(r"^(?:summary|totals): (\d+)", out.read_text(), re.MULTILINE)
-        if summary is None:
-            raise RuntimeError("no instruction total in the callgrind output")
-        return int(summary.group(1))
+        arguments = [__file__, "--serve", *([url] if case != "local" else [])]
+        with under_callgrind(arguments, out, f"the {case} node") as port:
+            _rounds(port, count, url if case == "receive" else None)
+        return callgrind_total(out, f"the {case} node")
 
 
 def instructions(url: str, first: int, second: int) -> None:

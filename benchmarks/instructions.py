@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import os
 import re
 import shutil
@@ -36,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -157,45 +159,48 @@ def _handshakes(port: int, count: int) -> None:
         _close(_connect(port))
 
 
+@contextlib.contextmanager
+def under_callgrind(arguments: list[str], out: Path, what: str) -> Iterator[int]:
+    """``python *arguments`` under callgrind (its counts to ``out``) for the block: the port it is ready on."""
+    command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable, *arguments]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        if not line.startswith("ready"):
+            raise RuntimeError(f"{what} did not start under valgrind")
+        yield int(line.split()[1])
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def callgrind_total(out: Path, what: str) -> int:
+    """The instruction total of a callgrind output file."""
+    summary = re.search(r"^(?:summary|totals): (\d+)", out.read_text(), re.MULTILINE)
+    if summary is None:
+        raise RuntimeError(f"no instruction total in {what}'s callgrind output")
+    return int(summary.group(1))
+
+
 def count_instructions(
     server: str, count: int, size: int, mode: str = "echo", keep: Path | None = None, binary: bool = False
 ) -> int:
     """Total instructions of one run of ``server`` doing ``count`` rounds of ``mode`` (start-up included)."""
     with tempfile.TemporaryDirectory() as directory:
         out = (keep or Path(directory)) / "callgrind.out"
-        command = [
-            "valgrind",
-            "--tool=callgrind",
-            f"--callgrind-out-file={out}",
-            sys.executable,
-            str(HERE / "servers.py"),
-            server,
-            "0",
-        ]
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        try:
-            assert process.stdout is not None
-            line = process.stdout.readline()
-            if not line.startswith("ready"):
-                raise RuntimeError(f"{server} did not start under valgrind")
-            port = int(line.split()[1])
+        with under_callgrind([str(HERE / "servers.py"), server, "0"], out, server) as port:
             if mode == "broadcast":
                 _broadcast(port, count, size)
             elif mode == "handshake":
                 _handshakes(port, count)
             else:
                 _echo(port, count, size, server in RAW, binary)
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        summary = re.search(r"^(?:summary|totals): (\d+)", out.read_text(), re.MULTILINE)
-        if summary is None:
-            raise RuntimeError(f"no instruction total in {server}'s callgrind output")
-        return int(summary.group(1))
+        return callgrind_total(out, server)
 
 
 def _own_instructions(out: Path) -> dict[str, int]:

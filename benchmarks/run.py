@@ -164,10 +164,16 @@ def run_tlsload(port: int, arguments: list[str], duration: float) -> dict[str, f
     return parse(result.stdout)
 
 
-def cpu_seconds(pid: int) -> float:
-    """The process's user + system CPU time so far (``/proc/PID/stat``)."""
+def cpu_times(pid: int) -> tuple[float, float]:
+    """The process's user and system CPU time so far (``/proc/PID/stat``)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def cpu_seconds(pid: int) -> float:
+    """The process's user + system CPU time so far."""
+    return sum(cpu_times(pid))
 
 
 def tls_churn(server: Server, arguments: list[str], duration: float) -> dict[str, float]:
@@ -369,12 +375,8 @@ def server_cpu_seconds(server: Server) -> tuple[float, float]:
     pid = server.process.pid
     children = Path(f"/proc/{pid}/task/{pid}/children")
     pids = [pid, *(int(child) for child in children.read_text().split())] if children.exists() else [pid]
-    user = system = 0.0
-    for each in pids:
-        fields = Path(f"/proc/{each}/stat").read_text().rsplit(")", 1)[1].split()
-        user += int(fields[11]) / os.sysconf("SC_CLK_TCK")
-        system += int(fields[12]) / os.sysconf("SC_CLK_TCK")
-    return user, system
+    times = [cpu_times(each) for each in pids]
+    return sum(user for user, _ in times), sum(system for _, system in times)
 
 
 def process_cpu_seconds(pid: int) -> float:
