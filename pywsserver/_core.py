@@ -702,10 +702,10 @@ class ConnectionCore(HandlerCalls):
         write: a 64-byte echoed message went from 72,300 to 47,000 instructions under callgrind with
         the effect objects gone, then from 46,200 to 35,900 with the parse, the calls and the
         replies in one C call (``benchmarks/instructions.py``; on uvloop 22,600 to 12,500), and
-        with the counters, the state and the write in that call too, 28,700 to 26,700.
+        with the counters, the state and the write in that call too, 28,700 to 26,000.
         ``tests/test_steady_path.py`` holds it to the general path with hypothesis.
         """
-        answer = steady_step(self, buffer, nbytes, None)
+        answer = steady_step(self, buffer, nbytes, None, -1)
         if answer is not None:
             self._steady_answer(answer, buffer, nbytes)
 

@@ -558,7 +558,6 @@ class _Transport(_Writer):
     def __init__(self, sock: socket.socket, buffered: bool, lost: bool) -> None:
         super().__init__()
         self._sock = sock
-        self._sock_fd = sock.fileno()
         self._buffer = bytearray(b"x" if buffered else b"")
         self._conn_lost = 1 if lost else 0
 
@@ -581,7 +580,7 @@ def _step(step: Any, data: bytes, nbytes: int, limit: int, script: list[str], se
         if setup["transport"]:
             transport = _Transport(ours, setup["buffered"], setup["lost"])
         try:
-            answer = _comparable(step(core, memoryview(buffer), nbytes, transport))
+            answer = _comparable(step(core, memoryview(buffer), nbytes, transport, ours.fileno()))
         except BaseException as error:  # the handler's own (a BaseException) is answered, not raised
             answer = ("raised", _comparable(error))
         buffer[:] = b"\xaa" * len(buffer)  # the buffer is reused: nothing may keep it

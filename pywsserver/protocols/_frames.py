@@ -196,7 +196,9 @@ def steady_read_python(
     return STEADY_DONE, state, count, replies, output
 
 
-def steady_step_python(core: Any, buffer: bytes | bytearray | memoryview, nbytes: int, transport: Any) -> Any:
+def steady_step_python(
+    core: Any, buffer: bytes | bytearray | memoryview, nbytes: int, transport: Any, fd: int
+) -> Any:
     """A whole read of the core's steady state: `steady_read_python` and what the core does around it.
 
     The idle timer restarts first (``core._set_timer("idle", core._steady_idle)`` unless that is
@@ -210,7 +212,8 @@ def steady_step_python(core: Any, buffer: bytes | bytearray | memoryview, nbytes
     send to its ``write`` (as the transport's own ``write`` does), and on an error of the send the
     whole to its ``write`` (which meets the error again and closes the transport); otherwise
     ``core._writer.write``. Any other answer of `steady_read_python` is returned as it is, for
-    the core's ``_steady_answer``, with only the timer and the bytes in done.
+    the core's ``_steady_answer``, with only the timer and the bytes in done. ``fd`` is the
+    transport's socket's descriptor (the C step sends on it; here ``transport._sock.send``).
     """
     idle = core._steady_idle
     if idle is not None:
@@ -251,7 +254,7 @@ def _is_literal(value: object, literal: str) -> bool:
 parse_frames: Callable[[bytes | bytearray | memoryview, int], Parsed]
 encode_frame: Callable[[str | bytes], bytes]
 steady_read: Callable[[bytes | bytearray | memoryview, int, int, Any, Any, list[bytes], Any], tuple[Any, ...]]
-steady_step: Callable[[Any, bytes | bytearray | memoryview, int, Any], Any]
+steady_step: Callable[[Any, bytes | bytearray | memoryview, int, Any, int], Any]
 try:
     from .._speedups import encode_frame, parse_frames, steady_read, steady_step
 
