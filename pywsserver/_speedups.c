@@ -918,8 +918,9 @@ write_reply(PyObject *core, PyObject *transport, int fd, PyObject *reply)
                 }
             }
 #else
-            /* The socket's send(2) without socket.send's argument parsing and the release of the
-             * interpreter's lock (the socket does not block). */
+            /* The socket's send(2) without socket.send's argument parsing and the release and
+             * retaking of the interpreter's lock (the socket does not block): about 500
+             * instructions per send in callgrind's profile. */
             if (PyObject_GetBuffer(reply, &data, PyBUF_SIMPLE) < 0) {
                 return -1;
             }
