@@ -388,13 +388,17 @@ static void
 table_fill(SlotTable *table, PyTypeObject *type)
 {
     int i, generic;
+    PyTypeObject *old;
 
     generic = type->tp_getattro == PyObject_GenericGetAttr && type->tp_setattro == PyObject_GenericSetAttr;
     for (i = 0; i < table->count; i++) {
         /* _PyType_Lookup gives the type a version tag if it has none (a borrowed reference, no error). */
         PyObject *descr = generic ? _PyType_Lookup(type, table->names[i]) : NULL;
         Py_ssize_t offset = 0;
-        if (descr != NULL && Py_IS_TYPE(descr, &PyMemberDescr_Type)) {
+        /* Only a member of the object's own type or a base: a descriptor taken from another class and
+         * set on this one would point into someone else's layout (Python raises TypeError there). */
+        if (descr != NULL && Py_IS_TYPE(descr, &PyMemberDescr_Type)
+            && PyType_IsSubtype(type, ((PyDescrObject *)descr)->d_type)) {
             PyMemberDef *member = ((PyMemberDescrObject *)descr)->d_member;
             if (member->type == T_OBJECT_EX && !(member->flags & READONLY) && member->offset > 0) {
                 offset = member->offset;
@@ -402,15 +406,15 @@ table_fill(SlotTable *table, PyTypeObject *type)
         }
         table->offsets[i] = offset;
     }
-    Py_INCREF(type);
-    Py_XDECREF(table->type);
-    table->type = type;
+    old = table->type;
+    table->type = (PyTypeObject *)Py_NewRef(type);
     table->version = generic && (type->tp_flags & Py_TPFLAGS_VALID_VERSION_TAG) ? type->tp_version_tag : 0;
     if (table->version == 0) {
         for (i = 0; i < table->count; i++) {
             table->offsets[i] = 0;
         }
     }
+    Py_XDECREF(old); /* last: the table is whole whatever releasing the old type runs */
 }
 
 /* The table made ready for `object`'s type: filled again unless it is for that type as it is now

@@ -656,3 +656,42 @@ def test_steady_step_writes_to_the_socket_and_counts(step: Any) -> None:
     # Anything else is answered as steady_read answers it, with only the timer and the bytes in done.
     answer, seen, _, _ = _step(step, data, len(data), 100, ["close"], no_transport)
     assert answer[0] == _frames.STEADY_RESULT and seen[3] == (1000 + len(data), 2000, 3, 7)
+
+
+@needs_c
+def test_steady_step_never_writes_through_a_slot_of_another_class() -> None:
+    # A member descriptor taken from one class and set on another points into the first one's layout:
+    # Python refuses to use it (TypeError); the C must not read or write at its offset either.
+    class Other:
+        __slots__ = ("a",)
+
+    class Core:
+        __slots__ = (
+            "_bytes_out",
+            "_handler_object",
+            "_handler_state",
+            "_messages_in",
+            "_module",
+            "_out",
+            "_socket_closed",
+            "_steady_limit",
+            "_steady_ok",
+            "_writer",
+        )
+        _steady_idle = None
+
+        def __init__(self) -> None:
+            self._steady_ok = True
+            self._steady_limit = 100
+            self._handler_object = None
+            self._handler_state = 0
+            self._out = []
+            self._messages_in = 0
+            self._socket_closed = False
+            self._bytes_out = 1000
+
+    Core._bytes_in = Other.__dict__["a"]  # type: ignore[attr-defined]
+    core = Core()
+    with pytest.raises(TypeError):
+        _frames.steady_step(core, bytearray(b"xxxxxxx"), 7, None, -1)
+    assert core._bytes_out == 1000
