@@ -645,6 +645,16 @@ def test_steady_step_writes_to_the_socket_and_counts(step: Any) -> None:
         step, data, len(data), 100, ["reply-str"], {**setup, "buffered": True, "transport": True, "socket": "open"}
     )
     assert answer is None and written == [] and seen[4] == [b"b\x81\x03one\x81\x02\xc3\xa9"]
+    # The transport has lost its connection: the core's writer (as when it buffers), never the socket.
+    answer, seen, received, written = _step(
+        step, data, len(data), 100, ["reply-str"], {**setup, "lost": True, "transport": True, "socket": "open"}
+    )
+    assert answer is None and written == [] and received == b"" and seen[4] == [b"b\x81\x03one\x81\x02\xc3\xa9"]
+    # The send fails (the peer is gone): the transport's own write is handed the reply, to fail as it does.
+    answer, seen, _, written = _step(
+        step, data, len(data), 100, ["reply-str"], {**setup, "transport": True, "socket": "broken"}
+    )
+    assert answer is None and written == [b"b\x81\x03one\x81\x02\xc3\xa9"] and seen[4] == []
     # No transport: the core's writer. A closed socket: nothing written, nothing counted out.
     no_transport = {**setup, "transport": False, "socket": "open"}
     answer, seen, _, _ = _step(step, data, len(data), 100, ["reply-str"], no_transport)
