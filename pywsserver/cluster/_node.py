@@ -113,6 +113,11 @@ def _safe_url(url: str) -> str:
     return urlunsplit((parts.scheme, user + host, parts.path, parts.query, parts.fragment))
 
 
+def _publish_head(channel: bytes) -> bytes:
+    """A PUBLISH command in RESP up to its message: the message's length line and bytes follow."""
+    return b"*3\r\n$7\r\nPUBLISH\r\n$%d\r\n%b\r\n" % (len(channel), channel)
+
+
 def backoff(failures: int, maximum: float) -> float:
     """Seconds to wait before the attempt after ``failures`` failures in a row: 0.1 doubling, capped."""
     if failures <= 0:
@@ -172,7 +177,7 @@ class ClusterNode:
         self._own_origin = len(self.name.encode()).to_bytes(4, "big") + self.name.encode()
         # A broadcast's PUBLISH command up to its message, and the message's size without group, code, data.
         channel = self._broadcast_channel
-        self._broadcast_command = b"*3\r\n$7\r\nPUBLISH\r\n$%d\r\n%b\r\n" % (len(channel), channel)
+        self._broadcast_command = _publish_head(channel)
         self._broadcast_size = 2 + len(self._own_origin) + 4 + 4
         self._nodes_key = f"{prefix}:nodes"
         self._started_at = time.time()
@@ -556,7 +561,7 @@ class ClusterNode:
 
         ``False`` at once when the link is down or ``publish_queue`` publishes await their reply.
         """
-        command = b"*3\r\n$7\r\nPUBLISH\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n" % (len(channel), channel, len(payload), payload)
+        command = b"%b$%d\r\n%b\r\n" % (_publish_head(channel), len(payload), payload)
         return self._write(command, reply)
 
     def _write(self, command: bytes, reply: int) -> bool:
