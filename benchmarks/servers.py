@@ -78,7 +78,8 @@ HTTP_OPTIONS: list[tuple[str, Any]] = [("handshake_timeout", 60)] + (
 )
 
 
-def pywsserver_options(port: int) -> list[tuple[str, Any]]:
+def pywsserver_options(port: int, keepalive: bool = True) -> list[tuple[str, Any]]:
+    """The benchmark service's options; ``keepalive=False`` turns the WebSocket module's pings off."""
     tls = tls_context()
     return [
         *([("tls", tls)] if tls is not None else []),
@@ -99,6 +100,7 @@ def pywsserver_options(port: int) -> list[tuple[str, Any]]:
                                 ("handler_module", BenchHandler),
                                 ("max_message_size", MAX_SIZE),
                                 ("control_messages", False),
+                                *([] if keepalive else [("ping_interval", None)]),
                             ],
                         ),
                     ],
@@ -108,11 +110,6 @@ def pywsserver_options(port: int) -> list[tuple[str, Any]]:
     ]
 
 
-def _without_keepalive(modules: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
-    """The protocol modules' options with the WebSocket module's keepalive pings off."""
-    return [(name, [*config, ("ping_interval", None)] if name == "websocket" else config) for name, config in modules]
-
-
 def run_pywsserver(port: int, backend: str, uvloop: bool, watchdog: bool = True, keepalive: bool = True) -> None:
     """pywsserver on ``backend``; ``watchdog=False`` turns the loop watchdog off (what it costs per message),
     ``keepalive=False`` the keepalive pings (and so the timer each connection keeps in the event loop)."""
@@ -120,14 +117,7 @@ def run_pywsserver(port: int, backend: str, uvloop: bool, watchdog: bool = True,
 
     import pywsserver
 
-    options = pywsserver_options(port) + ([] if watchdog else [("loop_watchdog", None)])
-    if not keepalive:
-        options = [
-            (key, [(k, v if k != "protocol_modules" else _without_keepalive(v)) for k, v in value])
-            if key == "worker_options"
-            else (key, value)
-            for key, value in options
-        ]
+    options = pywsserver_options(port, keepalive) + ([] if watchdog else [("loop_watchdog", None)])
 
     async def main() -> None:
         async with pywsserver.start_link(options) as server:
