@@ -1039,7 +1039,11 @@ steady_step(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         Py_DECREF(out);
         return run_answer(&run);
     }
-    failed = table_set(&core_table, core, CORE_HANDLER_STATE, run.state) < 0
+    /* The output taken before the stores, as the Python twin's steady_read hands it back: a store
+       that fails (no real core's can) loses the reply the same way in both. */
+    reply = take_output(out);
+    Py_DECREF(out);
+    failed = reply == NULL || table_set(&core_table, core, CORE_HANDLER_STATE, run.state) < 0
              || (run.count && table_add_ssize(&core_table, core, CORE_MESSAGES_IN, run.count) < 0);
     Py_DECREF(run.state);
     if (!failed && run.replies) {
@@ -1047,9 +1051,11 @@ steady_step(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         failed = protocol == NULL || table_add_ssize(&module_table, protocol, MODULE_MESSAGES_OUT, run.replies) < 0;
         Py_XDECREF(protocol);
     }
-    reply = failed ? NULL : take_output(out);
-    Py_DECREF(out);
-    if (reply == NULL || reply == Py_None) {
+    if (failed) {
+        Py_XDECREF(reply);
+        return NULL;
+    }
+    if (reply == Py_None) {
         return reply;
     }
     failed = table_true(&core_table, core, CORE_SOCKET_CLOSED);

@@ -705,3 +705,33 @@ def test_steady_step_never_writes_through_a_slot_of_another_class() -> None:
     with pytest.raises(TypeError):
         _frames.steady_step(core, bytearray(b"xxxxxxx"), 7, None, -1)
     assert core._bytes_out == 1000
+
+
+class _RefusingCore(_DictCore):
+    """A core that refuses one store: an error path no real core reaches, held equal all the same."""
+
+    refused = "_handler_state"
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == self.refused and hasattr(self, name):
+            raise AttributeError(f"{name} refused")
+        object.__setattr__(self, name, value)
+
+
+class _RefusingCounts(_RefusingCore):
+    refused = "_messages_in"
+
+
+@needs_c
+@pytest.mark.parametrize("kind", [_RefusingCore, _RefusingCounts], ids=["state", "count"])
+def test_steady_step_c_and_python_agree_when_a_store_fails(kind: type[_DictCore]) -> None:
+    # The output is taken before the stores in both: a failed store loses the reply alike.
+    data = frame(1, b"one") + frame(2, b"two")
+    seen = []
+    for step in (_frames.steady_step, _frames.steady_step_python):
+        core = kind(["reply-str", "reply-str"], 100, None, False, [b"b"])
+        with pytest.raises(AttributeError, match="refused"):
+            step(core, memoryview(bytearray(data)), len(data), None, -1)
+        seen.append(core.seen())
+    assert seen[0] == seen[1]
+    assert seen[0][2] == []  # taken, and not written
