@@ -565,7 +565,8 @@ class ConnectionCore(HandlerCalls):
         the event-loop turn with every other core's, from the loop's ``_flushes`` (one loop
         callback per turn, not one per member): 12,300 to 9,400 instructions per delivery under
         callgrind (``benchmarks/instructions.py --mode broadcast``), then with the flag and the
-        write in the flush itself, 8,080 to 6,060.
+        write in the flush itself, 8,080 to 6,060. `_broadcast.deliver_frames` does this for every
+        member of a broadcast in one call (C when built), leaving to this method only the unusual.
         """
         module = self._raw_module
         if module is None or not module.raw_frames or self._socket_closed or self._stopped or not self._can_write:

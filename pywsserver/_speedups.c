@@ -351,6 +351,7 @@ typedef struct {
     PyTypeObject *type;             /* the offsets' type (a strong reference), or NULL */
     unsigned int version;           /* its version tag then; 0: not to be trusted, fill again */
     Py_ssize_t offsets[TABLE_SIZE]; /* 0: looked up by name */
+    int slots;                      /* every attribute has its offset (see table_slots) */
 } SlotTable;
 
 /* The connection core's attributes (pywsserver/_core.py ConnectionCore). */
@@ -413,6 +414,10 @@ table_fill(SlotTable *table, PyTypeObject *type)
         for (i = 0; i < table->count; i++) {
             table->offsets[i] = 0;
         }
+    }
+    table->slots = 1;
+    for (i = 0; i < table->count; i++) {
+        table->slots = table->slots && table->offsets[i] != 0;
     }
     Py_XDECREF(old); /* last: the table is whole whatever releasing the old type runs */
 }
@@ -1076,6 +1081,391 @@ steady_step(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_NONE;
 }
 
+/*
+ * Broadcast delivery (pywsserver/_broadcast.py, pywsserver/_asyncio_driver.py). A broadcast to a
+ * group touches every member twice: its frame is gathered on the member's core
+ * (ConnectionCore._broadcast_now), and at the end of the event-loop turn each core's frames are
+ * sent (the asyncio driver's _LoopShared.flush). In Python that is about 3,400 instructions of
+ * bytecode per member. Here the common case only, and nothing else: a core whose attributes are
+ * all plain slots (the tables above, every offset known: `table_slots`), read directly as borrowed
+ * references while no Python code runs, and the socket written with send(2). Anything unusual is
+ * left untouched and handed back, for the Python path to do as it always did.
+ */
+enum {
+    BCAST_RAW_MODULE, BCAST_SOCKET_CLOSED, BCAST_STOPPED, BCAST_CAN_WRITE, BCAST_MAILBOX_SEND, BCAST_OUT,
+    BCAST_MESSAGES_OUT, BCAST_FLUSHES, BCAST_DRIVER, BCAST_FRAMES_LOG, BCAST_WRITER, BCAST_BYTES_OUT, BCAST_COUNT
+};
+static SlotTable bcast_table = {
+    BCAST_COUNT,
+    {"_raw_module", "_socket_closed", "_stopped", "_can_write", "_mailbox_send", "_out", "_messages_out",
+     "_flushes", "_driver", "_frames_log", "_writer", "_bytes_out"},
+};
+/* The protocol module's flag (the WebSocket module: a broadcast's ready-made frame may go as is). */
+enum { RAW_FRAMES, RAW_COUNT };
+static SlotTable raw_table = {RAW_COUNT, {"raw_frames"}};
+/* The asyncio driver's (ProtocolDriver): its transport when the shortcut is allowed, its socket's fd. */
+enum { DRIVER_PLAIN, DRIVER_FD, DRIVER_COUNT };
+static SlotTable driver_table = {DRIVER_COUNT, {"_plain", "_fd"}};
+
+static PyObject *str_flush_soon;
+
+/* Whether every attribute of `table` is a slot of `object` at a known offset (then SLOT reads it;
+ * read by name, each costs about 100 instructions more). */
+static inline int
+table_slots(SlotTable *table, PyObject *object)
+{
+    table_ready(table, object);
+    return table->slots;
+}
+
+/* The slot's value, a borrowed reference (NULL when unset); only after table_slots said 1. */
+#define SLOT(table, object, index) (*(PyObject **)((char *)(object) + (table)->offsets[index]))
+
+/*
+ * ConnectionCore._broadcast_now(frame) for one member, when it is plainly possible: 1 done (the
+ * frame gathered, the core on the loop's flushes or its driver's flush_soon called, as there), 0
+ * left untouched (not a core, its module encodes per connection, it cannot take output now, it has
+ * a mailbox, anything unusual: the Python path decides), -1 with an exception set.
+ */
+static int
+deliver_one(PyObject *member, PyObject *frame, PyTypeObject *core_type)
+{
+    PyObject *raw, *mailbox, *out, *flushes = NULL, *driver = NULL;
+    int result = -1;
+
+    if (!PyObject_TypeCheck(member, core_type) || !table_slots(&bcast_table, member)) {
+        return 0;
+    }
+    raw = SLOT(&bcast_table, member, BCAST_RAW_MODULE);
+    if (raw == NULL || raw == Py_None || !table_slots(&raw_table, raw) || SLOT(&raw_table, raw, RAW_FRAMES) != Py_True) {
+        return 0;
+    }
+    /* Closed, stopped, paused (or flags that are not plain bools): the Python path queues or drops. */
+    if (SLOT(&bcast_table, member, BCAST_SOCKET_CLOSED) != Py_False || SLOT(&bcast_table, member, BCAST_STOPPED) != Py_False
+        || SLOT(&bcast_table, member, BCAST_CAN_WRITE) != Py_True) {
+        return 0;
+    }
+    mailbox = SLOT(&bcast_table, member, BCAST_MAILBOX_SEND);
+    out = SLOT(&bcast_table, member, BCAST_OUT);
+    if (mailbox != Py_None || out == NULL || !PyList_CheckExact(out)) { /* a mailbox: the Python path asks it */
+        return 0;
+    }
+    if (PyList_GET_SIZE(out) == 0) { /* nothing gathered yet: the loop's list (trio: None, the driver writes now) */
+        flushes = SLOT(&bcast_table, member, BCAST_FLUSHES);
+        driver = SLOT(&bcast_table, member, BCAST_DRIVER);
+        if (flushes == NULL || driver == NULL || (flushes != Py_None && !PyList_CheckExact(flushes))) {
+            return 0;
+        }
+        Py_INCREF(flushes); /* held: flush_soon's call below runs Python code */
+        Py_INCREF(driver);
+    }
+    Py_INCREF(out);
+    /* Only now is anything changed, in _broadcast_now's order. */
+    if (table_add_ssize(&bcast_table, member, BCAST_MESSAGES_OUT, 1) < 0) {
+        goto done;
+    }
+    if (flushes != NULL) {
+        if (flushes == Py_None || PyList_GET_SIZE(flushes) == 0) { /* trio, or the turn's first: one callback */
+            PyObject *called;
+            if (flushes == Py_None && PyList_Append(out, frame) < 0) {
+                goto done;
+            }
+            called = PyObject_CallMethodNoArgs(driver, str_flush_soon);
+            if (called == NULL) {
+                goto done;
+            }
+            Py_DECREF(called);
+            if (flushes == Py_None) {
+                result = 1;
+                goto done;
+            }
+        }
+        if (PyList_Append(flushes, member) < 0) {
+            goto done;
+        }
+    }
+    result = PyList_Append(out, frame) < 0 ? -1 : 1;
+done:
+    Py_XDECREF(driver);
+    Py_XDECREF(flushes);
+    Py_DECREF(out);
+    return result;
+}
+
+/*
+ * deliver_frames(members, frame, core_type) -> (delivered, rest)
+ *
+ * `member._broadcast_now(frame)` for each member of `core_type` that can plainly take the frame
+ * now (see deliver_one); `rest` holds every other member, untouched and in order, for the Python
+ * path (pywsserver/_broadcast.py _deliver). Same effects as deliver_frames_python there.
+ */
+static PyObject *
+deliver_frames(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *members, *rest;
+    Py_ssize_t i, delivered = 0;
+
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "deliver_frames(members, frame, core_type) takes exactly 3 arguments");
+        return NULL;
+    }
+    if (!PyBytes_Check(args[1]) || !PyType_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "deliver_frames() takes a frame of bytes and a type");
+        return NULL;
+    }
+    members = PySequence_Fast(args[0], "deliver_frames() takes a sequence of members");
+    if (members == NULL) {
+        return NULL;
+    }
+    rest = PyList_New(0);
+    if (rest == NULL) {
+        Py_DECREF(members);
+        return NULL;
+    }
+    /* The list may change under flush_soon's call: its length read each time, each member held. */
+    for (i = 0; i < PySequence_Fast_GET_SIZE(members); i++) {
+        PyObject *member = Py_NewRef(PySequence_Fast_GET_ITEM(members, i));
+        int done = deliver_one(member, args[1], (PyTypeObject *)args[2]);
+        if (done == 0) {
+            done = PyList_Append(rest, member) < 0 ? -1 : 0;
+        }
+        Py_DECREF(member);
+        if (done < 0) {
+            Py_DECREF(members);
+            Py_DECREF(rest);
+            return NULL;
+        }
+        delivered += done;
+    }
+    Py_DECREF(members);
+    return Py_BuildValue("(nN)", delivered, rest);
+}
+
+/* The transport's type as last checked by transport_idle: its version tag then (0: check again). */
+static PyTypeObject *idle_type;
+static unsigned int idle_version;
+static PyObject *str_buffer, *str_conn_lost;
+
+/*
+ * Whether asyncio's selector socket transport buffers nothing and has not lost its connection
+ * (`not transport._buffer and not transport._conn_lost`): 1, 0 (or not known: a type whose
+ * attributes could be anything), -1 with an exception set. Both are in the instance's dict, read
+ * there (about 230 instructions less per member than two getattr calls), which is what getattr
+ * does when the class has no data descriptor of those names (checked once per type and version).
+ */
+static int
+transport_idle(PyObject *transport)
+{
+    PyTypeObject *type = Py_TYPE(transport);
+    PyObject *dict, *value;
+    int idle = 0;
+
+    if (type != idle_type || idle_version == 0 || type->tp_version_tag != idle_version) {
+        PyObject *names[2] = {str_buffer, str_conn_lost};
+        int i, plain = type->tp_getattro == PyObject_GenericGetAttr && type->tp_dictoffset != 0
+                       && (type->tp_flags & Py_TPFLAGS_VALID_VERSION_TAG);
+        for (i = 0; plain && i < 2; i++) {
+            PyObject *descr = _PyType_Lookup(type, names[i]);
+            plain = descr == NULL || Py_TYPE(descr)->tp_descr_set == NULL;
+        }
+        Py_XSETREF(idle_type, (PyTypeObject *)Py_NewRef(type));
+        idle_version = plain ? type->tp_version_tag : 0;
+        if (!plain) {
+            return 0;
+        }
+    }
+    dict = PyObject_GenericGetDict(transport, NULL);
+    if (dict == NULL) {
+        return -1;
+    }
+    if (PyDict_CheckExact(dict)) {
+        value = PyDict_GetItemWithError(dict, str_buffer); /* borrowed; no Python code runs */
+        if (value != NULL && PyByteArray_CheckExact(value) && PyByteArray_GET_SIZE(value) == 0) {
+            value = PyDict_GetItemWithError(dict, str_conn_lost);
+            idle = value != NULL && PyLong_CheckExact(value) && PyObject_IsTrue(value) == 0;
+        }
+    }
+    Py_DECREF(dict);
+    return PyErr_Occurred() ? -1 : idle;
+}
+
+/*
+ * The socket's send of `data`: the bytes it took (0 when it takes nothing now), or -2 when it
+ * failed (the caller hands the data to the transport's write, which fails the same way and closes
+ * the transport), or -1 with an exception set.
+ */
+static Py_ssize_t
+send_data(PyObject *transport, int fd, PyObject *data)
+{
+    Py_ssize_t sent;
+#ifdef MS_WINDOWS
+    PyObject *sock = PyObject_GetAttrString(transport, "_sock"), *number;
+
+    (void)fd;
+    if (sock == NULL) {
+        return -1;
+    }
+    number = PyObject_CallMethodOneArg(sock, str_send, data);
+    Py_DECREF(sock);
+    if (number == NULL) {
+        if (PyErr_ExceptionMatches(PyExc_BlockingIOError) || PyErr_ExceptionMatches(PyExc_InterruptedError)) {
+            PyErr_Clear();
+            return 0;
+        }
+        if (PyErr_ExceptionMatches(PyExc_Exception)) {
+            PyErr_Clear();
+            return -2;
+        }
+        return -1;
+    }
+    sent = PyLong_AsSsize_t(number);
+    Py_DECREF(number);
+    return sent;
+#else
+    (void)transport;
+    /* send(2) without socket.send's argument parsing and the release and retaking of the
+     * interpreter's lock (the socket does not block): about 500 instructions per member. */
+    sent = send(fd, PyBytes_AS_STRING(data), (size_t)PyBytes_GET_SIZE(data), 0);
+    if (sent < 0) {
+        return errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR ? 0 : -2;
+    }
+    return sent;
+#endif
+}
+
+/*
+ * One core of flush_frames: 0 written whole or nothing to write, 1 with `*left` set to the pair
+ * for the Python path, -1 with an exception set.
+ */
+static int
+flush_one(PyObject *core, PyObject **left)
+{
+    PyObject *out, *writer, *driver, *number, *data = NULL, *rest = Py_None;
+    Py_ssize_t size, sent, i;
+    long fd;
+    int idle, result = -1;
+
+    if (!table_slots(&bcast_table, core)) {
+        goto general;
+    }
+    out = SLOT(&bcast_table, core, BCAST_OUT);
+    if (out == NULL || !PyList_CheckExact(out)) {
+        goto general;
+    }
+    if (PyList_GET_SIZE(out) == 0) {
+        return 0;
+    }
+    for (i = 0; i < PyList_GET_SIZE(out); i++) {
+        if (!PyBytes_CheckExact(PyList_GET_ITEM(out, i))) { /* never so: what the core gathers is bytes */
+            goto general;
+        }
+    }
+    /* The general path (core._flush: the transport's write buffers or reports as always) unless the
+     * transport is the driver's plain one, buffers nothing and is not closed, and no frame log. */
+    writer = SLOT(&bcast_table, core, BCAST_WRITER);
+    driver = SLOT(&bcast_table, core, BCAST_DRIVER);
+    if (SLOT(&bcast_table, core, BCAST_SOCKET_CLOSED) != Py_False || SLOT(&bcast_table, core, BCAST_FRAMES_LOG) != Py_None
+        || writer == NULL || driver == NULL || !table_slots(&driver_table, driver)
+        || SLOT(&driver_table, driver, DRIVER_PLAIN) != writer) {
+        goto general;
+    }
+    number = SLOT(&driver_table, driver, DRIVER_FD);
+    if (number == NULL || !PyLong_CheckExact(number)) {
+        goto general;
+    }
+    fd = PyLong_AsLong(number);
+    if (fd < 0 || fd > INT_MAX) {
+        PyErr_Clear();
+        goto general;
+    }
+    Py_INCREF(writer);
+    idle = transport_idle(writer);
+    if (idle != 1) {
+        Py_DECREF(writer);
+        if (idle < 0) {
+            return -1;
+        }
+        goto general;
+    }
+    Py_INCREF(out);
+    data = take_output(out);
+    Py_DECREF(out);
+    if (data == NULL) {
+        Py_DECREF(writer);
+        return -1;
+    }
+    size = PyBytes_GET_SIZE(data);
+    if (table_add_ssize(&bcast_table, core, BCAST_BYTES_OUT, size) < 0 || (sent = send_data(writer, (int)fd, data)) == -1) {
+        goto done;
+    }
+    if (sent == -2) { /* failed: the transport's write meets the error again and closes the transport */
+        rest = Py_NewRef(data);
+    }
+    else if (sent < size) { /* short: the rest to the transport's write, which buffers it */
+        rest = PyBytes_FromStringAndSize(PyBytes_AS_STRING(data) + sent, size - sent);
+        if (rest == NULL) {
+            goto done;
+        }
+    }
+    else {
+        result = 0;
+        goto done;
+    }
+    *left = PyTuple_Pack(2, core, rest);
+    Py_DECREF(rest);
+    result = *left == NULL ? -1 : 1;
+done:
+    Py_DECREF(data);
+    Py_DECREF(writer);
+    return result;
+general: /* untouched: the general path */
+    *left = PyTuple_Pack(2, core, Py_None);
+    return *left == NULL ? -1 : 1;
+}
+
+/*
+ * flush_frames(cores) -> [(core, data or None), ...]
+ *
+ * The end of an event-loop turn on asyncio (pywsserver/_asyncio_driver.py _LoopShared.flush): the
+ * frames each core gathered, joined and handed to its socket with one send when its transport is
+ * the driver's plain one, buffers nothing and is not closed, counted in `_bytes_out`, `_out`
+ * emptied. Back come the cores the Python path must finish: (core, None) untouched, for the
+ * general path (core._flush()); (core, data) when the send was short or failed, `data` for the
+ * transport's write. Same effects as flush_frames_python there.
+ */
+static PyObject *
+flush_frames(PyObject *module, PyObject *cores)
+{
+    PyObject *sequence, *left;
+    Py_ssize_t i;
+
+    sequence = PySequence_Fast(cores, "flush_frames() takes a sequence of cores");
+    if (sequence == NULL) {
+        return NULL;
+    }
+    left = PyList_New(0);
+    if (left == NULL) {
+        Py_DECREF(sequence);
+        return NULL;
+    }
+    for (i = 0; i < PySequence_Fast_GET_SIZE(sequence); i++) {
+        PyObject *core = Py_NewRef(PySequence_Fast_GET_ITEM(sequence, i)), *pair = NULL;
+        int result = flush_one(core, &pair);
+        Py_DECREF(core);
+        if (result == 1) {
+            result = PyList_Append(left, pair);
+            Py_DECREF(pair);
+        }
+        if (result < 0) {
+            Py_DECREF(sequence);
+            Py_DECREF(left);
+            return NULL;
+        }
+    }
+    Py_DECREF(sequence);
+    return left;
+}
+
 static PyMethodDef speedups_methods[] = {
     {"apply_mask", (PyCFunction)(void (*)(void))apply_mask, METH_FASTCALL,
      "apply_mask(data, mask) -> bytes: XOR data with the repeated 4-byte mask."},
@@ -1087,6 +1477,10 @@ static PyMethodDef speedups_methods[] = {
      "steady_read(buffer, nbytes, limit, handler, state, out, core) -> answer: a read in the steady state."},
     {"steady_step", (PyCFunction)(void (*)(void))steady_step, METH_FASTCALL,
      "steady_step(core, buffer, nbytes, transport, fd) -> None or answer: a whole read of the steady state."},
+    {"deliver_frames", (PyCFunction)(void (*)(void))deliver_frames, METH_FASTCALL,
+     "deliver_frames(members, frame, core_type) -> (delivered, rest): a broadcast's frame gathered on each core."},
+    {"flush_frames", (PyCFunction)flush_frames, METH_O,
+     "flush_frames(cores) -> [(core, data or None), ...]: the cores' gathered frames sent at the turn's end."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1105,9 +1499,15 @@ PyInit__speedups(void)
         str_idle = PyUnicode_InternFromString("idle");
         str_write = PyUnicode_InternFromString("write");
         str_send = PyUnicode_InternFromString("send");
+        str_flush_soon = PyUnicode_InternFromString("flush_soon");
+        str_buffer = PyUnicode_InternFromString("_buffer");
+        str_conn_lost = PyUnicode_InternFromString("_conn_lost");
         if (str_reply == NULL || str_noreply == NULL || str_handle == NULL || str_set_timer == NULL
-            || str_idle == NULL || str_write == NULL || str_send == NULL || table_intern(&core_table) < 0
-            || table_intern(&module_table) < 0 || table_intern(&transport_table) < 0) {
+            || str_idle == NULL || str_write == NULL || str_send == NULL || str_flush_soon == NULL
+            || str_buffer == NULL || str_conn_lost == NULL
+            || table_intern(&core_table) < 0
+            || table_intern(&module_table) < 0 || table_intern(&transport_table) < 0
+            || table_intern(&bcast_table) < 0 || table_intern(&raw_table) < 0 || table_intern(&driver_table) < 0) {
             return NULL;
         }
     }

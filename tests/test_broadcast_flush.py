@@ -18,10 +18,11 @@ from pywsserver import broadcast, start_link
 
 from .recorder import Recorder
 from .reliability_tools import reset
+from .test_broadcast_speedups import broadcast_path  # noqa: F401  (the C speedups, then their twins)
 from .test_groups import group_server
 from .wstools import RawClient
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("broadcast_path")]
 
 
 async def _whole_message(client: RawClient) -> str | bytes:
@@ -76,4 +77,23 @@ async def test_a_member_reset_by_its_peer_does_not_keep_the_frame_from_the_other
             assert [await _whole_message(client) for _ in range(20)] == [f"m{i}" for i in range(20)]
         await recorder.wait_for(lambda: recorder.open_now == 2)
         for client in others:
+            await client.aclose()
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_burst_gathers_every_frame_on_each_member_once_for_one_send_and_arrives_in_order() -> None:
+    recorder = Recorder()
+    async with start_link(group_server(recorder, "burst-direct")) as server:
+        clients = [await RawClient.connect(server.port) for _ in range(3)]
+        await recorder.wait_for(lambda: recorder.open_now == 3)
+        workers = recorder.workers
+        for i in range(20):
+            assert broadcast("burst-direct", f"m{i}").delivered == 3
+        # Until the turn ends: every frame gathered on each member, each member once on the loop's
+        # list, which the flush sends with one ``send`` per member.
+        assert [len(worker._out) for worker in workers] == [20, 20, 20]
+        assert workers[0]._flushes == workers
+        for client in clients:
+            assert [await _whole_message(client) for _ in range(20)] == [f"m{i}" for i in range(20)]
+        for client in clients:
             await client.aclose()

@@ -17,6 +17,7 @@ from pywsserver.protocols import encode_message
 from pywsserver.supervision import GenServer, ServerRef
 
 from .recorder import Recorder
+from .test_broadcast_speedups import broadcast_path  # noqa: F401
 from .wstools import RawClient, in_client_thread
 
 pytestmark = pytest.mark.anyio
@@ -127,6 +128,7 @@ async def test_membership_follows_connections_through_every_kind_of_close() -> N
         await client.aclose()
 
 
+@pytest.mark.usefixtures("broadcast_path")  # the C speedups, then their twins
 async def test_broadcast_reaches_everyone_exactly_once_and_in_order() -> None:
     recorder = Recorder()
     members, messages = 30, 50
@@ -156,6 +158,7 @@ async def test_broadcast_reaches_everyone_exactly_once_and_in_order() -> None:
         assert results[0] == [expected] * members
 
 
+@pytest.mark.usefixtures("broadcast_path")  # the C speedups, then their twins
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])  # the protocol path batches; stream mode queues
 async def test_a_burst_of_broadcasts_leaves_in_one_write_per_member_and_in_order() -> None:
     recorder = Recorder()
@@ -192,6 +195,7 @@ async def _receive(ws: Any, count: int) -> list[Any]:
     return [await ws.recv() for _ in range(count)]
 
 
+@pytest.mark.usefixtures("broadcast_path")  # the C speedups, then their twins
 @pytest.mark.parametrize("policy", ["drop", "close"])
 async def test_a_member_that_never_reads_does_not_delay_the_others(policy: str) -> None:
     recorder = Recorder()

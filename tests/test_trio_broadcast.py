@@ -19,10 +19,15 @@ from pywsserver._trio_driver import TrioDriver
 
 from .recorder import Recorder
 from .reliability_tools import reset
+from .test_broadcast_speedups import broadcast_path  # noqa: F401  (the C speedups, then their twins)
 from .test_groups import group_server
 from .wstools import RawClient
 
-pytestmark = [pytest.mark.anyio, pytest.mark.parametrize("anyio_backend", ["trio"])]
+pytestmark = [
+    pytest.mark.anyio,
+    pytest.mark.parametrize("anyio_backend", ["trio"]),
+    pytest.mark.usefixtures("broadcast_path"),
+]
 
 
 async def _whole_message(client: RawClient) -> str | bytes:

@@ -1,0 +1,325 @@
+"""The C speedups of broadcast delivery held equal to their pure-Python twins (hypothesis).
+
+``deliver_frames`` gathers a broadcast's frame on every core that can take it now
+(`ConnectionCore._broadcast_now`) and hands the other members back untouched; ``flush_frames``
+sends each core's gathered frames with one ``send`` at the end of the turn and hands back what
+the Python path must finish. Both run here on real connection cores (their slots as the server
+keeps them), over real socket pairs, against ``deliver_frames_python`` and
+``flush_frames_python``: the same members delivered and handed back, the same counters, gathered
+output, loop list and ``flush_soon`` calls, the same bytes on every socket.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from typing import Any
+
+import anyio
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pywsserver import _asyncio_driver, _broadcast
+from pywsserver._core import ConnectionCore
+
+try:
+    from pywsserver._speedups import deliver_frames, flush_frames
+except ImportError:  # pragma: no cover - depends on the installation
+    deliver_frames = flush_frames = None
+
+needs_c = pytest.mark.skipif(deliver_frames is None, reason="the C speedup was not built (no compiler at install)")
+
+FRAME = b"\x81\x05hello"
+
+
+@pytest.fixture(params=["c", "python"])
+def broadcast_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each test that uses it runs with the C speedups, then with their pure-Python twins."""
+    if request.param == "python":
+        monkeypatch.setattr(_broadcast, "deliver_frames", _broadcast.deliver_frames_python)
+        monkeypatch.setattr(_asyncio_driver, "flush_frames", _asyncio_driver.flush_frames_python)
+    elif deliver_frames is None:
+        pytest.skip("the C speedup was not built")
+    return str(request.param)
+
+
+class _RawModule:
+    """A protocol module's ``raw_frames`` flag, in a slot as the WebSocket module keeps it."""
+
+    __slots__ = ("raw_frames",)
+
+    def __init__(self, raw_frames: bool) -> None:
+        self.raw_frames = raw_frames
+
+
+class _DictModule:
+    """The same flag in an instance dict: the C leaves such a member to the Python path."""
+
+    def __init__(self, raw_frames: bool) -> None:
+        self.raw_frames = raw_frames
+
+
+class _Driver:
+    """The core's driver: records ``flush_soon`` calls in a log shared by every driver of the run."""
+
+    __slots__ = ("_fd", "_plain", "log", "name")
+
+    def __init__(self, name: int, log: list[Any], plain: Any = None, fd: int = -1) -> None:
+        self.name, self.log, self._plain, self._fd = name, log, plain, fd
+
+    def flush_soon(self) -> None:
+        self.log.append(("flush_soon", self.name))
+
+
+class _Transport:
+    """What the flush reads of asyncio's selector socket transport (attributes in its instance dict)."""
+
+    def __init__(self, sock: socket.socket, buffered: bool, lost: bool) -> None:
+        self._sock = sock
+        self._buffer = bytearray(b"x" if buffered else b"")
+        self._conn_lost = 1 if lost else 0
+        self.written: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.written.append(bytes(data))
+
+
+def _core(**slots: Any) -> ConnectionCore:
+    """A connection core with only the slots the broadcast path reads (no driver task, no loop)."""
+    core: ConnectionCore = ConnectionCore.__new__(ConnectionCore)
+    defaults = {
+        "_raw_module": None,
+        "_socket_closed": False,
+        "_stopped": False,
+        "_can_write": True,
+        "_mailbox_send": None,
+        "_out": [],
+        "_messages_out": 0,
+        "_bytes_out": 0,
+        "_flushes": None,
+        "_frames_log": None,
+    }
+    for name, value in {**defaults, **slots}.items():
+        setattr(core, name, value)
+    return core
+
+
+# ------------------------------------------------------------------ deliver_frames
+
+member_setups = st.fixed_dictionaries(
+    {
+        "kind": st.sampled_from(["core", "core", "core", "other"]),
+        "module": st.sampled_from(["raw", "raw", "raw", "encodes", "none", "dict"]),
+        "closed": st.booleans(),
+        "stopped": st.booleans(),
+        "can_write": st.sampled_from([True, True, False]),
+        "mailbox": st.sampled_from(["none", "none", "empty", "waiting"]),
+        "out": st.lists(st.binary(max_size=3), max_size=2),
+        "messages_out": st.sampled_from([0, 5, 2**40]),
+        "shared": st.sampled_from([True, True, False]),
+    }
+)
+
+
+def _members(setups: list[dict[str, Any]], flushes_before: int, log: list[Any]) -> tuple[list[Any], ...]:
+    """Members as ``setups`` say, the loop's list (holding ``flushes_before`` others), the streams to close."""
+    flushes: list[Any] = [_core() for _ in range(flushes_before)]
+    members: list[Any] = []
+    streams: list[Any] = []
+    for index, setup in enumerate(setups):
+        if setup["kind"] == "other":
+            members.append(("server", index))  # a gen server's reference, for the Python path
+            continue
+        module = {
+            "raw": _RawModule(True),
+            "encodes": _RawModule(False),
+            "none": None,
+            "dict": _DictModule(True),
+        }[setup["module"]]
+        mailbox = None
+        if setup["mailbox"] != "none":
+            mailbox, receive = anyio.create_memory_object_stream[Any](10)
+            streams += [mailbox, receive]
+            if setup["mailbox"] == "waiting":
+                mailbox.send_nowait("waiting action")
+        members.append(
+            _core(
+                _raw_module=module,
+                _socket_closed=setup["closed"],
+                _stopped=setup["stopped"],
+                _can_write=setup["can_write"],
+                _mailbox_send=mailbox,
+                _out=list(setup["out"]),
+                _messages_out=setup["messages_out"],
+                _flushes=flushes if setup["shared"] else None,
+                _driver=_Driver(index, log),
+            )
+        )
+    return members, flushes, streams
+
+
+def _delivered(deliver: Any, setups: list[dict[str, Any]], flushes_before: int, general: bool) -> Any:
+    """What ``deliver`` did, then (``general``) what `_deliver`'s loop does with the members it handed back."""
+    log: list[Any] = []
+    members, flushes, streams = _members(setups, flushes_before, log)
+    try:
+        count, rest = deliver(members, FRAME, ConnectionCore)
+        rest_indexes = [members.index(member) for member in rest]
+        if general:  # as `_broadcast._deliver`: each core handed back is asked again
+            for member in rest:
+                if isinstance(member, ConnectionCore) and member._broadcast_now(FRAME):
+                    count += 1
+                    rest_indexes.remove(members.index(member))
+        cores = [member for member in members if isinstance(member, ConnectionCore)]
+        return (
+            count,
+            rest_indexes,
+            [(core._messages_out, core._out) for core in cores],
+            [members.index(core) if core in members else "before" for core in flushes],
+            log,
+        )
+    finally:
+        for stream in streams:
+            stream.close()
+
+
+@needs_c
+@settings(max_examples=400, deadline=None)
+@given(setups=st.lists(member_setups, max_size=6), flushes_before=st.integers(0, 2))
+def test_deliver_frames_c_and_python_agree_on_every_member(setups: list[dict[str, Any]], flushes_before: int) -> None:
+    # What the two hand back may differ only by members the C leaves to the Python path (a
+    # mailbox, a module without the flag in a slot); once `_deliver`'s loop has asked those, the
+    # effects are the same.
+    assert _delivered(deliver_frames, setups, flushes_before, True) == _delivered(
+        _broadcast.deliver_frames_python, setups, flushes_before, True
+    )
+    if all(setup["module"] != "dict" for setup in setups):  # nothing the C declines that Python takes
+        assert _delivered(deliver_frames, setups, flushes_before, False) == _delivered(
+            _broadcast.deliver_frames_python, setups, flushes_before, False
+        )
+
+
+@pytest.mark.parametrize("deliver", [_broadcast.deliver_frames_python, deliver_frames], ids=["python", "c"])
+def test_deliver_frames_gathers_joins_the_loop_once_and_hands_back_the_rest(deliver: Any) -> None:
+    if deliver is None:
+        pytest.skip("the C speedup was not built")
+    log: list[Any] = []
+    flushes: list[Any] = []
+    fresh = _core(_raw_module=_RawModule(True), _flushes=flushes, _driver=_Driver(0, log))
+    second = _core(_raw_module=_RawModule(True), _flushes=flushes, _driver=_Driver(1, log))
+    replying = _core(_raw_module=_RawModule(True), _out=[b"reply"], _flushes=flushes, _driver=_Driver(2, log))
+    trio = _core(_raw_module=_RawModule(True), _flushes=None, _driver=_Driver(3, log))
+    paused = _core(_raw_module=_RawModule(True), _can_write=False, _flushes=flushes, _driver=_Driver(4, log))
+    encodes = _core(_raw_module=_RawModule(False), _flushes=flushes, _driver=_Driver(5, log))
+    members = [fresh, "not a core", second, replying, trio, paused, encodes]
+    count, rest = deliver(members, FRAME, ConnectionCore)
+    assert count == 4 and rest == ["not a core", paused, encodes]
+    assert flushes == [fresh, second]  # the reply's core writes its frame with the reply
+    assert log == [("flush_soon", 0), ("flush_soon", 3)]  # the turn's first, and trio's own
+    assert replying._out == [b"reply", FRAME] and trio._out == [FRAME] and paused._out == []
+    assert [core._messages_out for core in members if isinstance(core, ConnectionCore)] == [1, 1, 1, 1, 0, 0]
+
+
+# ------------------------------------------------------------------ flush_frames
+
+core_setups = st.fixed_dictionaries(
+    {
+        "out": st.lists(st.binary(min_size=1, max_size=4), max_size=3),
+        "closed": st.booleans(),
+        "logged": st.sampled_from([False, False, False, True]),
+        "writer": st.sampled_from(["plain", "plain", "plain", "other"]),
+        "buffered": st.sampled_from([False, False, True]),
+        "lost": st.sampled_from([False, False, True]),
+        "socket": st.sampled_from(["open", "open", "full", "broken"]),
+        "bytes_out": st.sampled_from([0, 7, 2**40]),
+    }
+)
+
+
+def _flushed(flush: Any, setups: list[dict[str, Any]]) -> Any:
+    """What ``flush`` did to cores made as ``setups`` say, each over one end of a socket pair."""
+    with contextlib.ExitStack() as stack:
+        cores: list[ConnectionCore] = []
+        peers: list[socket.socket | None] = []
+        for setup in setups:
+            ours, peer = socket.socketpair()
+            stack.enter_context(ours)
+            stack.enter_context(peer)
+            ours.setblocking(False)
+            peer.setblocking(False)
+            if setup["socket"] == "full":  # a send takes nothing, or part
+                with contextlib.suppress(BlockingIOError):
+                    for _ in range(10_000):
+                        ours.send(b"f" * 4096)
+            elif setup["socket"] == "broken":  # the send fails
+                peer.close()
+            transport = _Transport(ours, setup["buffered"], setup["lost"])
+            plain = transport if setup["writer"] == "plain" else _Transport(ours, False, False)
+            cores.append(
+                _core(
+                    _out=list(setup["out"]),
+                    _socket_closed=setup["closed"],
+                    _frames_log=object() if setup["logged"] else None,
+                    _writer=transport,
+                    _driver=_Driver(len(cores), [], plain, ours.fileno()),
+                    _bytes_out=setup["bytes_out"],
+                )
+            )
+            peers.append(peer if setup["socket"] == "open" else None)
+        left = [(cores.index(core), rest) for core, rest in flush(cores)]
+        received = []
+        for peer in peers:
+            data = b""
+            if peer is not None:
+                with contextlib.suppress(BlockingIOError):
+                    while chunk := peer.recv(65536):
+                        data += chunk
+            received.append(data)
+        return left, received, [(core._out, core._bytes_out, core._writer.written) for core in cores]  # type: ignore[attr-defined]
+
+
+@needs_c
+@settings(max_examples=400, deadline=None)
+@given(setups=st.lists(core_setups, max_size=5))
+def test_flush_frames_c_and_python_agree_on_what_is_sent_counted_and_handed_back(setups: list[dict[str, Any]]) -> None:
+    assert _flushed(flush_frames, setups) == _flushed(_asyncio_driver.flush_frames_python, setups)
+
+
+@pytest.mark.parametrize("flush", [_asyncio_driver.flush_frames_python, flush_frames], ids=["python", "c"])
+def test_flush_frames_sends_once_per_core_and_hands_back_the_unusual(flush: Any) -> None:
+    if flush is None:
+        pytest.skip("the C speedup was not built")
+    plain = {"closed": False, "logged": False, "writer": "plain", "buffered": False, "lost": False, "bytes_out": 7}
+    left, received, cores = _flushed(
+        flush,
+        [
+            {**plain, "out": [b"ab", b"c"], "socket": "open"},  # joined, one send
+            {**plain, "out": [], "socket": "open"},  # nothing gathered: nothing happens
+            {**plain, "out": [b"x"], "socket": "open", "buffered": True},  # behind buffered bytes: general path
+            {**plain, "out": [b"y"], "socket": "broken"},  # the send fails: the transport's write is handed it
+        ],
+    )
+    assert left == [(2, None), (3, b"y")]
+    assert received[0] == b"abc" and received[1] == b""
+    assert cores[0] == ([], 10, []) and cores[2] == ([b"x"], 7, []) and cores[3] == ([], 8, [])
+
+
+@needs_c
+def test_flush_frames_leaves_a_transport_with_a_data_descriptor_to_the_general_path() -> None:
+    # A class whose ``_buffer`` is a property: getattr would call it, so the C must not read the
+    # instance dict; the core goes to the general path untouched.
+    class Odd(_Transport):
+        @property
+        def _buffer(self) -> bytearray:  # type: ignore[override]
+            return bytearray()
+
+        @_buffer.setter
+        def _buffer(self, value: bytearray) -> None:
+            pass
+
+    ours, peer = socket.socketpair()
+    with ours, peer:
+        transport = Odd(ours, False, False)
+        core = _core(_out=[b"z"], _writer=transport, _driver=_Driver(0, [], transport, ours.fileno()))
+        assert flush_frames([core]) == [(core, None)] and core._out == [b"z"]
