@@ -30,6 +30,7 @@ late, queued exit message is ignored).
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import enum
@@ -58,6 +59,7 @@ from ._errors import (
     SupervisorError,
     unwrap_group,
 )
+from ._loop_children import LoopChildren
 from ._registry import register, unregister
 from ._spec import INFINITY, AutoShutdown, ChildSpec, ChildType, Restart, Shutdown, ShutdownValue, Strategy
 
@@ -278,6 +280,16 @@ async def _noop() -> None:
 
 #: The name of every task start_child_soon starts (in anyio's and asyncio's task listings).
 _DYNAMIC_CHILD_TASK = "pywsserver.supervision dynamic child"
+#: The name of the task that keeps them on asyncio (``_loop_children``).
+_DYNAMIC_CHILDREN_KEEPER = "pywsserver.supervision dynamic children's keeper"
+
+
+def _asyncio_loop() -> asyncio.AbstractEventLoop | None:
+    """The running asyncio event loop, or ``None`` (trio)."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 def _is_abnormal(reason: BaseException | None) -> bool:
@@ -358,6 +370,8 @@ class Supervisor:
         self._running = False
         self._stopped = anyio.Event()
         self._children_tg: anyio.abc.TaskGroup | None = None
+        # The dynamic children of start_child_soon on asyncio (see ``_loop_children``), else None.
+        self._loop_children: LoopChildren | None = None
         self._host_release: anyio.Event | None = None
         self._send: MemoryObjectSendStream[Any] | None = None
 
@@ -506,9 +520,20 @@ class Supervisor:
         with anyio.CancelScope(shield=True):
             async with anyio.create_task_group() as tg:
                 self._children_tg = tg
+                loop_children = None
+                if self.strategy is Strategy.SIMPLE_ONE_FOR_ONE:
+                    loop = _asyncio_loop()
+                    if loop is not None:
+                        loop_children = self._loop_children = LoopChildren(loop, tg.cancel_scope.cancel)
+                        tg.start_soon(loop_children.keep, name=_DYNAMIC_CHILDREN_KEEPER)
                 task_status.started()
-                await release.wait()
+                try:
+                    await release.wait()
+                finally:
+                    if loop_children is not None:
+                        loop_children.close()
         self._children_tg = None
+        self._loop_children = None
 
     async def _loop(self, receive: MemoryObjectReceiveStream[Any]) -> None:
         async for message in receive:
@@ -544,7 +569,11 @@ class Supervisor:
     # ----------------------------------------------------------- child starts
 
     async def _run_instance(
-        self, instance: _Instance, *, task_status: anyio.abc.TaskStatus[Any] = anyio.TASK_STATUS_IGNORED
+        self,
+        instance: _Instance,
+        loop_children: LoopChildren | None = None,
+        *,
+        task_status: anyio.abc.TaskStatus[Any] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
         _set_current(instance.context)
         child = instance.child
@@ -561,8 +590,8 @@ class Supervisor:
                     except Exception as exc:
                         reason = exc
             else:
-                # Started by start_child_soon: cancelled through its task's handle, whose scope
-                # ends the task quietly. Cancelled means stopped: nothing to report.
+                # Started by start_child_soon in a task group (trio): cancelled through its task's
+                # handle, whose scope ends the task quietly. Cancelled means stopped: nothing to report.
                 try:
                     await child.spec.start(*child.args, task_status=proxy)
                 except Exception as exc:
@@ -586,8 +615,14 @@ class Supervisor:
             elif self._send is not None:
                 with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
                     self._send.send_nowait(_Exit(instance, reason))
+        except BaseException as error:
+            if loop_children is None or isinstance(error, GeneratorExit):
+                raise
+            loop_children.failed(error)  # a task of the event loop: its keeper raises it in the group
         finally:
             instance.mark_done()
+            if loop_children is not None:
+                loop_children.ended(instance)
 
     async def _start(self, child: _Child) -> Any:
         assert self._children_tg is not None
@@ -853,8 +888,14 @@ class Supervisor:
         child = _Child(self, next(self._keys), template, template.args + args)
         self._children[child.key] = child
         instance = child.instance = _Instance(child)
-        # A name given once (anyio would otherwise build one string per task).
-        instance.cancel = tg.start_soon(self._run_instance, instance, name=_DYNAMIC_CHILD_TASK).cancel
+        loop_children = self._loop_children
+        if loop_children is not None and loop_children.open:
+            # A task of the event loop, kept by the group's keeper: its run's own cancel scope stops it
+            # (``_loop_children``: 54,000 instructions fewer per connection than anyio's task handle).
+            loop_children.start(self._run_instance(instance, loop_children), instance, _DYNAMIC_CHILD_TASK)
+        else:
+            # A name given once (anyio would otherwise build one string per task).
+            instance.cancel = tg.start_soon(self._run_instance, instance, name=_DYNAMIC_CHILD_TASK).cancel
         return child
 
     async def terminate_child(self, child_id: object) -> None:

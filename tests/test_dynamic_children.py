@@ -1,0 +1,146 @@
+"""The children of `Supervisor.start_child_soon` stay owned by their supervisor on both backends.
+
+On asyncio they are tasks of the event loop kept by one task of the supervisor's group
+(``pywsserver.supervision._loop_children``), on trio tasks of that group: what a task group
+guarantees must hold either way, and look the same from outside.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import anyio
+import anyio.abc
+import pytest
+
+from pywsserver.supervision import BRUTAL_KILL, ChildSpec, Supervisor
+
+pytestmark = pytest.mark.anyio
+
+DYNAMIC = "pywsserver.supervision dynamic child"
+
+
+class Boom(BaseException):
+    """What a child lets through: not an ``Exception``, so its run does not take it as a crash."""
+
+
+def dynamic_tasks() -> list[anyio.TaskInfo]:
+    return [task for task in anyio.get_running_tasks() if task.name == DYNAMIC]
+
+
+async def test_a_stop_waits_for_every_dynamic_child_and_leaves_no_task_behind() -> None:
+    stopped: list[int] = []
+    started = 0
+    all_started = anyio.Event()
+
+    async def child(number: int, *, task_status: anyio.abc.TaskStatus[int]) -> None:
+        nonlocal started
+        task_status.started(number)
+        started += 1
+        if started == 5:
+            all_started.set()
+        try:
+            await anyio.sleep_forever()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.lowlevel.checkpoint()  # cleanup that waits: the stop must wait for it
+                stopped.append(number)
+
+    template = ChildSpec("conn", child, restart="temporary", shutdown=5)
+    async with Supervisor([template], strategy="simple_one_for_one").running() as sup:
+        for number in range(5):
+            sup.start_child_soon(number)
+        await all_started.wait()
+        assert len(dynamic_tasks()) == 5
+        assert sup.count_children().active == 5
+    assert sorted(stopped) == [0, 1, 2, 3, 4]
+    assert dynamic_tasks() == []
+
+
+async def test_a_dynamic_child_ending_by_itself_is_forgotten_and_its_task_ends() -> None:
+    ends = anyio.Event()
+
+    async def child(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+        task_status.started()
+        await ends.wait()
+
+    template = ChildSpec("conn", child, restart="temporary")
+    async with Supervisor([template], strategy="simple_one_for_one").running() as sup:
+        sup.start_child_soon()
+        await anyio.wait_all_tasks_blocked()
+        assert sup.count_children().active == 1
+        ends.set()
+        await anyio.wait_all_tasks_blocked()
+        assert sup.which_children() == []
+        assert dynamic_tasks() == []
+
+
+async def test_a_dynamic_child_that_lets_a_base_exception_through_fails_the_supervisor_after_stopping_the_others(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """As a task of the supervisor's group would: the others are stopped, their cleanup done, and
+    the error comes out of the supervisor."""
+    others_stopped: list[str] = []
+    boom = anyio.Event()
+
+    async def child(kind: str, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        task_status.started()
+        if kind == "boom":
+            await boom.wait()
+            raise Boom("let through")
+        try:
+            await anyio.sleep_forever()
+        finally:
+            others_stopped.append(kind)
+
+    template = ChildSpec("conn", child, restart="temporary", shutdown=BRUTAL_KILL)
+    caplog.set_level(logging.CRITICAL, logger="pywsserver.supervision")
+    with pytest.raises((Boom, BaseExceptionGroup)) as caught:
+        async with Supervisor([template], strategy="simple_one_for_one").running() as sup:
+            sup.start_child_soon("a")
+            sup.start_child_soon("boom")
+            sup.start_child_soon("b")
+            await anyio.wait_all_tasks_blocked()
+            boom.set()
+            await anyio.sleep_forever()  # cancelled when the supervisor fails
+    error = caught.value
+    while isinstance(error, BaseExceptionGroup):  # however the groups nest it
+        assert len(error.exceptions) == 1
+        error = error.exceptions[0]
+    assert isinstance(error, Boom)
+    assert sorted(others_stopped) == ["a", "b"]
+    assert dynamic_tasks() == []
+
+
+async def test_a_dynamic_child_stopped_before_its_task_began_never_runs_its_start() -> None:
+    began: list[str] = []
+
+    async def child(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+        began.append("began")
+        task_status.started()
+        await anyio.sleep_forever()
+
+    template = ChildSpec("conn", child, restart="temporary")
+    async with Supervisor([template], strategy="simple_one_for_one").running() as sup:
+        handle = sup.start_child_soon()
+        await sup.terminate_child(handle)  # asked before the new task took a step
+        assert sup.which_children() == []
+    assert began in ([], ["began"])  # the request may reach it at its first step or before
+    assert dynamic_tasks() == []
+
+
+async def test_children_started_after_a_restart_of_the_supervisor_are_kept_again() -> None:
+    """A supervisor run twice keeps the dynamic children of each run."""
+
+    async def child(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+        task_status.started()
+        await anyio.sleep_forever()
+
+    sup = Supervisor([ChildSpec("conn", child, restart="temporary")], strategy="simple_one_for_one")
+    for _ in range(2):
+        async with sup.running():
+            sup.start_child_soon()
+            sup.start_child_soon()
+            await anyio.wait_all_tasks_blocked()
+            assert len(dynamic_tasks()) == 2
+        assert dynamic_tasks() == []
