@@ -29,7 +29,6 @@ No socket, no clock: bytes in, effects out.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import enum
 import hashlib
@@ -173,6 +172,8 @@ def decode_path(raw_path: str) -> str:
     return path
 
 
+#: Stops the handshake timer: effects are frozen, so one serves every connection.
+_NO_HANDSHAKE_TIMER = SetTimer("handshake", None)
 #: The 101 answer's head up to the ``Sec-WebSocket-Accept`` value (what `http_response` makes for it).
 _SWITCHING_HEAD = (
     b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: "
@@ -181,11 +182,22 @@ _SWITCHING_HEAD = (
 
 def accept_key(key: str) -> str:
     """The ``Sec-WebSocket-Accept`` value for a ``Sec-WebSocket-Key``."""
-    return base64.b64encode(hashlib.sha1(key.encode("ascii") + WEBSOCKET_GUID).digest()).decode("ascii")
+    return _accept_bytes(key).decode("ascii")
 
 
-def _tokens(headers: Headers, name: str) -> set[str]:
-    return {token.strip().lower() for value in headers.get_all(name) for token in value.split(",")}
+def _accept_bytes(key: str) -> bytes:
+    # binascii's encoder called directly: base64.b64encode is a Python function around it.
+    return binascii.b2a_base64(hashlib.sha1(key.encode("ascii") + WEBSOCKET_GUID).digest(), newline=False)
+
+
+def _has_token(values: list[str] | None, token: str) -> bool:
+    """Whether ``token`` (lower case) is among the comma-separated tokens of a header's ``values``
+    (case-insensitive); ``None``: the header is absent."""
+    if values is None:
+        return False
+    if len(values) == 1 and values[0].lower() == token:  # the usual single token: no set of tokens made
+        return True
+    return token in {item.strip().lower() for value in values for item in value.split(",")}
 
 
 def http_response(status: int, headers: list[tuple[str, str]] | None = None, body: bytes = b"") -> bytes:
@@ -332,9 +344,12 @@ class HTTPProtocol:
 
     def _handshake(self, request: Request, rest: bytes) -> list[Effect]:
         headers = request.headers
+        # The values by lower-case name, read directly: each ``get_all`` would lower the name and copy
+        # the list (8 of them per handshake).
+        index: dict[str, list[str]] = headers._index
         if request.version[0] != 1:
             return self._fail(505, "only HTTP/1.1 is served")
-        upgrade = "websocket" in _tokens(headers, "upgrade")
+        upgrade = _has_token(index.get("upgrade"), "websocket")
         health = self.options.health_check_path
         if not upgrade and health is not None and request.path == health and request.method in ("GET", "HEAD"):
             return self._respond(200, b"OK\n", head_only=request.method == "HEAD", reason="health check")
@@ -365,20 +380,21 @@ class HTTPProtocol:
             return self._fail(400, "WebSocket requires HTTP/1.1")
         if request.method != "GET":
             return self._fail(405, "WebSocket handshakes use GET", [("Allow", "GET")])
-        if "host" not in headers:
+        if "host" not in index:
             return self._fail(400, "missing Host header")
-        if "upgrade" not in _tokens(headers, "connection"):
+        if not _has_token(index.get("connection"), "upgrade"):
             return self._fail(400, "the Connection header must contain 'upgrade'")
         # A body would be read as WebSocket frames: none is allowed (Content-Length: 0 says there is none).
-        if "transfer-encoding" in headers or any(value != "0" for value in headers.get_all("content-length")):
+        lengths = index.get("content-length")
+        if "transfer-encoding" in index or (lengths is not None and any(value != "0" for value in lengths)):
             return self._fail(400, "an upgrade request has no body")
-        versions = headers.get_all("sec-websocket-version")
-        if versions != ["13"]:
+        if index.get("sec-websocket-version") != ["13"]:
             return self._fail(426, "unsupported WebSocket version", [("Sec-WebSocket-Version", "13")])
-        keys = headers.get_all("sec-websocket-key")
-        if len(keys) != 1 or not _valid_key(keys[0]):
+        keys = index.get("sec-websocket-key")
+        if keys is None or len(keys) != 1 or not _valid_key(keys[0]):
             return self._fail(400, "missing or invalid Sec-WebSocket-Key")
-        requested = [token for value in headers.get_all("sec-websocket-protocol") for token in _token_list(value)]
+        protocols = index.get("sec-websocket-protocol")
+        requested = [token for value in protocols for token in _token_list(value)] if protocols else []
         info = self.connection.handler_info()
         info.update(
             path=request.path,
@@ -397,23 +413,25 @@ class HTTPProtocol:
         match = endpoint.router.match(request.path)
         if match is None:
             return self._fail(404, "no WebSocket resource at this path")
-        origins = headers.get_all("origin")
-        if len(origins) > 1 or not origin_allowed(origins[0] if origins else None, endpoint):
+        origins = index.get("origin")
+        if (origins is not None and len(origins) > 1) or not origin_allowed(origins[0] if origins else None, endpoint):
             return self._fail(403, "origin not allowed")
         route = match.route
         offered = route.subprotocols if route.subprotocols is not None else endpoint.subprotocols
         info["subprotocol"] = next((name for name in offered if name in requested), None)
         info["params"] = dict(match.params)
         if endpoint.compression is not None:
-            pending.deflate = negotiate(headers.get_all("sec-websocket-extensions"), endpoint.compression)
+            offers = index.get("sec-websocket-extensions")
+            pending.deflate = negotiate(offers, endpoint.compression) if offers else None
             if pending.deflate is not None:
                 info["extensions"] = [pending.deflate.response]
         pending.handler = route.handler
-        info.update({key: value for key, value in route.handler_options.items() if key not in info})
+        if route.handler_options:
+            info.update({key: value for key, value in route.handler_options.items() if key not in info})
         if getattr(route.handler, "has_handshake", False):
             self._phase = _Phase.DECIDING
             self._pending = pending
-            return [SetTimer("handshake", None), Deliver(Handshake(info, route.handler))]
+            return [_NO_HANDSHAKE_TIMER, Deliver(Handshake(info, route.handler))]
         return self._upgrade(pending, None)
 
     def _upgrade(self, pending: _Pending, decision: Accept | None) -> list[Effect]:
@@ -427,13 +445,17 @@ class HTTPProtocol:
                     )
                 info["subprotocol"] = decision.subprotocol
             extra = decision.headers
-        accept = accept_key(pending.key)
+        accept = _accept_bytes(pending.key)
         if info["subprotocol"] is None and pending.deflate is None and not extra:
             # The common answer: the precomputed head around the accept key, not a header list joined
             # and encoded per connection.
-            response = _SWITCHING_HEAD + accept.encode("ascii") + b"\r\n\r\n"
+            response = _SWITCHING_HEAD + accept + b"\r\n\r\n"
         else:
-            headers = [("Upgrade", "websocket"), ("Connection", "Upgrade"), ("Sec-WebSocket-Accept", accept)]
+            headers = [
+                ("Upgrade", "websocket"),
+                ("Connection", "Upgrade"),
+                ("Sec-WebSocket-Accept", accept.decode("ascii")),
+            ]
             if info["subprotocol"] is not None:
                 headers.append(("Sec-WebSocket-Protocol", info["subprotocol"]))
             if pending.deflate is not None:
@@ -445,7 +467,7 @@ class HTTPProtocol:
         self.status = 101
         context = {"request": pending.request, "info": info, "handler": pending.handler, "deflate": pending.deflate}
         return [
-            SetTimer("handshake", None),
+            _NO_HANDSHAKE_TIMER,
             Write(response),
             Switch(self.options.upgrade_to, bytes(pending.rest), context),
         ]
@@ -467,7 +489,7 @@ class HTTPProtocol:
         response = http_response(status, headers or [("Content-Type", "text/plain; charset=utf-8")], body)
         if head_only:
             response = response[: len(response) - len(body)]
-        return [SetTimer("handshake", None), Write(response), CloseSocket(), Stop(reason, bad_input)]
+        return [_NO_HANDSHAKE_TIMER, Write(response), CloseSocket(), Stop(reason, bad_input)]
 
     def _fail(self, status: int, message: str, headers: list[tuple[str, str]] | None = None) -> list[Effect]:
         """Refuse the request; every refusal but "shutting down" (503) is reported as bad input."""
@@ -565,6 +587,7 @@ def _token_list(value: str) -> list[str]:
 
 def _valid_key(key: str) -> bool:
     try:
-        return len(base64.b64decode(key.encode("ascii"), validate=True)) == 16
+        # What base64.b64decode(..., validate=True) calls, without its Python layer.
+        return len(binascii.a2b_base64(key.encode("ascii"), strict_mode=True)) == 16
     except (binascii.Error, UnicodeEncodeError, ValueError):
         return False
