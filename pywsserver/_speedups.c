@@ -332,6 +332,231 @@ encode_frame(PyObject *module, PyObject *data)
 }
 
 /*
+ * The head of an HTTP request (pywsserver/protocols/_http.py, parse_request_head), the common case
+ * only: a request line "METHOD TARGET HTTP/d.d" (a token, visible ASCII without "%", two digits) and
+ * header lines "name:value" (a token, a value without control characters but HTAB), lines split at
+ * CRLF, the bytes read as Latin-1. Returns (method, target, path, query, (major, minor), raw, index)
+ * as the Python parse builds them (raw: the (name, value) pairs in order, each value stripped of
+ * spaces and tabs; index: lower-case name to its values), or None for anything else, which the
+ * Python parse then answers, with its error (tests/test_http_head_speedup.py holds the two equal).
+ * The Python parse costs about 57,000 instructions for the usual six-line request under callgrind.
+ */
+static const unsigned char *
+find_crlf(const unsigned char *start, const unsigned char *end)
+{
+    const unsigned char *p = start;
+    while (p + 1 < end) {
+        const unsigned char *cr = memchr(p, '\r', (size_t)(end - p - 1));
+        if (cr == NULL) {
+            return end;
+        }
+        if (cr[1] == '\n') {
+            return cr;
+        }
+        p = cr + 1;
+    }
+    return end;
+}
+
+/* RFC 9110 tchar: "!#$%&'*+-.^_`|~", digits and letters. */
+static int
+is_tchar(unsigned char c)
+{
+    if ((c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z')) {
+        return 1;
+    }
+    return c != 0 && strchr("!#$%&'*+-.^_`|~", c) != NULL;
+}
+
+/* Latin-1 text of [start, end), lower-cased in ASCII when `lower` (the caller knows it is ASCII). */
+static PyObject *
+latin1_text(const unsigned char *start, const unsigned char *end, int lower)
+{
+    Py_ssize_t i, size = end - start;
+    PyObject *text;
+    Py_UCS1 *data;
+
+    if (!lower) {
+        return PyUnicode_DecodeLatin1((const char *)start, size, NULL);
+    }
+    text = PyUnicode_New(size, 127);
+    if (text == NULL) {
+        return NULL;
+    }
+    data = PyUnicode_1BYTE_DATA(text);
+    for (i = 0; i < size; i++) {
+        unsigned char c = start[i];
+        data[i] = (c >= 'A' && c <= 'Z') ? (Py_UCS1)(c + 32) : (Py_UCS1)c;
+    }
+    return text;
+}
+
+/* One header line [start, end): appended to `raw` and `index`; 0 done, 1 not the common case, -1 error. */
+static int
+head_line(const unsigned char *start, const unsigned char *end, PyObject *raw, PyObject *index)
+{
+    const unsigned char *colon = start, *value, *value_end, *p;
+    PyObject *name = NULL, *lower = NULL, *text = NULL, *pair = NULL, *values;
+    int result = -1;
+
+    while (colon < end && is_tchar(*colon)) {
+        colon++;
+    }
+    if (colon == start || colon == end || *colon != ':') {
+        return 1;
+    }
+    for (p = colon + 1; p < end; p++) {
+        if ((*p <= 0x1f && *p != '\t') || *p == 0x7f) {
+            return 1;
+        }
+    }
+    value = colon + 1;
+    value_end = end;
+    while (value < value_end && (*value == ' ' || *value == '\t')) {
+        value++;
+    }
+    while (value_end > value && (value_end[-1] == ' ' || value_end[-1] == '\t')) {
+        value_end--;
+    }
+    name = latin1_text(start, colon, 0);
+    lower = name == NULL ? NULL : latin1_text(start, colon, 1);
+    text = lower == NULL ? NULL : latin1_text(value, value_end, 0);
+    pair = text == NULL ? NULL : PyTuple_Pack(2, name, text);
+    if (pair == NULL || PyList_Append(raw, pair) < 0) {
+        goto done;
+    }
+    values = PyDict_GetItemWithError(index, lower); /* borrowed */
+    if (values == NULL) {
+        if (PyErr_Occurred()) {
+            goto done;
+        }
+        values = PyList_New(0);
+        if (values == NULL) {
+            goto done;
+        }
+        if (PyDict_SetItem(index, lower, values) < 0) {
+            Py_DECREF(values);
+            goto done;
+        }
+        Py_DECREF(values); /* the dict holds it */
+    }
+    if (PyList_Append(values, text) < 0) {
+        goto done;
+    }
+    result = 0;
+done:
+    Py_XDECREF(name);
+    Py_XDECREF(lower);
+    Py_XDECREF(text);
+    Py_XDECREF(pair);
+    return result;
+}
+
+static PyObject *
+parse_head(PyObject *module, PyObject *arg)
+{
+    Py_buffer view;
+    const unsigned char *start, *end, *line_end, *space1 = NULL, *space2 = NULL, *p, *question;
+    PyObject *raw = NULL, *index = NULL, *raw_tuple = NULL, *method = NULL, *target = NULL, *path = NULL;
+    PyObject *query = NULL, *version = NULL, *result = NULL;
+    int status;
+
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0) {
+        return NULL;
+    }
+    start = (const unsigned char *)view.buf;
+    end = start + view.len;
+    line_end = find_crlf(start, end);
+    /* The request line: exactly two spaces. */
+    for (p = start; p < line_end; p++) {
+        if (*p == ' ') {
+            if (space1 == NULL) {
+                space1 = p;
+            }
+            else if (space2 == NULL) {
+                space2 = p;
+            }
+            else {
+                goto common_case_not;
+            }
+        }
+    }
+    if (space2 == NULL || space1 == start || space2 == space1 + 1) {
+        goto common_case_not;
+    }
+    for (p = start; p < space1; p++) {
+        if (!is_tchar(*p)) {
+            goto common_case_not;
+        }
+    }
+    for (p = space1 + 1; p < space2; p++) {
+        if (*p < 0x21 || *p > 0x7e || *p == '%') { /* a percent-escape: decoded by the Python parse */
+            goto common_case_not;
+        }
+    }
+    p = space2 + 1;
+    if (line_end - p != 8 || memcmp(p, "HTTP/", 5) != 0 || p[5] < '0' || p[5] > '9' || p[6] != '.' || p[7] < '0'
+        || p[7] > '9') {
+        goto common_case_not;
+    }
+    raw = PyList_New(0);
+    index = raw == NULL ? NULL : PyDict_New();
+    if (index == NULL) {
+        goto done;
+    }
+    if (line_end < end) {
+        p = line_end + 2;
+        for (;;) {
+            const unsigned char *next = find_crlf(p, end);
+            status = head_line(p, next, raw, index);
+            if (status < 0) {
+                goto done;
+            }
+            if (status > 0) {
+                goto common_case_not;
+            }
+            if (next == end) {
+                break;
+            }
+            p = next + 2;
+        }
+    }
+    question = memchr(space1 + 1, '?', (size_t)(space2 - space1 - 1));
+    method = latin1_text(start, space1, 0);
+    target = method == NULL ? NULL : latin1_text(space1 + 1, space2, 0);
+    if (target == NULL) {
+        goto done;
+    }
+    if (question == NULL) {
+        path = Py_NewRef(target);
+        query = PyUnicode_New(0, 0);
+    }
+    else {
+        path = latin1_text(space1 + 1, question, 0);
+        query = path == NULL ? NULL : latin1_text(question + 1, space2, 0);
+    }
+    version = query == NULL ? NULL : Py_BuildValue("(ii)", space2[6] - '0', space2[8] - '0');
+    raw_tuple = version == NULL ? NULL : PyList_AsTuple(raw);
+    if (raw_tuple != NULL) {
+        result = PyTuple_Pack(7, method, target, path, query, version, raw_tuple, index);
+    }
+    goto done;
+common_case_not:
+    result = Py_NewRef(Py_None);
+done:
+    PyBuffer_Release(&view);
+    Py_XDECREF(raw);
+    Py_XDECREF(index);
+    Py_XDECREF(raw_tuple);
+    Py_XDECREF(method);
+    Py_XDECREF(target);
+    Py_XDECREF(path);
+    Py_XDECREF(query);
+    Py_XDECREF(version);
+    return result;
+}
+
+/*
  * Attributes read where they lie. A read of the steady state reads and writes about a dozen
  * attributes of the connection core; PyObject_GetAttr on a __slots__ attribute costs about 100
  * instructions (the type's method cache, the member descriptor and its checks), more than the
@@ -1473,6 +1698,8 @@ static PyMethodDef speedups_methods[] = {
      "parse_frames(data, limit) -> (items, position, stop, detail): the common case of client frames."},
     {"encode_frame", (PyCFunction)encode_frame, METH_O,
      "encode_frame(data) -> bytes: one unmasked server frame, text for str, binary for bytes."},
+    {"parse_head", (PyCFunction)parse_head, METH_O,
+     "parse_head(head) -> (method, target, path, query, version, raw, index) or None: an HTTP request head."},
     {"steady_read", (PyCFunction)(void (*)(void))steady_read, METH_FASTCALL,
      "steady_read(buffer, nbytes, limit, handler, state, out, core) -> answer: a read in the steady state."},
     {"steady_step", (PyCFunction)(void (*)(void))steady_step, METH_FASTCALL,

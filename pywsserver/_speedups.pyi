@@ -6,6 +6,9 @@ def parse_frames(
     data: bytes | bytearray | memoryview, limit: int
 ) -> tuple[list[str | bytes | tuple[int, bytes]], int, int, str | None]: ...
 def encode_frame(data: str | bytes) -> bytes: ...
+def parse_head(
+    head: bytes | bytearray | memoryview,
+) -> tuple[str, str, str, str, tuple[int, int], tuple[tuple[str, str], ...], dict[str, list[str]]] | None: ...
 def steady_read(
     buffer: bytes | bytearray | memoryview,
     nbytes: int,
