@@ -144,3 +144,76 @@ async def test_children_started_after_a_restart_of_the_supervisor_are_kept_again
             await anyio.wait_all_tasks_blocked()
             assert len(dynamic_tasks()) == 2
         assert dynamic_tasks() == []
+
+
+@pytest.mark.parametrize(("restart", "restarted"), [("permanent", True), ("transient", True), ("temporary", False)])
+async def test_a_crashing_dynamic_child_is_reported_and_restarted_as_its_restart_type_says(
+    restart: str, restarted: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A crash (an ``Exception``) of a child started by start_child_soon is reported and, but for a
+    temporary child, restarted under the same id, on both backends (OTP's simple_one_for_one)."""
+    runs: list[int] = []
+    crash = anyio.Event()
+
+    async def child(*, task_status: anyio.abc.TaskStatus[int]) -> None:
+        runs.append(len(runs))
+        task_status.started(len(runs))
+        if len(runs) == 1:
+            await crash.wait()
+            raise RuntimeError("worker crashed")
+        await anyio.sleep_forever()
+
+    template = ChildSpec("conn", child, restart=restart)  # type: ignore[arg-type]
+    with caplog.at_level(logging.ERROR, logger="pywsserver.supervision"):
+        async with Supervisor([template], strategy="simple_one_for_one", intensity=3).running() as sup:
+            handle = sup.start_child_soon()
+            await anyio.wait_all_tasks_blocked()
+            assert runs == [0]
+            crash.set()
+            await anyio.wait_all_tasks_blocked()
+            await sup.settle()
+            await anyio.wait_all_tasks_blocked()
+            assert "worker crashed" in caplog.text
+            if restarted:
+                assert runs == [0, 1]
+                assert sup.restart_count == 1
+                assert [c.id for c in sup.which_children()] == [handle]
+            else:
+                assert runs == [0]
+                assert sup.which_children() == []
+    assert dynamic_tasks() == []
+
+
+async def test_a_cancelled_group_stops_every_dynamic_child_and_waits_for_its_cleanup() -> None:
+    """Another task of the supervisor's enclosing group fails: the supervisor is cancelled, and its
+    children are stopped, their cleanup (which waits) done, before the error comes out."""
+    cleaned: list[int] = []
+
+    async def child(number: int, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        task_status.started()
+        try:
+            await anyio.sleep_forever()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.lowlevel.checkpoint()
+                cleaned.append(number)
+
+    async def supervised() -> None:
+        template = ChildSpec("conn", child, restart="temporary", shutdown=5)
+        async with Supervisor([template], strategy="simple_one_for_one").running() as sup:
+            for number in range(3):
+                sup.start_child_soon(number)
+            await anyio.sleep_forever()
+
+    with pytest.raises((ValueError, BaseExceptionGroup)) as caught:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(supervised)
+            await anyio.wait_all_tasks_blocked()
+            assert len(dynamic_tasks()) == 3
+            raise ValueError("a sibling failed")
+    error = caught.value
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    assert isinstance(error, ValueError)
+    assert sorted(cleaned) == [0, 1, 2]
+    assert dynamic_tasks() == []

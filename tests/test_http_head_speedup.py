@@ -137,3 +137,32 @@ def test_any_bytes_like_object(head: bytes) -> None:
 def test_not_bytes_is_a_type_error() -> None:
     with pytest.raises(TypeError):
         parse_head("GET / HTTP/1.1")
+
+
+def test_many_headers_and_repeated_names_answer_as_the_python_parse() -> None:
+    lines = [b"GET /a?b=c HTTP/1.1"]
+    for number in range(300):
+        lines.append(b"X-Same: %d" % number if number % 3 else b"x-n%d:\t v%d \t" % (number, number))
+    head = b"\r\n".join(lines)
+    assert parse_head(head) is not None
+    check(head)
+
+
+def test_reference_counts_are_left_as_they_were() -> None:
+    """The C keeps no reference to its argument, and takes none from shared objects (None, small
+    ints, interned strings) that it does not give back."""
+    import sys
+
+    heads = [
+        b"GET /chat?x=1 HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nUpgrade: again",
+        b"GET /%41 HTTP/1.1\r\nHost: a",  # left to the Python parse
+        b"bad",
+    ]
+    for head in heads:
+        parse_head(head)  # anything made once (interned names) made before counting
+    before = [sys.getrefcount(head) for head in heads], sys.getrefcount(None), sys.getrefcount(1)
+    for _ in range(2000):
+        for head in heads:
+            parse_head(head)
+    after = [sys.getrefcount(head) for head in heads], sys.getrefcount(None), sys.getrefcount(1)
+    assert after == before
