@@ -1346,6 +1346,68 @@ table_slots(SlotTable *table, PyObject *object)
 /* The slot's value, a borrowed reference (NULL when unset); only after table_slots said 1. */
 #define SLOT(table, object, index) (*(PyObject **)((char *)(object) + (table)->offsets[index]))
 
+/* object.<slot index> += amount after table_slots said 1: an exact int that fits a C long added in
+ * place of the table's get and set (about 60 instructions less per counter); else table_add_ssize.
+ * -1 with an exception set on failure. */
+static int
+slot_add(SlotTable *table, PyObject *object, int index, Py_ssize_t amount)
+{
+    PyObject **slot = &SLOT(table, object, index), *old = *slot, *sum;
+    long current;
+    int overflow;
+
+    if (old != NULL && PyLong_CheckExact(old)) {
+        current = PyLong_AsLongAndOverflow(old, &overflow);
+        if (!overflow && current >= 0 && amount >= 0 && (unsigned long)amount <= (unsigned long)(LONG_MAX - current)) {
+            sum = PyLong_FromLong(current + (long)amount);
+            if (sum == NULL) {
+                return -1;
+            }
+            *slot = sum;
+            Py_DECREF(old); /* last: an int's release runs no Python code, but the slot is whole first */
+            return 0;
+        }
+    }
+    return table_add_ssize(table, object, index, amount);
+}
+
+/*
+ * What `out` holds as one bytes object (every item an exact bytes, at least one), `out` emptied
+ * but its array kept: the next frame's append then allocates nothing (a list that is cleared
+ * frees its array, and the append makes one again: about 130 instructions per member and
+ * broadcast, for 32 bytes kept per connection that has had a broadcast). NULL on failure.
+ */
+static PyObject *
+take_frames(PyObject *out)
+{
+    Py_ssize_t parts = PyList_GET_SIZE(out), size = 0, i;
+    PyObject **items = ((PyListObject *)out)->ob_item, *data;
+    char *end;
+
+    if (parts == 1) {
+        data = items[0]; /* the list's reference becomes ours */
+        Py_SET_SIZE(out, 0);
+        return data;
+    }
+    for (i = 0; i < parts; i++) {
+        size += PyBytes_GET_SIZE(items[i]);
+    }
+    data = PyBytes_FromStringAndSize(NULL, size);
+    if (data == NULL) {
+        return NULL;
+    }
+    end = PyBytes_AS_STRING(data);
+    for (i = 0; i < parts; i++) {
+        memcpy(end, PyBytes_AS_STRING(items[i]), (size_t)PyBytes_GET_SIZE(items[i]));
+        end += PyBytes_GET_SIZE(items[i]);
+    }
+    Py_SET_SIZE(out, 0);
+    for (i = 0; i < parts; i++) { /* after the list is whole: releasing bytes runs no Python code */
+        Py_DECREF(items[i]);
+    }
+    return data;
+}
+
 /*
  * ConnectionCore._broadcast_now(frame) for one member, when it is plainly possible: 1 done (the
  * frame gathered, the core on the loop's flushes or its driver's flush_soon called, as there), 0
@@ -1386,7 +1448,7 @@ deliver_one(PyObject *member, PyObject *frame, PyTypeObject *core_type)
     }
     Py_INCREF(out);
     /* Only now is anything changed, in _broadcast_now's order. */
-    if (table_add_ssize(&bcast_table, member, BCAST_MESSAGES_OUT, 1) < 0) {
+    if (slot_add(&bcast_table, member, BCAST_MESSAGES_OUT, 1) < 0) {
         goto done;
     }
     if (flushes != NULL) {
@@ -1612,15 +1674,13 @@ flush_one(PyObject *core, PyObject **left)
         }
         goto general;
     }
-    Py_INCREF(out);
-    data = take_output(out);
-    Py_DECREF(out);
+    data = take_frames(out);
     if (data == NULL) {
         Py_DECREF(writer);
         return -1;
     }
     size = PyBytes_GET_SIZE(data);
-    if (table_add_ssize(&bcast_table, core, BCAST_BYTES_OUT, size) < 0 || (sent = send_data(writer, (int)fd, data)) == -1) {
+    if (slot_add(&bcast_table, core, BCAST_BYTES_OUT, size) < 0 || (sent = send_data(writer, (int)fd, data)) == -1) {
         goto done;
     }
     if (sent == -2) { /* failed: the transport's write meets the error again and closes the transport */
