@@ -127,7 +127,7 @@ class _LoopShared:
         transport's ``write`` buffers or reports as always), or the rest of a short or failed
         send for the transport's ``write`` (it buffers the rest, or meets the error again and
         closes the transport as its own write would). Written out in Python, 8,080 to 6,060
-        instructions per delivery under callgrind; in C, with `_broadcast.deliver_frames`, 1,540.
+        instructions per delivery under callgrind; in C, with `_broadcast.deliver_frames`, 1,500.
         """
         flushes = self.flushes
         cores = flushes.copy()

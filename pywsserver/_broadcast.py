@@ -109,8 +109,8 @@ def _deliver(group: str, targets: Sequence[Hashable], data: str | bytes, slow: s
         # The common case in one call (the C speedup when built): every member that can take the
         # frame now gathers it, to be written at the end of this loop turn; the others come back
         # for the loop below. With `_asyncio_driver`'s flush in C too: 5,950 to 1,920 instructions
-        # per delivery under callgrind (``benchmarks/instructions.py --mode broadcast``), 1,540 with
-        # the counters added in place and the output list's array kept.
+        # per delivery under callgrind (``benchmarks/instructions.py --mode broadcast``), 1,500 with
+        # the counters added in place and a single frame's output array kept.
         frame = encode_message(data)
         delivered, targets = deliver_frames(targets, frame, Worker)
     for member in targets:

@@ -1372,40 +1372,24 @@ slot_add(SlotTable *table, PyObject *object, int index, Py_ssize_t amount)
 }
 
 /*
- * What `out` holds as one bytes object (every item an exact bytes, at least one), `out` emptied
- * but its array kept: the next frame's append then allocates nothing (a list that is cleared
- * frees its array, and the append makes one again: about 130 instructions per member and
- * broadcast, for 32 bytes kept per connection that has had a broadcast). NULL on failure.
+ * What `out` holds as one bytes object (every item an exact bytes, at least one: the caller
+ * checks), `out` emptied. A single frame in a list of the size one append makes (4 items) is
+ * taken with the list's array kept: the next frame's append then allocates nothing (a list that
+ * is cleared frees its array, and the append makes one again: about 130 instructions per member
+ * and broadcast, for at most 32 bytes kept per connection). Anything else as take_output does,
+ * the array released. NULL on failure.
  */
 static PyObject *
 take_frames(PyObject *out)
 {
-    Py_ssize_t parts = PyList_GET_SIZE(out), size = 0, i;
-    PyObject **items = ((PyListObject *)out)->ob_item, *data;
-    char *end;
+    PyObject *data;
 
-    if (parts == 1) {
-        data = items[0]; /* the list's reference becomes ours */
+    if (PyList_GET_SIZE(out) == 1 && ((PyListObject *)out)->allocated <= 4) {
+        data = PyList_GET_ITEM(out, 0); /* the list's reference becomes ours */
         Py_SET_SIZE(out, 0);
         return data;
     }
-    for (i = 0; i < parts; i++) {
-        size += PyBytes_GET_SIZE(items[i]);
-    }
-    data = PyBytes_FromStringAndSize(NULL, size);
-    if (data == NULL) {
-        return NULL;
-    }
-    end = PyBytes_AS_STRING(data);
-    for (i = 0; i < parts; i++) {
-        memcpy(end, PyBytes_AS_STRING(items[i]), (size_t)PyBytes_GET_SIZE(items[i]));
-        end += PyBytes_GET_SIZE(items[i]);
-    }
-    Py_SET_SIZE(out, 0);
-    for (i = 0; i < parts; i++) { /* after the list is whole: releasing bytes runs no Python code */
-        Py_DECREF(items[i]);
-    }
-    return data;
+    return take_output(out);
 }
 
 /*
@@ -1630,7 +1614,7 @@ flush_one(PyObject *core, PyObject **left)
     PyObject *out, *writer, *driver, *number, *data = NULL, *rest = Py_None;
     Py_ssize_t size, sent, i;
     long fd;
-    int idle, result = -1;
+    int idle, ok, result = -1;
 
     if (!table_slots(&bcast_table, core)) {
         goto general;
@@ -1641,11 +1625,6 @@ flush_one(PyObject *core, PyObject **left)
     }
     if (PyList_GET_SIZE(out) == 0) {
         return 0;
-    }
-    for (i = 0; i < PyList_GET_SIZE(out); i++) {
-        if (!PyBytes_CheckExact(PyList_GET_ITEM(out, i))) { /* never so: what the core gathers is bytes */
-            goto general;
-        }
     }
     /* The general path (core._flush: the transport's write buffers or reports as always) unless the
      * transport is the driver's plain one, buffers nothing and is not closed, and no frame log. */
@@ -1672,6 +1651,17 @@ flush_one(PyObject *core, PyObject **left)
         if (idle < 0) {
             return -1;
         }
+        goto general;
+    }
+    /* Read again after transport_idle (a type's release there could run code): a list of exact
+     * bytes, as take_frames needs (never else: what the core gathers is bytes). */
+    out = SLOT(&bcast_table, core, BCAST_OUT);
+    ok = out != NULL && PyList_CheckExact(out) && PyList_GET_SIZE(out) > 0;
+    for (i = 0; ok && i < PyList_GET_SIZE(out); i++) {
+        ok = PyBytes_CheckExact(PyList_GET_ITEM(out, i));
+    }
+    if (!ok) {
+        Py_DECREF(writer);
         goto general;
     }
     data = take_frames(out);

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import sys
 from typing import Any
 
 import anyio
@@ -116,7 +117,7 @@ member_setups = st.fixed_dictionaries(
         "can_write": st.sampled_from([True, True, False]),
         "mailbox": st.sampled_from(["none", "none", "empty", "waiting"]),
         "out": st.lists(st.binary(max_size=3), max_size=2),
-        "messages_out": st.sampled_from([0, 5, 2**40]),
+        "messages_out": st.sampled_from([0, 5, 2**40, 2**63 - 1, 2**64]),  # past a C long: the general add
         "shared": st.sampled_from([True, True, False]),
     }
 )
@@ -232,7 +233,7 @@ core_setups = st.fixed_dictionaries(
         "buffered": st.sampled_from([False, False, True]),
         "lost": st.sampled_from([False, False, True]),
         "socket": st.sampled_from(["open", "open", "full", "broken"]),
-        "bytes_out": st.sampled_from([0, 7, 2**40]),
+        "bytes_out": st.sampled_from([0, 7, 2**40, 2**63 - 2, 2**64]),  # past a C long: the general add
     }
 )
 
@@ -323,3 +324,39 @@ def test_flush_frames_leaves_a_transport_with_a_data_descriptor_to_the_general_p
         transport = Odd(ours, False, False)
         core = _core(_out=[b"z"], _writer=transport, _driver=_Driver(0, [], transport, ours.fileno()))
         assert flush_frames([core]) == [(core, None)] and core._out == [b"z"]
+
+
+@needs_c
+def test_flush_frames_leaves_output_that_is_not_exact_bytes_to_the_general_path() -> None:
+    class Frame(bytes):
+        pass
+
+    ours, peer = socket.socketpair()
+    with ours, peer:
+        for out in ([bytearray(b"z")], [b"a", Frame(b"b")]):
+            transport = _Transport(ours, False, False)
+            core = _core(_out=list(out), _writer=transport, _driver=_Driver(0, [], transport, ours.fileno()))
+            assert flush_frames([core]) == [(core, None)] and core._out == out and core._bytes_out == 0
+
+
+@needs_c
+def test_flush_frames_keeps_only_a_small_output_array_and_every_reference_count() -> None:
+    # One frame: the list's array (4 items) is kept for the next append; a burst's longer array
+    # is released, as list.clear would; no reference is gained or lost on the frames.
+    ours, peer = socket.socketpair()
+    with ours, peer:
+        ours.setblocking(False)
+        transport = _Transport(ours, False, False)
+        core = _core(_raw_module=_RawModule(True), _writer=transport, _driver=_Driver(0, [], transport, ours.fileno()))
+        frame, burst = b"\x81\x02" + b"ab"[:2], [b"\x81\x01" + bytes([n]) for n in range(10)]
+        before = sys.getrefcount(frame), [sys.getrefcount(part) for part in burst]
+        for _ in range(3):
+            assert deliver_frames([core], frame, ConnectionCore) == (1, [])
+            assert flush_frames([core]) == [] and core._out == []
+            assert sys.getsizeof(core._out) == sys.getsizeof([None] * 4)  # the array of 4 kept
+            assert [deliver_frames([core], part, ConnectionCore) for part in burst] == [(1, [])] * 10
+            assert flush_frames([core]) == [] and core._out == []
+            assert sys.getsizeof(core._out) == sys.getsizeof([])  # released
+        assert (sys.getrefcount(frame), [sys.getrefcount(part) for part in burst]) == before
+        assert core._messages_out == 33 and core._bytes_out == 3 * (4 + 30)
+        assert peer.recv(65536) == (frame + b"".join(burst)) * 3
