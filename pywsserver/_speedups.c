@@ -1332,7 +1332,11 @@ static SlotTable raw_table = {RAW_COUNT, {"raw_frames"}};
 enum { DRIVER_PLAIN, DRIVER_FD, DRIVER_COUNT };
 static SlotTable driver_table = {DRIVER_COUNT, {"_plain", "_fd"}};
 
-static PyObject *str_flush_soon;
+/* The trio driver's (TrioDriver): what its flush_soon reads to send a lone frame at once. */
+enum { TRIO_PENDING, TRIO_LOST, TRIO_FD, TRIO_COUNT };
+static SlotTable trio_table = {TRIO_COUNT, {"_pending", "_lost", "_fd"}};
+
+static PyObject *str_flush_soon, *str_keep, *str_failed;
 
 /* Whether every attribute of `table` is a slot of `object` at a known offset (then SLOT reads it;
  * read by name, each costs about 100 instructions more). */
@@ -1392,9 +1396,73 @@ take_frames(PyObject *out)
     return take_output(out);
 }
 
+static Py_ssize_t send_data(PyObject *transport, int fd, PyObject *data);
+
+/*
+ * The socket's fd when `driver` is a trio driver whose flush_soon would send a lone frame at once
+ * (nothing pending, the socket not lost) and the core keeps no frame log; else -1.
+ */
+static int
+trio_fd(PyObject *core, PyObject *driver, PyObject *frame)
+{
+    PyObject *pending, *number;
+    long fd;
+
+    if (!PyBytes_CheckExact(frame) || SLOT(&bcast_table, core, BCAST_FRAMES_LOG) != Py_None
+        || !table_slots(&trio_table, driver)) {
+        return -1;
+    }
+    pending = SLOT(&trio_table, driver, TRIO_PENDING);
+    number = SLOT(&trio_table, driver, TRIO_FD);
+    if (pending == NULL || !PyList_CheckExact(pending) || PyList_GET_SIZE(pending) != 0
+        || SLOT(&trio_table, driver, TRIO_LOST) != Py_False || number == NULL || !PyLong_CheckExact(number)) {
+        return -1;
+    }
+    fd = PyLong_AsLong(number);
+    if (fd < 0 || fd > INT_MAX) {
+        PyErr_Clear();
+        return -1;
+    }
+    return (int)fd;
+}
+
+/*
+ * TrioDriver.flush_soon for a lone frame, written out (trio_fd said `fd`): counted, sent, the
+ * rest of a short send to the driver's _keep, a failed send to its _failed, as there; the frame
+ * never enters `_out`. Instead of the call of flush_soon and socket.send from Python: 4,761 to
+ * 1,147 instructions per delivery on trio under callgrind. 0 done, -1 with an exception set.
+ */
+static int
+trio_send(PyObject *core, PyObject *driver, int fd, PyObject *frame)
+{
+    Py_ssize_t size = PyBytes_GET_SIZE(frame), sent;
+    PyObject *called;
+
+    if (slot_add(&bcast_table, core, BCAST_BYTES_OUT, size) < 0 || (sent = send_data(driver, fd, frame)) == -1) {
+        return -1;
+    }
+    if (sent == size) {
+        return 0;
+    }
+    if (sent == -2) {
+        called = PyObject_CallMethodNoArgs(driver, str_failed);
+    }
+    else {
+        PyObject *number = PyLong_FromSsize_t(sent);
+        if (number == NULL) {
+            return -1;
+        }
+        called = PyObject_CallMethodObjArgs(driver, str_keep, frame, number, NULL);
+        Py_DECREF(number);
+    }
+    Py_XDECREF(called);
+    return called == NULL ? -1 : 0;
+}
+
 /*
  * ConnectionCore._broadcast_now(frame) for one member, when it is plainly possible: 1 done (the
- * frame gathered, the core on the loop's flushes or its driver's flush_soon called, as there), 0
+ * frame gathered, the core on the loop's flushes or its driver's flush_soon called, as there; on
+ * trio a lone frame sent at once by trio_send, as that flush_soon would), 0
  * left untouched (not a core, its module encodes per connection, it cannot take output now, it has
  * a mailbox, anything unusual: the Python path decides), -1 with an exception set.
  */
@@ -1402,7 +1470,7 @@ static int
 deliver_one(PyObject *member, PyObject *frame, PyTypeObject *core_type)
 {
     PyObject *raw, *mailbox, *out, *flushes = NULL, *driver = NULL;
-    int result = -1;
+    int result = -1, fd = -1;
 
     if (!PyObject_TypeCheck(member, core_type) || !table_slots(&bcast_table, member)) {
         return 0;
@@ -1429,10 +1497,17 @@ deliver_one(PyObject *member, PyObject *frame, PyTypeObject *core_type)
         }
         Py_INCREF(flushes); /* held: flush_soon's call below runs Python code */
         Py_INCREF(driver);
+        if (flushes == Py_None) {
+            fd = trio_fd(member, driver, frame);
+        }
     }
     Py_INCREF(out);
     /* Only now is anything changed, in _broadcast_now's order. */
     if (slot_add(&bcast_table, member, BCAST_MESSAGES_OUT, 1) < 0) {
+        goto done;
+    }
+    if (fd >= 0) { /* trio, a lone frame: its driver's flush_soon written out */
+        result = trio_send(member, driver, fd, frame) < 0 ? -1 : 1;
         goto done;
     }
     if (flushes != NULL) {
@@ -1777,14 +1852,18 @@ PyInit__speedups(void)
         str_write = PyUnicode_InternFromString("write");
         str_send = PyUnicode_InternFromString("send");
         str_flush_soon = PyUnicode_InternFromString("flush_soon");
+        str_keep = PyUnicode_InternFromString("_keep");
+        str_failed = PyUnicode_InternFromString("_failed");
         str_buffer = PyUnicode_InternFromString("_buffer");
         str_conn_lost = PyUnicode_InternFromString("_conn_lost");
         if (str_reply == NULL || str_noreply == NULL || str_handle == NULL || str_set_timer == NULL
             || str_idle == NULL || str_write == NULL || str_send == NULL || str_flush_soon == NULL
+            || str_keep == NULL || str_failed == NULL
             || str_buffer == NULL || str_conn_lost == NULL
             || table_intern(&core_table) < 0
             || table_intern(&module_table) < 0 || table_intern(&transport_table) < 0
-            || table_intern(&bcast_table) < 0 || table_intern(&raw_table) < 0 || table_intern(&driver_table) < 0) {
+            || table_intern(&bcast_table) < 0 || table_intern(&raw_table) < 0 || table_intern(&driver_table) < 0
+            || table_intern(&trio_table) < 0) {
             return NULL;
         }
     }
