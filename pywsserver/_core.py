@@ -566,7 +566,8 @@ class ConnectionCore(HandlerCalls):
         callback per turn, not one per member): 12,300 to 9,400 instructions per delivery under
         callgrind (``benchmarks/instructions.py --mode broadcast``), then with the flag and the
         write in the flush itself, 8,080 to 6,060. `_broadcast.deliver_frames` does this for every
-        member of a broadcast in one call (C when built), leaving to this method only the unusual.
+        member of a broadcast in one call (C when built), leaving to this method only the unusual:
+        with the flush in C too, 5,950 to 1,500 (on trio, the frame sent in the same call: 1,150).
         """
         module = self._raw_module
         if module is None or not module.raw_frames or self._socket_closed or self._stopped or not self._can_write:
