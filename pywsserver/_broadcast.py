@@ -103,6 +103,7 @@ except ImportError:  # pragma: no cover - depends on the installation
 
 def _deliver(group: str, targets: Sequence[Hashable], data: str | bytes, slow: str, close_code: int) -> BroadcastResult:
     delivered = dropped = closed = 0
+    total = len(targets)  # the members asked (``targets`` becomes those the fast path handed back)
     action: BroadcastAction | None = None
     frame = b""
     if targets:
@@ -147,7 +148,7 @@ def _deliver(group: str, targets: Sequence[Hashable], data: str | bytes, slow: s
             "broadcast to %r: %d of %d members could not keep up (%d dropped this message, %d closed)",
             group,
             dropped + closed,
-            len(targets),
+            total,
             dropped,
             closed,
         )
