@@ -8,12 +8,13 @@ guarantees must hold either way, and look the same from outside.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import anyio
 import anyio.abc
 import pytest
 
-from pywsserver.supervision import BRUTAL_KILL, ChildSpec, Supervisor
+from pywsserver.supervision import BRUTAL_KILL, ChildSpec, SupervisionError, Supervisor
 
 pytestmark = pytest.mark.anyio
 
@@ -216,4 +217,116 @@ async def test_a_cancelled_group_stops_every_dynamic_child_and_waits_for_its_cle
         error = error.exceptions[0]
     assert isinstance(error, ValueError)
     assert sorted(cleaned) == [0, 1, 2]
+    assert dynamic_tasks() == []
+
+
+async def test_errors_let_through_while_a_cancelled_group_stops_the_children_come_out() -> None:
+    """A sibling fails, and two children let a ``BaseException`` through while they are being
+    stopped: both come out of the group beside the sibling's error, as from tasks of the group."""
+
+    class Boom2(BaseException):
+        """The second child's error."""
+
+    async def child(kind: str, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        task_status.started()
+        try:
+            await anyio.sleep_forever()
+        finally:
+            raise (Boom if kind == "a" else Boom2)(f"let through by {kind} while stopping")
+
+    async def supervised() -> None:
+        template = ChildSpec("conn", child, restart="temporary", shutdown=5)
+        async with Supervisor([template], strategy="simple_one_for_one").running() as sup:
+            sup.start_child_soon("a")
+            sup.start_child_soon("b")
+            await anyio.sleep_forever()
+
+    def leaves(error: BaseException) -> list[type[BaseException]]:
+        if isinstance(error, BaseExceptionGroup):
+            return [kind for inner in error.exceptions for kind in leaves(inner)]
+        return [type(error)]
+
+    with anyio.fail_after(10), pytest.raises(BaseException) as caught:  # noqa: PT011 - every leaf is checked below
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(supervised)
+            await anyio.wait_all_tasks_blocked()
+            assert len(dynamic_tasks()) == 2
+            raise ValueError("a sibling failed")
+    found = leaves(caught.value)
+    assert ValueError in found
+    assert Boom in found
+    assert Boom2 in found
+    assert dynamic_tasks() == []
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_dynamic_child_task_cancelled_before_its_first_step_does_not_hang_the_stop() -> None:
+    """asyncio only (on trio a child is a task of the group, reached only through its scope): a child's
+    task cancelled with ``Task.cancel`` before it took a step never runs its start, so it never says
+    it ended. The stop must not wait for it forever: it finds the task cancelled, which cancels the
+    children's group, as anyio does for a task of a group cancelled from outside, and the
+    supervisor fails, saying why."""
+    import asyncio
+
+    began: list[str] = []
+
+    async def child(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+        began.append("began")
+        task_status.started()
+        await anyio.sleep_forever()
+
+    template = ChildSpec("conn", child, restart="temporary", shutdown=5)
+    with anyio.fail_after(10), pytest.raises(SupervisionError, match="cancelled from outside"):
+        async with Supervisor([template], strategy="simple_one_for_one").running() as sup:
+            sup.start_child_soon()
+            tasks = [task for task in asyncio.all_tasks() if task.get_name() == DYNAMIC and not task.done()]
+            assert len(tasks) == 1
+            tasks[0].cancel()  # before its first step: its coroutine never runs
+            await anyio.wait_all_tasks_blocked()
+            assert tasks[0].cancelled()
+        # (seen when the stop waits for the task: no done callback is kept per child)
+    assert began == []
+    assert dynamic_tasks() == []
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_errors_let_through_after_a_child_task_was_cancelled_from_outside_come_out() -> None:
+    """asyncio only: one child's task is cancelled with ``Task.cancel``, which cancels the
+    supervisor's group (as anyio does for a task of a group); the two others let a
+    ``BaseException`` through while they are stopped, and both come out of the supervisor."""
+    import asyncio
+
+    class Boom2(BaseException):
+        """The second child's error."""
+
+    cancelled_task: list[asyncio.Task[Any]] = []
+
+    async def child(kind: str, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        if kind == "cancelled":
+            cancelled_task.append(asyncio.current_task())  # type: ignore[arg-type]
+        task_status.started()
+        try:
+            await anyio.sleep_forever()
+        finally:
+            if kind != "cancelled":
+                raise (Boom if kind == "a" else Boom2)(f"let through by {kind} while stopping")
+
+    def leaves(error: BaseException) -> list[type[BaseException]]:
+        if isinstance(error, BaseExceptionGroup):
+            return [kind for inner in error.exceptions for kind in leaves(inner)]
+        return [type(error)]
+
+    template = ChildSpec("conn", child, restart="temporary", shutdown=5)
+    with anyio.fail_after(10), pytest.raises(BaseException) as caught:  # noqa: PT011 - every leaf is checked below
+        async with Supervisor([template], strategy="simple_one_for_one").running() as sup:
+            sup.start_child_soon("a")
+            sup.start_child_soon("cancelled")
+            sup.start_child_soon("b")
+            await anyio.wait_all_tasks_blocked()
+            assert len(dynamic_tasks()) == 3
+            cancelled_task[0].cancel()
+            await anyio.sleep_forever()
+    found = leaves(caught.value)
+    assert Boom in found
+    assert Boom2 in found
     assert dynamic_tasks() == []

@@ -197,7 +197,9 @@ async def _receive(ws: Any, count: int) -> list[Any]:
 
 @pytest.mark.usefixtures("broadcast_path")  # the C speedups, then their twins
 @pytest.mark.parametrize("policy", ["drop", "close"])
-async def test_a_member_that_never_reads_does_not_delay_the_others(policy: str, caplog: pytest.LogCaptureFixture) -> None:
+async def test_a_member_that_never_reads_does_not_delay_the_others(
+    policy: str, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level("WARNING", logger="pywsserver")
     recorder = Recorder()
     messages, size = 200, 64 * 1024

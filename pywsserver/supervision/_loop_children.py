@@ -18,9 +18,13 @@ What the task group would guarantee still holds:
   ``Exception``) fails the group: the keeper stops the other children, waits for them, then
   raises it in the group, as anyio would have raised it for the child's own task;
 * a child cancelled from outside (``Task.cancel``, not through its scope) cancels the group, as
-  anyio does for a task of its group;
+  anyio does for a task of its group; the supervisor then fails (its children's group is gone)
+  and its parent decides, as in OTP. A task cancelled before its first step never runs, so never
+  says it ended: a stop, and the keeper, wait for the tasks themselves, never only for the runs'
+  word, and find it then (not at once, as anyio's done callback would: no callback is kept per
+  child);
 * a group cancelled (another of its tasks failed) cancels the keeper, which stops every child
-  and waits for them before it ends.
+  and waits for them before it ends, then raises what they let through while stopping.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ __all__ = ["LoopChildren"]
 class LoopChildren:
     """One supervisor's dynamic children on asyncio, and the state of their keeper."""
 
-    __slots__ = ("_cancel_group", "_closing", "_errors", "_loop", "_running", "_wake", "open")
+    __slots__ = ("_cancel_group", "_closing", "_errors", "_loop", "_running", "_wake", "cancelled_from_outside", "open")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, cancel_group: Callable[[], None]) -> None:
         self._loop = loop
@@ -51,6 +55,8 @@ class LoopChildren:
         self._closing = False  # the supervisor has released its host: the keeper ends once no child runs
         #: Whether children may be started here (until the keeper ends).
         self.open = True
+        #: Whether a child's task was cancelled from outside (which cancels the group).
+        self.cancelled_from_outside = False
 
     def start(self, coro: Coroutine[Any, Any, None], instance: _Instance, name: str) -> None:
         """Run ``coro``, the run of ``instance``, as a task of the event loop; the run calls `ended`
@@ -69,6 +75,7 @@ class LoopChildren:
         """A run let ``error`` through: the keeper raises it in the group (a ``CancelledError``,
         which no scope of the run's own raised, cancels the group instead, as anyio does)."""
         if isinstance(error, asyncio.CancelledError):
+            self.cancelled_from_outside = True
             self._cancel_group()
             return
         self._errors.append(error)
@@ -88,6 +95,9 @@ class LoopChildren:
         """The task of the supervisor's group that stands for the children (see the module)."""
         try:
             while not self._errors and not (self._closing and not self._running):
+                if self._closing:  # every child asked to stop: wait for their tasks themselves
+                    await self._wait_tasks()
+                    continue
                 self._wake = self._loop.create_future()
                 await self._wake
         finally:
@@ -96,12 +106,21 @@ class LoopChildren:
                 with anyio.CancelScope(shield=True):
                     await self._stop_all()
             self._wake = None
-        errors = self._errors
-        if errors:
-            self._errors = []
-            if len(errors) == 1:
-                raise errors[0]
-            raise BaseExceptionGroup("dynamic children failed", errors)
+            errors = self._errors
+            if errors:  # raised here, not after: a keeper cancelled with its group must not lose them
+                self._errors = []
+                if len(errors) == 1:
+                    raise errors[0]
+                raise BaseExceptionGroup("dynamic children failed", errors)
+
+    async def wait(self, instance: _Instance) -> None:
+        """Until ``instance``'s run has ended (the supervisor stopping it waits here)."""
+        task = self._running.get(instance)
+        if task is not None:
+            await asyncio.wait((task,))
+            if self._running.get(instance) is task:
+                self._never_ran(instance, task)
+        await instance.wait_done()
 
     async def _stop_all(self) -> None:
         self._closing = True
@@ -109,6 +128,24 @@ class LoopChildren:
             instance.stopping = instance.handled = True  # stopped by its group: no exit to report
             if instance.cancel is not None:
                 instance.cancel()  # else it has not begun: it sees ``stopping`` and cancels itself
+        await self._wait_tasks()
+
+    async def _wait_tasks(self) -> None:
+        """Until every child's task has ended. The tasks themselves are waited for, not the runs'
+        word (`ended`): a task cancelled before its first step never runs, so never says so."""
         while self._running:
-            self._wake = self._loop.create_future()
-            await self._wake
+            await asyncio.wait(list(self._running.values()))
+            for instance, task in list(self._running.items()):
+                if task.done():
+                    self._never_ran(instance, task)
+
+    def _never_ran(self, instance: _Instance, task: asyncio.Task[None]) -> None:
+        """``instance``'s task ended before its run took a step (``Task.cancel`` from outside): do
+        what the run's end would have done, and cancel the group, as anyio does for a task of a
+        group cancelled from outside."""
+        del self._running[instance]
+        instance.stopping = instance.handled = True
+        instance.mark_done()
+        if task.cancelled():
+            self.cancelled_from_outside = True
+            self._cancel_group()

@@ -56,6 +56,7 @@ from ._errors import (
     NotRunning,
     RestartIntensityExceeded,
     SimpleOneForOneError,
+    SupervisionError,
     SupervisorError,
     unwrap_group,
 )
@@ -534,6 +535,13 @@ class Supervisor:
                         loop_children.close()
         self._children_tg = None
         self._loop_children = None
+        if not release.is_set() or (loop_children is not None and loop_children.cancelled_from_outside):
+            # Only a child's task cancelled from outside (``Task.cancel`` on asyncio) cancels the
+            # children's group: it is gone, so the supervisor fails, and its parent decides.
+            raise SupervisionError(
+                f"supervisor {self.label}: a child's task was cancelled from outside the supervisor "
+                "(Task.cancel), which cancelled the group its children run in"
+            )
 
     async def _loop(self, receive: MemoryObjectReceiveStream[Any]) -> None:
         async for message in receive:
@@ -665,10 +673,14 @@ class Supervisor:
             return
         self._ask_to_stop(child)
         deadline = instance.context.stop_deadline
+        loop_children = self._loop_children
         with anyio.move_on_after(math.inf) as scope:
             if deadline is not None:
                 scope.deadline = deadline + _UNWIND_GRACE
-            await instance.wait_done()
+            if loop_children is not None:
+                await loop_children.wait(instance)  # its task, which may end without its run (see there)
+            else:
+                await instance.wait_done()
         if not instance.finished and scope.cancelled_caught:
             # OTP would now kill it; Python cannot end a task that ignores cancellation. Report it
             # and go on with the next child: the supervisor's task group still waits for it.
