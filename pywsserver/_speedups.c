@@ -17,6 +17,15 @@
 #include <sys/socket.h>
 #endif
 
+/* The flags of the sockets' send(2) here: MSG_NOSIGNAL where there is one, so that a peer gone
+ * gives EPIPE, never SIGPIPE, even in a program that has set SIGPIPE back to its default
+ * (Python ignores it at start; an embedding program may not). */
+#ifdef MSG_NOSIGNAL
+#define SEND_FLAGS MSG_NOSIGNAL
+#else
+#define SEND_FLAGS 0
+#endif
+
 /* XOR `length` bytes of `in` with the repeated 4-byte `key` into `out`, eight bytes at a time. */
 static void
 unmask_into(unsigned char *out, const unsigned char *in, Py_ssize_t length, const unsigned char *key)
@@ -1158,7 +1167,7 @@ write_reply(PyObject *core, PyObject *transport, int fd, PyObject *reply)
             if (PyObject_GetBuffer(reply, &data, PyBUF_SIMPLE) < 0) {
                 return -1;
             }
-            sent = send(fd, data.buf, (size_t)data.len, 0);
+            sent = send(fd, data.buf, (size_t)data.len, SEND_FLAGS);
             PyBuffer_Release(&data);
             if (sent < 0) {
                 if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
@@ -1591,10 +1600,14 @@ deliver_frames(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 static PyTypeObject *idle_type;
 static unsigned int idle_version;
 static PyObject *str_buffer, *str_conn_lost;
+/* collections.deque: the transport's `_buffer` from Python 3.12 on (a bytearray before). */
+static PyObject *deque_type;
 
 /*
  * Whether asyncio's selector socket transport buffers nothing and has not lost its connection
- * (`not transport._buffer and not transport._conn_lost`): 1, 0 (or not known: a type whose
+ * (`not transport._buffer and not transport._conn_lost`; `_buffer` an exact bytearray up to
+ * Python 3.11, an exact collections.deque from 3.12, whose length no Python code computes):
+ * 1, 0 (or not known: a type whose
  * attributes could be anything), -1 with an exception set. Both are in the instance's dict, read
  * there (about 230 instructions less per member than two getattr calls), which is what getattr
  * does when the class has no data descriptor of those names (checked once per type and version).
@@ -1626,7 +1639,9 @@ transport_idle(PyObject *transport)
     }
     if (PyDict_CheckExact(dict)) {
         value = PyDict_GetItemWithError(dict, str_buffer); /* borrowed; no Python code runs */
-        if (value != NULL && PyByteArray_CheckExact(value) && PyByteArray_GET_SIZE(value) == 0) {
+        if (value != NULL
+            && ((PyByteArray_CheckExact(value) && PyByteArray_GET_SIZE(value) == 0)
+                || ((PyObject *)Py_TYPE(value) == deque_type && PyObject_Size(value) == 0))) {
             value = PyDict_GetItemWithError(dict, str_conn_lost);
             idle = value != NULL && PyLong_CheckExact(value) && PyObject_IsTrue(value) == 0;
         }
@@ -1671,7 +1686,7 @@ send_data(PyObject *transport, int fd, PyObject *data)
     (void)transport;
     /* send(2) without socket.send's argument parsing and the release and retaking of the
      * interpreter's lock (the socket does not block): about 500 instructions per member. */
-    sent = send(fd, PyBytes_AS_STRING(data), (size_t)PyBytes_GET_SIZE(data), 0);
+    sent = send(fd, PyBytes_AS_STRING(data), (size_t)PyBytes_GET_SIZE(data), SEND_FLAGS);
     if (sent < 0) {
         return errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR ? 0 : -2;
     }
@@ -1843,6 +1858,8 @@ static struct PyModuleDef speedups_module = {
 PyMODINIT_FUNC
 PyInit__speedups(void)
 {
+    PyObject *collections;
+
     if (str_reply == NULL) {
         str_reply = PyUnicode_InternFromString("reply");
         str_noreply = PyUnicode_InternFromString("noreply");
@@ -1856,10 +1873,13 @@ PyInit__speedups(void)
         str_failed = PyUnicode_InternFromString("_failed");
         str_buffer = PyUnicode_InternFromString("_buffer");
         str_conn_lost = PyUnicode_InternFromString("_conn_lost");
+        collections = PyImport_ImportModule("collections");
+        deque_type = collections == NULL ? NULL : PyObject_GetAttrString(collections, "deque");
+        Py_XDECREF(collections);
         if (str_reply == NULL || str_noreply == NULL || str_handle == NULL || str_set_timer == NULL
             || str_idle == NULL || str_write == NULL || str_send == NULL || str_flush_soon == NULL
             || str_keep == NULL || str_failed == NULL
-            || str_buffer == NULL || str_conn_lost == NULL
+            || str_buffer == NULL || str_conn_lost == NULL || deque_type == NULL
             || table_intern(&core_table) < 0
             || table_intern(&module_table) < 0 || table_intern(&transport_table) < 0
             || table_intern(&bcast_table) < 0 || table_intern(&raw_table) < 0 || table_intern(&driver_table) < 0

@@ -11,6 +11,7 @@ output, loop list and ``flush_soon`` calls, the same bytes on every socket.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import socket
 import sys
@@ -77,9 +78,12 @@ class _Driver:
 class _Transport:
     """What the flush reads of asyncio's selector socket transport (attributes in its instance dict)."""
 
-    def __init__(self, sock: socket.socket, buffered: bool, lost: bool) -> None:
+    def __init__(self, sock: socket.socket, buffered: bool, lost: bool, deque: bool = False) -> None:
         self._sock = sock
-        self._buffer = bytearray(b"x" if buffered else b"")
+        # A bytearray up to Python 3.11, a deque of chunks from 3.12 on.
+        self._buffer: bytearray | collections.deque[bytes] = bytearray(b"x" if buffered else b"")
+        if deque:
+            self._buffer = collections.deque([b"x"] if buffered else [])
         self._conn_lost = 1 if lost else 0
         self.written: list[bytes] = []
 
@@ -234,6 +238,7 @@ core_setups = st.fixed_dictionaries(
         "logged": st.sampled_from([False, False, False, True]),
         "writer": st.sampled_from(["plain", "plain", "plain", "other"]),
         "buffered": st.sampled_from([False, False, True]),
+        "deque": st.booleans(),  # the transport's buffer as Python 3.12 keeps it
         "lost": st.sampled_from([False, False, True]),
         "socket": st.sampled_from(["open", "open", "full", "broken"]),
         "bytes_out": st.sampled_from([0, 7, 2**40, 2**63 - 2, 2**64]),  # past a C long: the general add
@@ -258,7 +263,7 @@ def _flushed(flush: Any, setups: list[dict[str, Any]]) -> Any:
                         ours.send(b"f" * 4096)
             elif setup["socket"] == "broken":  # the send fails
                 peer.close()
-            transport = _Transport(ours, setup["buffered"], setup["lost"])
+            transport = _Transport(ours, setup["buffered"], setup["lost"], setup.get("deque", False))
             plain = transport if setup["writer"] == "plain" else _Transport(ours, False, False)
             cores.append(
                 _core(
@@ -460,3 +465,47 @@ def test_deliver_frames_c_and_python_agree_on_trio_drivers(setups: list[dict[str
     assert _trio_delivered(deliver_frames, setups, frame) == _trio_delivered(
         _broadcast.deliver_frames_python, setups, frame
     )
+
+
+@needs_c
+def test_flush_frames_takes_the_shortcut_with_python_3_12s_buffer_too() -> None:
+    # From Python 3.12 the transport's ``_buffer`` is a deque: empty, the frames go straight to
+    # the socket, as with 3.11's empty bytearray; not empty, to the general path.
+    for buffered, sent in ((False, True), (True, False)):
+        ours, peer = socket.socketpair()
+        with ours, peer:
+            ours.setblocking(False)
+            peer.setblocking(False)
+            transport = _Transport(ours, buffered, False, deque=True)
+            core = _core(_out=[b"z"], _writer=transport, _driver=_Driver(0, [], transport, ours.fileno()))
+            left = flush_frames([core])
+            if sent:
+                assert left == [] and peer.recv(10) == b"z"
+            else:
+                assert left == [(core, None)] and core._out == [b"z"]
+
+
+@needs_c
+def test_a_send_to_a_peer_gone_never_raises_sigpipe_even_with_its_default_action() -> None:
+    # A program embedding the server may give SIGPIPE its default action back (Python ignores
+    # it): the C sends pass MSG_NOSIGNAL, so a peer gone is an error to report, not a kill.
+    import signal
+    import subprocess
+
+    if not hasattr(signal, "SIGPIPE"):
+        pytest.skip("no SIGPIPE on this system")
+    script = (
+        "import signal, socket\n"
+        "signal.signal(signal.SIGPIPE, signal.SIG_DFL)\n"
+        "from tests.test_broadcast_speedups import _core, _Driver, _Transport\n"
+        "from pywsserver._speedups import flush_frames\n"
+        "ours, peer = socket.socketpair()\n"
+        "peer.close()\n"
+        "transport = _Transport(ours, False, False)\n"
+        "core = _core(_out=[b'z'], _writer=transport, _driver=_Driver(0, [], transport, ours.fileno()))\n"
+        "assert flush_frames([core]) == [(core, b'z')]\n"
+        "print('alive')\n"
+    )
+    root = __file__.rsplit("/tests/", 1)[0]
+    done = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout.strip()) == (0, "alive"), done.stderr
