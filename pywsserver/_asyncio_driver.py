@@ -132,11 +132,12 @@ class _LoopShared:
         flushes = self.flushes
         cores = flushes.copy()
         flushes.clear()
+        left: list[tuple[ConnectionCore, bytes | None]] = []
         try:
-            left = flush_frames(cores)
-        except Exception:  # never so in practice; what was not sent goes the general way
+            flush_frames(cores, left)
+        except Exception:  # never so in practice (no memory): what was handed back, then the general way
             _core.logger.exception("writing broadcast frames failed")
-            left = [(core, None) for core in cores]
+            left.extend((core, None) for core in cores)
         for core, rest in left:
             try:
                 if rest is None:
@@ -147,10 +148,12 @@ class _LoopShared:
                 core.log.exception("writing broadcast frames failed")
 
 
-def flush_frames_python(cores: list[ConnectionCore]) -> list[tuple[ConnectionCore, bytes | None]]:
-    """Send the frames each core has gathered when it can go straight to the socket; back come the
-    cores left to the caller: ``(core, None)`` untouched (for `ConnectionCore._flush`), ``(core,
-    data)`` for the transport's ``write`` after a short or failed ``send``.
+def flush_frames_python(cores: list[ConnectionCore], left: list[tuple[ConnectionCore, bytes | None]]) -> None:
+    """Send the frames each core has gathered when it can go straight to the socket; appended to
+    ``left`` (the caller's, so that an error leaves it what was handed back before) are the cores
+    left to the caller: ``(core, None)`` untouched (for `ConnectionCore._flush`), ``(core, data)``
+    for the transport's ``write`` after a short or failed ``send``. Until the send, a failure puts
+    the frames back in ``_out``.
 
     `ConnectionCore._flush` written out, and the frames handed to the socket as the transport's
     own ``write`` would when it buffers nothing and is not closed (only a ProtocolDriver sets
@@ -158,7 +161,6 @@ def flush_frames_python(cores: list[ConnectionCore]) -> list[tuple[ConnectionCor
     found): one ``send``, without ``write``'s checks and call. The twin of the C speedup's
     ``flush_frames`` (``tests/test_broadcast_speedups.py`` holds the two equal).
     """
-    left: list[tuple[ConnectionCore, bytes | None]] = []
     for core in cores:
         out = core._out
         if not out:
@@ -175,7 +177,11 @@ def flush_frames_python(cores: list[ConnectionCore]) -> list[tuple[ConnectionCor
             continue
         data = out[0] if len(out) == 1 else b"".join(out)
         out.clear()
-        core._bytes_out += len(data)
+        try:
+            core._bytes_out += len(data)
+        except BaseException:
+            out.append(data)  # nothing sent: back for the caller's general path
+            raise
         try:
             sent = transport._sock.send(data)
         except (BlockingIOError, InterruptedError):
@@ -185,10 +191,9 @@ def flush_frames_python(cores: list[ConnectionCore]) -> list[tuple[ConnectionCor
             continue
         if sent < len(data):
             left.append((core, data[sent:]))  # buffered by the transport's write until the socket takes it
-    return left
 
 
-flush_frames: Callable[[list[ConnectionCore]], list[tuple[ConnectionCore, bytes | None]]]
+flush_frames: Callable[[list[ConnectionCore], list[tuple[ConnectionCore, bytes | None]]], None]
 try:
     from ._speedups import flush_frames
 except ImportError:  # pragma: no cover - depends on the installation

@@ -1695,11 +1695,31 @@ send_data(PyObject *transport, int fd, PyObject *data)
 }
 
 /*
- * One core of flush_frames: 0 written whole or nothing to write, 1 with `*left` set to the pair
- * for the Python path, -1 with an exception set.
+ * Hand (core, rest) to the Python path: appended to `left`, the caller's list, so that what is
+ * already there is not lost if a later core fails. 0, or -1 with an exception set.
  */
 static int
-flush_one(PyObject *core, PyObject **left)
+hand_back(PyObject *left, PyObject *core, PyObject *rest)
+{
+    PyObject *pair = PyTuple_Pack(2, core, rest);
+    int result;
+
+    if (pair == NULL) {
+        return -1;
+    }
+    result = PyList_Append(left, pair);
+    Py_DECREF(pair);
+    return result;
+}
+
+/*
+ * One core of flush_frames: 0 done (written whole, nothing to write, or handed back to `left`),
+ * -1 with an exception set. Until the send, a failure puts the frames back in `_out` (the
+ * caller's general path then writes them); after a short send, only a failure to copy the rest
+ * loses it (no memory even for that: the peer then sees a cut frame and fails the connection).
+ */
+static int
+flush_one(PyObject *core, PyObject *left)
 {
     PyObject *out, *writer, *driver, *number, *data = NULL, *rest = Py_None;
     Py_ssize_t size, sent, i;
@@ -1754,13 +1774,24 @@ flush_one(PyObject *core, PyObject **left)
         Py_DECREF(writer);
         goto general;
     }
+    Py_INCREF(out);
     data = take_frames(out);
     if (data == NULL) {
-        Py_DECREF(writer);
-        return -1;
+        goto done;
     }
     size = PyBytes_GET_SIZE(data);
-    if (slot_add(&bcast_table, core, BCAST_BYTES_OUT, size) < 0 || (sent = send_data(writer, (int)fd, data)) == -1) {
+    if (slot_add(&bcast_table, core, BCAST_BYTES_OUT, size) < 0) {
+        /* Nothing sent: the frames back in `_out`, for the caller's general path. */
+        PyObject *type, *value, *traceback;
+        PyErr_Fetch(&type, &value, &traceback);
+        if (PyList_Insert(out, 0, data) < 0) {
+            PyErr_Clear();
+        }
+        PyErr_Restore(type, value, traceback);
+        goto done;
+    }
+    sent = send_data(writer, (int)fd, data);
+    if (sent == -1) {
         goto done;
     }
     if (sent == -2) { /* failed: the transport's write meets the error again and closes the transport */
@@ -1776,59 +1807,54 @@ flush_one(PyObject *core, PyObject **left)
         result = 0;
         goto done;
     }
-    *left = PyTuple_Pack(2, core, rest);
+    result = hand_back(left, core, rest);
     Py_DECREF(rest);
-    result = *left == NULL ? -1 : 1;
 done:
-    Py_DECREF(data);
+    Py_XDECREF(data);
+    Py_DECREF(out);
     Py_DECREF(writer);
     return result;
 general: /* untouched: the general path */
-    *left = PyTuple_Pack(2, core, Py_None);
-    return *left == NULL ? -1 : 1;
+    return hand_back(left, core, Py_None);
 }
 
 /*
- * flush_frames(cores) -> [(core, data or None), ...]
+ * flush_frames(cores, left) -> None
  *
  * The end of an event-loop turn on asyncio (pywsserver/_asyncio_driver.py _LoopShared.flush): the
  * frames each core gathered, joined and handed to its socket with one send when its transport is
  * the driver's plain one, buffers nothing and is not closed, counted in `_bytes_out`, `_out`
- * emptied. Back come the cores the Python path must finish: (core, None) untouched, for the
+ * emptied. Appended to `left` (the caller's list, so that an error leaves it what was handed
+ * back before) are the cores the Python path must finish: (core, None) untouched, for the
  * general path (core._flush()); (core, data) when the send was short or failed, `data` for the
  * transport's write. Same effects as flush_frames_python there.
  */
 static PyObject *
-flush_frames(PyObject *module, PyObject *cores)
+flush_frames(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     PyObject *sequence, *left;
     Py_ssize_t i;
 
-    sequence = PySequence_Fast(cores, "flush_frames() takes a sequence of cores");
+    if (nargs != 2 || !PyList_CheckExact(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "flush_frames() takes a sequence of cores and a list");
+        return NULL;
+    }
+    left = args[1];
+    sequence = PySequence_Fast(args[0], "flush_frames() takes a sequence of cores");
     if (sequence == NULL) {
         return NULL;
     }
-    left = PyList_New(0);
-    if (left == NULL) {
-        Py_DECREF(sequence);
-        return NULL;
-    }
     for (i = 0; i < PySequence_Fast_GET_SIZE(sequence); i++) {
-        PyObject *core = Py_NewRef(PySequence_Fast_GET_ITEM(sequence, i)), *pair = NULL;
-        int result = flush_one(core, &pair);
+        PyObject *core = Py_NewRef(PySequence_Fast_GET_ITEM(sequence, i));
+        int result = flush_one(core, left);
         Py_DECREF(core);
-        if (result == 1) {
-            result = PyList_Append(left, pair);
-            Py_DECREF(pair);
-        }
         if (result < 0) {
             Py_DECREF(sequence);
-            Py_DECREF(left);
             return NULL;
         }
     }
     Py_DECREF(sequence);
-    return left;
+    Py_RETURN_NONE;
 }
 
 static PyMethodDef speedups_methods[] = {
@@ -1846,8 +1872,9 @@ static PyMethodDef speedups_methods[] = {
      "steady_step(core, buffer, nbytes, transport, fd) -> None or answer: a whole read of the steady state."},
     {"deliver_frames", (PyCFunction)(void (*)(void))deliver_frames, METH_FASTCALL,
      "deliver_frames(members, frame, core_type) -> (delivered, rest): a broadcast's frame gathered on each core."},
-    {"flush_frames", (PyCFunction)flush_frames, METH_O,
-     "flush_frames(cores) -> [(core, data or None), ...]: the cores' gathered frames sent at the turn's end."},
+    {"flush_frames", (PyCFunction)(void (*)(void))flush_frames, METH_FASTCALL,
+     "flush_frames(cores, left) -> None: the cores' gathered frames sent at the turn's end, what the "
+     "Python path must finish appended to left as (core, data or None)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -27,9 +27,17 @@ from pywsserver._core import ConnectionCore
 from pywsserver._trio_driver import TrioDriver
 
 try:
-    from pywsserver._speedups import deliver_frames, flush_frames
+    from pywsserver._speedups import deliver_frames
+    from pywsserver._speedups import flush_frames as flush_frames_c
 except ImportError:  # pragma: no cover - depends on the installation
-    deliver_frames = flush_frames = None
+    deliver_frames = flush_frames_c = None
+
+
+def flush_frames(cores: list[ConnectionCore]) -> list[tuple[ConnectionCore, bytes | None]]:
+    """The C ``flush_frames``, what it hands back returned."""
+    left: list[tuple[ConnectionCore, bytes | None]] = []
+    flush_frames_c(cores, left)
+    return left
 
 needs_c = pytest.mark.skipif(deliver_frames is None, reason="the C speedup was not built (no compiler at install)")
 
@@ -276,7 +284,9 @@ def _flushed(flush: Any, setups: list[dict[str, Any]]) -> Any:
                 )
             )
             peers.append(peer if setup["socket"] == "open" else None)
-        left = [(cores.index(core), rest) for core, rest in flush(cores)]
+        handed: list[tuple[ConnectionCore, bytes | None]] = []
+        flush(cores, handed)
+        left = [(cores.index(core), rest) for core, rest in handed]
         received = []
         for peer in peers:
             data = b""
@@ -292,10 +302,10 @@ def _flushed(flush: Any, setups: list[dict[str, Any]]) -> Any:
 @settings(max_examples=400, deadline=None)
 @given(setups=st.lists(core_setups, max_size=5))
 def test_flush_frames_c_and_python_agree_on_what_is_sent_counted_and_handed_back(setups: list[dict[str, Any]]) -> None:
-    assert _flushed(flush_frames, setups) == _flushed(_asyncio_driver.flush_frames_python, setups)
+    assert _flushed(flush_frames_c, setups) == _flushed(_asyncio_driver.flush_frames_python, setups)
 
 
-@pytest.mark.parametrize("flush", [_asyncio_driver.flush_frames_python, flush_frames], ids=["python", "c"])
+@pytest.mark.parametrize("flush", [_asyncio_driver.flush_frames_python, flush_frames_c], ids=["python", "c"])
 def test_flush_frames_sends_once_per_core_and_hands_back_the_unusual(flush: Any) -> None:
     if flush is None:
         pytest.skip("the C speedup was not built")
@@ -498,7 +508,7 @@ def test_a_send_to_a_peer_gone_never_raises_sigpipe_even_with_its_default_action
         "import signal, socket\n"
         "signal.signal(signal.SIGPIPE, signal.SIG_DFL)\n"
         "from tests.test_broadcast_speedups import _core, _Driver, _Transport\n"
-        "from pywsserver._speedups import flush_frames\n"
+        "from tests.test_broadcast_speedups import flush_frames\n"
         "ours, peer = socket.socketpair()\n"
         "peer.close()\n"
         "transport = _Transport(ours, False, False)\n"
@@ -509,3 +519,44 @@ def test_a_send_to_a_peer_gone_never_raises_sigpipe_even_with_its_default_action
     root = __file__.rsplit("/tests/", 1)[0]
     done = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=60)
     assert (done.returncode, done.stdout.strip()) == (0, "alive"), done.stderr
+
+
+class _Unaddable:
+    """A ``_bytes_out`` that cannot be added to: the one failure the flush meets before a send."""
+
+    def __add__(self, other: object) -> Any:
+        raise ArithmeticError("cannot count")
+
+    __radd__ = __add__
+
+
+@pytest.mark.parametrize("flush", [_asyncio_driver.flush_frames_python, flush_frames_c], ids=["python", "c"])
+def test_a_flush_that_fails_midway_loses_no_frame(flush: Any) -> None:
+    # The first core's send is short: its rest is handed back. The second cannot count its bytes:
+    # the flush fails before its send, and its frames go back to its ``_out``. The rest handed
+    # back before the failure stays in the caller's list, for the transport's write.
+    if flush is None:
+        pytest.skip("the C speedup was not built")
+    with contextlib.ExitStack() as stack:
+        cores = []
+        for bytes_out in (0, _Unaddable()):
+            ours, peer = socket.socketpair()
+            stack.enter_context(ours)
+            stack.enter_context(peer)
+            ours.setblocking(False)
+            transport = _Transport(ours, False, False)
+            cores.append(
+                _core(
+                    _out=[b"a" * 4_000_000],  # more than a socket pair's buffers take at once
+                    _writer=transport,
+                    _driver=_Driver(len(cores), [], transport, ours.fileno()),
+                    _bytes_out=bytes_out,
+                )
+            )
+        left: list[tuple[ConnectionCore, bytes | None]] = []
+        with pytest.raises(ArithmeticError):
+            flush(cores, left)
+        assert len(left) == 1 and left[0][0] is cores[0]
+        rest = left[0][1]
+        assert rest is not None and 0 < len(rest) < 4_000_000 and cores[0]._out == []
+        assert cores[1]._out == [b"a" * 4_000_000]
