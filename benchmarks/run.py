@@ -81,6 +81,11 @@ TLS_SERVERS = {
 TLSLOAD = HERE / "tlsload.py"
 
 
+#: The scenarios measured against a minimal WebSocket server in C as well (``wsceiling.c``), and its label.
+WS_CEILING_SCENARIOS = {"small", "pipelined", "large", "broadcast", "broadcast-burst", "churn"}
+WS_CEILING = "C WebSocket server (generator ceiling)"
+
+
 def pin(cpu: int) -> list[str]:
     return ["taskset", "-c", str(cpu)] if shutil.which("taskset") and (os.cpu_count() or 1) > 1 else []
 
@@ -268,6 +273,16 @@ def run_scenario(
     repeats = 1 if args.quick else (args.repeats if args.repeats and repeats > 1 else repeats)
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in servers}
     errors: dict[str, str] = {}
+    if scenario in WS_CEILING_SCENARIOS:
+        # What the generator, the kernel and loopback allow when the server costs next to nothing: a
+        # minimal WebSocket server in C (wsceiling.c), once, just before the servers of the scenario.
+        ceiling = Server("wsceiling", [str(build("wsceiling")), "0"])
+        try:
+            row = run_loadgen(loadgen, ceiling.port, arguments, duration)
+        finally:
+            ceiling.stop()
+        results["baseline"].setdefault(scenario, {})[WS_CEILING] = row
+        print(f"baseline {WS_CEILING} {scenario}: {row['rate']:,.0f} {unit}", flush=True)
     for _ in range(repeats):
         for name in servers:
             if name in errors:
@@ -613,7 +628,9 @@ def table(results: dict[str, Any]) -> str:
         if cores:
             lines += ["", "Server CPU use (cores) during the median run: " + ", ".join(cores) + "."]
         for label, row in results["baseline"].get(scenario, {}).items():
-            lines.append(f"| *{label}* | {row['rate']:,.0f} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f} | | |")
+            p50 = f"{row['p50_ms']:.2f}" if "p50_ms" in row else ""
+            p99 = f"{row['p99_ms']:.2f}" if "p99_ms" in row else ""
+            lines.append(f"| *{label}* | {row['rate']:,.0f} | {p50} | {p99} | | |")
         lines.append("")
     lines.append("Ratios: higher is better, except idle memory where the ratio is websockets' KiB / ours.")
     return "\n".join(lines)

@@ -39,6 +39,42 @@ def test_the_load_generator_builds_and_measures_a_server() -> None:
         server.stop()
 
 
+def test_the_c_websocket_ceiling_serves_a_real_client_and_the_generator() -> None:
+    """The minimal C server the WebSocket scenarios are measured against (``wsceiling.c``) speaks
+    WebSocket to the ``websockets`` client (the accept key, echo, a large message, a broadcast,
+    ping and close), and the generator measures it in every mode it is used for."""
+    import asyncio
+
+    import run as bench
+    from websockets.asyncio.client import connect
+
+    server = bench.Server("wsceiling", [str(bench.build("wsceiling")), "0"])
+    try:
+
+        async def talk() -> None:
+            url = f"ws://127.0.0.1:{server.port}/"
+            async with connect(url) as first, connect(url) as second:
+                await first.send("hello")
+                assert await first.recv() == "hello"
+                await first.send(b"\x01" * 70_000)
+                assert await first.recv() == b"\x01" * 70_000
+                await first.send("go:3:5")
+                assert [await second.recv() for _ in range(3)] == ["bbbbb"] * 3
+                assert [await first.recv() for _ in range(3)] == ["bbbbb"] * 3
+                await asyncio.wait_for(await first.ping(), 10)
+            assert (first.close_code, second.close_code) == (1000, 1000)
+
+        asyncio.run(talk())
+        loadgen = bench.build("loadgen")
+        assert bench.run_loadgen(loadgen, server.port, ["echo", "--conns", "4", "--size", "64"], 0.5)["messages"] > 0
+        assert bench.run_loadgen(loadgen, server.port, ["churn", "--parallel", "4"], 0.5)["handshakes"] > 0
+        arguments = ["broadcast", "--conns", "20", "--count", "5", "--one-at-a-time"]
+        one = bench.run_loadgen(loadgen, server.port, arguments, 1)
+        assert one["deliveries"] == one["expected"] == 5 * 21
+    finally:
+        server.stop()
+
+
 def test_the_report_has_a_row_per_server_and_a_ratio_to_websockets() -> None:
     import run as bench
 
