@@ -82,7 +82,9 @@ TLSLOAD = HERE / "tlsload.py"
 
 
 #: The scenarios measured against a minimal WebSocket server in C as well (``wsceiling.c``), and its label.
-WS_CEILING_SCENARIOS = {"small", "pipelined", "large", "broadcast", "broadcast-burst", "churn"}
+#: Not large: with 64 KiB messages that simple server is slower than pywsserver (35,000 against 40,500
+#: msgs/s in one quick run), so it would be no ceiling there.
+WS_CEILING_SCENARIOS = {"small", "pipelined", "broadcast", "broadcast-burst", "churn"}
 WS_CEILING = "C WebSocket server (generator ceiling)"
 
 

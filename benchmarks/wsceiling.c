@@ -236,6 +236,21 @@ static int upgrade(struct conn *c, unsigned char *buf, size_t end) {
     return 0;
 }
 
+/* XOR a payload with its 4-byte key in place, eight bytes at a time. */
+static void unmask(unsigned char *payload, size_t len, const unsigned char *key) {
+    uint64_t word, wide;
+    uint32_t four;
+    size_t i = 0;
+    memcpy(&four, key, 4);
+    wide = (uint64_t)four << 32 | four;
+    for (; i + 8 <= len; i += 8) {
+        memcpy(&word, payload + i, 8);
+        word ^= wide;
+        memcpy(payload + i, &word, 8);
+    }
+    for (; i < len; i++) payload[i] ^= key[i & 3];
+}
+
 /* The bytes in buf[0:len]: the handshake, then frames. What was taken, or -1 to close. */
 static ssize_t take(struct conn *c, unsigned char *buf, size_t len_in) {
     size_t at = 0;
@@ -262,7 +277,7 @@ static ssize_t take(struct conn *c, unsigned char *buf, size_t len_in) {
         if (!masked || !fin) return -1;
         if (len_in - at < h + 4 + len) break;
         unsigned char *key = f + h, *payload = f + h + 4;
-        for (size_t i = 0; i < len; i++) payload[i] ^= key[i & 3];
+        unmask(payload, len, key);
         at += h + 4 + len;
         if (opcode == 1 && len > 3 && memcmp(payload, "go:", 3) == 0) {
             int count = 0, size = 0;
