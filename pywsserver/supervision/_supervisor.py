@@ -748,7 +748,7 @@ class Supervisor:
                 reason,
                 exc_info=reason,
             )
-        else:
+        elif logger.isEnabledFor(logging.DEBUG):  # the label is built only if it is logged (one per connection)
             logger.debug("child %r of supervisor %s exited normally", child.key, self.label)
         if self._will_restart(child, reason):
             return True
