@@ -180,7 +180,7 @@ def flush_frames_python(cores: list[ConnectionCore], left: list[tuple[Connection
         try:
             core._bytes_out += len(data)
         except BaseException:
-            out.append(data)  # nothing sent: back for the caller's general path
+            out.insert(0, data)  # nothing sent: back for the caller's general path, first, as the C does
             raise
         try:
             sent = transport._sock.send(data)

@@ -8,6 +8,7 @@ guarantees must hold either way, and look the same from outside.
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
 import anyio
@@ -330,3 +331,31 @@ async def test_errors_let_through_after_a_child_task_was_cancelled_from_outside_
     assert Boom in found
     assert Boom2 in found
     assert dynamic_tasks() == []
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="no eager task factory before Python 3.12")
+async def test_children_that_end_in_their_first_step_under_an_eager_task_factory_are_not_kept() -> None:
+    """With Python 3.12's eager task factory a child's run may end inside ``create_task``, before its
+    task is stored: such a task must not be kept (one entry per connection, until the stop)."""
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    factory = loop.get_task_factory()
+    loop.set_task_factory(asyncio.eager_task_factory)  # type: ignore[attr-defined]
+    try:
+
+        async def child(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+            task_status.started()  # and return at once: the run ends in its first step
+
+        template = ChildSpec("conn", child, restart="temporary", shutdown=5)
+        with anyio.fail_after(10):
+            async with Supervisor([template], strategy="simple_one_for_one").running() as sup:
+                for _ in range(100):
+                    sup.start_child_soon()
+                await anyio.wait_all_tasks_blocked()
+                assert sup.count_children().active == 0
+                assert sup._loop_children is not None
+                assert sup._loop_children._running == {}
+    finally:
+        loop.set_task_factory(factory)

@@ -62,7 +62,9 @@ class LoopChildren:
         """Run ``coro``, the run of ``instance``, as a task of the event loop; the run calls `ended`
         when it ends and `failed` for what it lets through (no done callback: one loop callback
         fewer per child)."""
-        self._running[instance] = self._loop.create_task(coro, name=name)  # held: the loop holds tasks weakly
+        task = self._loop.create_task(coro, name=name)
+        if not task.done():  # an eager task factory (Python 3.12+) may have run it to its end already
+            self._running[instance] = task  # held: the loop holds tasks weakly
 
     def ended(self, instance: _Instance) -> None:
         """``instance``'s run has ended."""
