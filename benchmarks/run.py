@@ -83,8 +83,10 @@ TLSLOAD = HERE / "tlsload.py"
 
 #: The scenarios measured against a minimal WebSocket server in C as well (``wsceiling.c``), and its label.
 #: Not large: with 64 KiB messages that simple server is slower than pywsserver (35,000 against 40,500
-#: msgs/s in one quick run), so it would be no ceiling there.
-WS_CEILING_SCENARIOS = {"small", "pipelined", "broadcast", "broadcast-burst", "churn"}
+#: msgs/s in one quick run), so it would be no ceiling there. Not pipelined: there the generator itself
+#: is the limit, and every server and echo, in C or in Python, lands between about 160,000 and 225,000
+#: msgs/s from run to run, in no fixed order.
+WS_CEILING_SCENARIOS = {"small", "broadcast", "broadcast-burst", "churn"}
 WS_CEILING = "C WebSocket server (generator ceiling)"
 
 
