@@ -227,9 +227,6 @@ async def _listener(server: Server, *, task_status: anyio.abc.TaskStatus[None]) 
         multi, listeners = tcp, list(tcp.listeners)  # type: ignore[arg-type]
     try:
         server._listeners = listeners
-        if options.tls is not None and _running_asyncio_loop() is None:
-            for listener in listeners:  # TLS on trio: anyio's TLSStream over anyio's stream (_stream_driver)
-                _raw_sockets[listener] = None
         server._accept_locks = [anyio.Lock(fast_acquire=True) for _ in listeners]
         server._token = anyio.lowlevel.current_token()
         server._listener_broken = anyio.Event()
@@ -473,8 +470,8 @@ async def accept(listener: SocketListener, lock: anyio.Lock) -> anyio.abc.ByteSt
     On asyncio the raw socket is taken from the listening socket directly, for
     the worker's fast protocol path, and without waiting or locking when a
     connection is already there (the acceptor yields every few connections);
-    on trio too, for the trio driver, unless the connection is TLS (marked in
-    `_listener`); elsewhere anyio's stream is used.
+    on trio too, for the trio drivers (TLS included: ``_trio_tls``); elsewhere
+    anyio's stream is used.
     """
     if listener in _raw_sockets:
         fast = _raw_sockets[listener]

@@ -1,8 +1,8 @@
 """The trio driver: a connection's bytes through a non-blocking socket and trio's low-level API.
 
-Plain TCP and Unix sockets on trio take this path; TLS on trio stays on the
-anyio stream driver (``_stream_driver``), whose ``TLSStream`` does the
-record layer.
+Plain TCP and Unix sockets on trio take this path; TLS connections take its
+subclass `pywsserver._trio_tls.TrioTLSDriver`, which puts an ``ssl.SSLObject``
+between the socket and the core.
 
 One task per connection, the worker's own, and nothing else while the
 connection is idle: no task group, no mailbox task, no stream objects. The

@@ -67,10 +67,15 @@ class Worker(ConnectionCore):
     ) -> None:
         super().__init__(options, release, token)
         if isinstance(connection, socket.socket):
-            if tls is None and _on_trio():
-                from ._trio_driver import TrioDriver  # trio is optional: imported only where it runs
+            if _on_trio():  # trio is optional: its drivers are imported only where it runs
+                if tls is None:
+                    from ._trio_driver import TrioDriver
 
-                self._attach(TrioDriver(self, connection))
+                    self._attach(TrioDriver(self, connection))
+                else:
+                    from ._trio_tls import TrioTLSDriver
+
+                    self._attach(TrioTLSDriver(self, connection, tls, tls_handshake_timeout))
             else:
                 self._attach(ProtocolDriver(self, connection, tls, tls_handshake_timeout))
         else:

@@ -24,6 +24,7 @@ from websockets.asyncio.client import connect
 import pywsserver._server
 from pywsserver import ConnectionClose, broadcast, start_link
 from pywsserver._stream_driver import StreamDriver
+from pywsserver._trio_tls import TrioTLSDriver
 
 from .reliability_tools import UPGRADE, masked_frame, take_server_frames
 from .wstools import in_client_thread
@@ -74,14 +75,14 @@ def authority() -> trustme.CA:
     return trustme.CA()
 
 
-PATHS = ["plain", "tls", "streams"]
+PATHS = ["plain", "tls", "streams", "tls-streams"]
 
 
 def server_options(
     path: str, anyio_backend: str, authority: trustme.CA, monkeypatch: pytest.MonkeyPatch, seen: dict[str, Any]
 ) -> tuple[list[tuple[str, Any]], ssl.SSLContext | None]:
     """The server's options for ``path``, and the client's TLS context (``None`` for plain)."""
-    if path == "streams":
+    if path in ("streams", "tls-streams"):
         if anyio_backend != "trio":
             pytest.skip("the acceptor hands anyio streams over only on trio")
         monkeypatch.setattr(pywsserver._server, "_on_trio", lambda: False)
@@ -90,7 +91,7 @@ def server_options(
         ("port", 0),
         ("worker_options", [("protocol_modules", [("websocket", websocket)])]),
     ]
-    if path != "tls":
+    if not path.startswith("tls"):
         return options, None
     server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     authority.issue_cert("127.0.0.1").configure_cert(server_context)
@@ -110,7 +111,7 @@ async def test_an_async_handlers_own_actions_arrive_in_order_before_its_reply(
         scheme = "wss" if client_context is not None else "ws"
         answers = await in_client_thread(run_rounds, f"{scheme}://127.0.0.1:{server.port}/", client_context)
     if anyio_backend == "trio" and path != "plain":
-        assert seen["drivers"] == [StreamDriver]
+        assert seen["drivers"] == [TrioTLSDriver if path == "tls" else StreamDriver]
     expected = [f"{kind} {index}" for index in range(ROUNDS) for kind in ("send", "broadcast", "nowait", "reply")]
     assert answers == expected
 
@@ -156,4 +157,4 @@ async def test_a_handler_waiting_for_room_for_its_own_sends_goes_on_once_the_pee
         finally:
             sock.close()
     if anyio_backend == "trio" and path != "plain":
-        assert seen["drivers"] == [StreamDriver]
+        assert seen["drivers"] == [TrioTLSDriver if path == "tls" else StreamDriver]

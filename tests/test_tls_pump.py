@@ -17,6 +17,7 @@ import trustme
 from websockets.asyncio.client import connect
 
 from pywsserver import start_link
+from pywsserver._worker import bad_input
 
 from .recorder import Recorder, server_options
 from .wstools import in_client_thread, no_connections
@@ -166,8 +167,7 @@ async def test_close_notify_from_the_client_ends_the_connection(
     async with start_link(server_options(recorder, tls=server_context)) as server:
         echoed, rest = await anyio.to_thread.run_sync(client, server.port)
         assert echoed == b"\x81\x13before close_notify"
-        if anyio_backend == "asyncio":  # the pump answers close_notify; anyio's TLSStream (trio) does not
-            assert rest == b""  # nothing after the server's close_notify
+        assert rest == b""  # the server's close_notify in return, and nothing after it (both backends)
         await recorder.wait_for(lambda: len(recorder.closes) == 1)
         assert recorder.closes[0][1].code == 1006  # no closing handshake: the stream ended
         assert await no_connections(server)
@@ -238,3 +238,31 @@ async def test_alpn_and_a_contexts_sni_callback_work_through_the_connection(auth
         assert await anyio.to_thread.run_sync(client, server.port) == "http/1.1"
         assert names == ["localhost"]
         assert await no_connections(server)
+
+
+async def test_a_bad_record_after_the_handshake_is_reported_and_drops_only_that_connection(
+    server_context: ssl.SSLContext, client_context: ssl.SSLContext, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A record OpenSSL cannot authenticate, once the connection is secured: the error reported on
+    ``pywsserver.bad_input`` (escaped), the connection dropped (1006 to the handler), the server
+    serving the next client, on both backends."""
+    caplog.set_level("DEBUG", logger="pywsserver")
+    bad_input.reset()  # another test may have reported within the interval
+    recorder = Recorder()
+
+    def client(port: int) -> None:
+        tls = upgraded_tls_socket(port, client_context)
+        os.write(tls.fileno(), b"\x17\x03\x03\x00\x20" + b"\x00" * 32)  # application data, not authentic
+        with pytest.raises((ssl.SSLError, OSError)):  # the server's alert (bad record MAC), or the reset
+            read_until_closed(tls)
+            raise ConnectionResetError("closed without an alert")  # as good: what matters is the server's side
+        tls.close()
+
+    async with start_link(server_options(recorder, tls=server_context)) as server:
+        await anyio.to_thread.run_sync(client, server.port)
+        await recorder.wait_for(lambda: len(recorder.closes) == 1)
+        assert recorder.closes[0][1].code == 1006
+        assert await no_connections(server)
+        assert any("TLS errors" in record.getMessage() for record in caplog.records), caplog.text
+        tls = await anyio.to_thread.run_sync(upgraded_tls_socket, server.port, client_context)
+        tls.close()

@@ -22,6 +22,7 @@ import pywsserver._server
 from pywsserver import ConnectionClose, _core, broadcast, start_link
 from pywsserver._stream_driver import StreamDriver
 from pywsserver._trio_driver import TrioDriver
+from pywsserver._trio_tls import TrioTLSDriver
 
 from .reliability_tools import UPGRADE, masked_frame, wait_until
 from .wstools import in_client_thread
@@ -136,11 +137,11 @@ def expected_answers(script: list[str | bytes]) -> list[Any]:
     return answers
 
 
-async def test_plain_connections_take_the_trio_driver_and_tls_ones_the_stream_driver() -> None:
+async def test_plain_connections_take_the_trio_driver_and_tls_ones_its_tls_variant() -> None:
     authority = trustme.CA()
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     authority.issue_cert("127.0.0.1").configure_cert(context)
-    for tls, driver in [(None, TrioDriver), (context, StreamDriver)]:
+    for tls, driver in [(None, TrioDriver), (context, TrioTLSDriver)]:
         seen = new_seen()
         async with start_link(options(seen, **({"tls": tls} if tls else {}))) as server:
             sock = socket.create_connection(("127.0.0.1", server.port))
@@ -158,19 +159,21 @@ async def test_plain_connections_take_the_trio_driver_and_tls_ones_the_stream_dr
 
 
 async def test_the_trio_driver_answers_as_the_stream_driver_does(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The whole client script over both drivers (the stream driver on a plain socket and over TLS):
-    the same answers, in the same order, an async handler's own sends and broadcast included."""
+    """The whole client script over every driver on trio (the trio driver, its TLS variant, and the
+    stream driver on a plain socket and over TLS): the same answers, in the same order, an async
+    handler's own sends and broadcast included."""
     authority = trustme.CA()
     server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     authority.issue_cert("127.0.0.1").configure_cert(server_tls)
     client_tls = ssl.create_default_context()
     authority.configure_trust(client_tls)
     results = []
-    for path, driver in [("plain", TrioDriver), ("tls", StreamDriver), ("streams", StreamDriver)]:
+    paths = [("plain", TrioDriver), ("tls", TrioTLSDriver), ("streams", StreamDriver), ("tls-streams", StreamDriver)]
+    for path, driver in paths:
         if path == "streams":  # the acceptor hands anyio streams over, as it did before the trio driver
             monkeypatch.setattr(pywsserver._server, "_on_trio", lambda: False)
         seen = new_seen()
-        tls = path == "tls"
+        tls = path.startswith("tls")
         async with start_link(options(seen, **({"tls": server_tls} if tls else {}))) as server:
             answers = await in_client_thread(run_script, server.port, SCRIPT, client_tls if tls else None, timeout=60)
         assert seen["drivers"] == [driver]
@@ -178,6 +181,7 @@ async def test_the_trio_driver_answers_as_the_stream_driver_does(monkeypatch: py
     assert results[0] == (expected_answers(SCRIPT), SCRIPT)
     assert results[1] == results[0]
     assert results[2] == results[0]
+    assert results[3] == results[0]
 
 
 async def test_the_trio_driver_carries_an_async_handlers_sends_a_broadcast_and_large_replies_in_order() -> None:
