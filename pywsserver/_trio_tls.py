@@ -85,7 +85,7 @@ class TrioTLSDriver(TrioDriver):
         self._outgoing = ssl.MemoryBIO()
         self._ssl = context.wrap_bio(self._incoming, self._outgoing, server_side=True)
         self._shut = False  # close_notify sent: nothing more is written
-        self._unfed = b""  # ciphertext read but not fed yet: the core stopped taking reads
+        self._unfed: bytes | memoryview = b""  # ciphertext read but not fed yet: the core stopped taking reads
 
     # ------------------------------------------------------------- writing
 
@@ -128,13 +128,26 @@ class TrioTLSDriver(TrioDriver):
 
     async def _serve_tls(self) -> None:
         core = self._core
-        error = await self._handshake()
+        try:
+            error = await self._handshake()
+        except BaseException:  # cancelled (the server stops) during the handshake
+            self.abort()
+            core._socket_closed = core._stopped = True
+            raise
         if error is not None:
             self.abort()
             core._tls_failed(error)
             return
         core._connection_secured(self._ssl)
-        await TrioDriver.serve(self)
+        if self._incoming.pending or self._ssl.pending():
+            # The client's first bytes came with the handshake's end: the module starts, and the
+            # task's first wait hands them over before it reads (a read first could be the end of
+            # the stream, which must come after them).
+            core._can_write = True
+            core._feed(core._module.start(b"", {}))
+            await self._run()
+        else:
+            await TrioDriver.serve(self)
 
     async def _handshake(self) -> BaseException | None:
         """The TLS handshake, bounded by ``tls_handshake_timeout``: ``None``, or why it failed."""
@@ -147,6 +160,9 @@ class TrioTLSDriver(TrioDriver):
                         self._ssl.do_handshake()
                     except ssl.SSLWantReadError:
                         pass
+                    except ssl.SSLError:
+                        self._send_cipher()  # the alert that says why, before the socket is dropped
+                        raise
                     else:
                         self._send_cipher()
                         return ConnectionResetError("the connection was lost") if self._lost else None
@@ -174,6 +190,8 @@ class TrioTLSDriver(TrioDriver):
             unfed, self._unfed = self._unfed, b""
             if self._feed(unfed, len(unfed)):
                 return
+            if self._pending and not self._writing:
+                return  # what that produced waits for the kernel: the task's loop opens the writer's group
         await TrioDriver._wait(self)
 
     def _read(self, view: memoryview) -> bool:
@@ -204,7 +222,10 @@ class TrioTLSDriver(TrioDriver):
             incoming.write(cipher[position:step])
             position = step
         if position < size:
-            self._unfed = bytes(cipher[position:size])
+            if isinstance(cipher, memoryview) and cipher.readonly:
+                self._unfed = cipher[position:size]  # kept already: sliced, not copied again
+            else:
+                self._unfed = memoryview(bytes(cipher[position:size]))  # out of the shared read buffer
         return more
 
     def _hand_over(self) -> bool:

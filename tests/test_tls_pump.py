@@ -266,3 +266,85 @@ async def test_a_bad_record_after_the_handshake_is_reported_and_drops_only_that_
         assert any("TLS errors" in record.getMessage() for record in caplog.records), caplog.text
         tls = await anyio.to_thread.run_sync(upgraded_tls_socket, server.port, client_context)
         tls.close()
+
+
+def coalesced_client(port: int, context: ssl.SSLContext, then_half_close: bool) -> tuple[bytes, bytes]:
+    """A client over memory BIOs: its handshake's last flight, the upgrade request and a message in
+    one send (as TLS 1.3 clients often do), then, if asked, the end of its side of the stream. What
+    it reads back, until the echo is there or the server closes: the 101's status line, and the rest."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    try:
+        for _ in range(20):  # bounded: a handshake takes two round trips
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                sock.sendall(outgoing.read())
+                incoming.write(sock.recv(65536))
+        tls.write(UPGRADE + masked_frame(1, b"hello coalesced"))
+        sock.sendall(outgoing.read())  # the Finished, the request and the message in one segment
+        if then_half_close:
+            sock.shutdown(socket.SHUT_WR)
+        received = b""
+        expected = len(b"\x81\x0fhello coalesced")
+        for _ in range(1000):  # bounded: each pass reads or ends
+            head, _, rest = received.partition(b"\r\n\r\n")
+            if len(rest) >= expected:
+                break
+            try:
+                chunk = tls.read(65536)
+            except ssl.SSLWantReadError:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                incoming.write(data)
+                continue
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                break
+            if not chunk:
+                break
+            received += chunk
+        head, _, rest = received.partition(b"\r\n\r\n")
+        return head.split(b"\r\n")[0], rest
+    finally:
+        sock.close()
+
+
+@pytest.mark.parametrize("then_half_close", [False, True])
+async def test_a_request_that_came_with_the_handshakes_end_is_served(
+    server_context: ssl.SSLContext, client_context: ssl.SSLContext, then_half_close: bool
+) -> None:
+    """The client's request and first message arrive with its Finished; the server answers both, and
+    a stream ended right after them (trio: the driver reads the socket at once after the handshake)
+    is taken as the end only after them."""
+    async with start_link(server_options(Recorder(), tls=server_context)) as server:
+        status, rest = await anyio.to_thread.run_sync(coalesced_client, server.port, client_context, then_half_close)
+    assert status == b"HTTP/1.1 101 Switching Protocols"
+    assert rest.startswith(b"\x81\x0fhello coalesced")
+
+
+async def test_a_failed_handshake_tells_the_client_why(authority: trustme.CA) -> None:
+    """A client that offers only TLS 1.3 to a server capped at TLS 1.2 gets OpenSSL's alert (protocol
+    version), not a bare end of the stream, on both backends; the server serves on."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    authority.issue_cert("localhost", "127.0.0.1").configure_cert(context)
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    client_context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    authority.configure_trust(client_context)
+    client_context.minimum_version = ssl.TLSVersion.TLSv1_3
+
+    def client(port: int) -> str:
+        raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+        try:
+            client_context.wrap_socket(raw, server_hostname="localhost").close()
+        except ssl.SSLError as error:
+            return str(error)
+        finally:
+            raw.close()
+        return "connected"
+
+    async with start_link(server_options(Recorder(), tls=context)) as server:
+        assert "PROTOCOL_VERSION" in await anyio.to_thread.run_sync(client, server.port)
+        assert await no_connections(server)
