@@ -39,12 +39,9 @@ from collections.abc import Awaitable
 import trio
 
 from . import _core, _tls_pump
-from ._trio_driver import TrioDriver, _read_buffer
+from ._trio_driver import TrioDriver, _read_buffer, _wait_readable, _wait_writable
 
 __all__ = ["TrioTLSDriver"]
-
-_wait_readable = trio.lowlevel.wait_readable
-_wait_writable = trio.lowlevel.wait_writable
 
 #: Bytes fed to or taken from an ``ssl.MemoryBIO`` at a time: a memory BIO keeps the largest size it
 #: ever held (the asyncio TLS pump's measure, ``_tls_pump._PIECE``).
@@ -139,15 +136,13 @@ class TrioTLSDriver(TrioDriver):
             core._tls_failed(error)
             return
         core._connection_secured(self._ssl)
-        if self._incoming.pending or self._ssl.pending():
-            # The client's first bytes came with the handshake's end: the module starts, and the
-            # task's first wait hands them over before it reads (a read first could be the end of
-            # the stream, which must come after them).
-            core._can_write = True
-            core._feed(core._module.start(b"", {}))
-            await self._run()
-        else:
-            await TrioDriver.serve(self)
+        await TrioDriver.serve(self)
+
+    def _read_first(self) -> None:
+        # Bytes that came with the handshake's end are handed over by the task's first wait, before
+        # it reads: a read first could be the end of the stream, which must come after them.
+        if not (self._incoming.pending or self._ssl.pending()):
+            TrioDriver._read_first(self)
 
     async def _handshake(self) -> BaseException | None:
         """The TLS handshake, bounded by ``tls_handshake_timeout``: ``None``, or why it failed."""
@@ -235,7 +230,7 @@ class TrioTLSDriver(TrioDriver):
         core = self._core
         view = _plain_buffer()
         more = False
-        while not more and (self._incoming.pending or self._ssl.pending()):
+        while not more and self._reading and (self._incoming.pending or self._ssl.pending()):
             try:
                 size: int = self._ssl.read(len(view), view)  # type: ignore[assignment]
             except ssl.SSLWantReadError:  # a record not complete yet
@@ -253,31 +248,7 @@ class TrioTLSDriver(TrioDriver):
                 return self._end_of_input()
             more = self._hand(view, size)
         self._send_cipher()
-        return more
-
-    def _hand(self, view: memoryview, size: int) -> bool:
-        """Hand ``size`` plaintext bytes in ``view`` to the core, as `TrioDriver._read` does a read."""
-        core = self._core
-        self._handling = True
-        try:
-            if core._steady_ok or core._steady_check():
-                core._steady_read(view, size)
-            else:
-                core._input("data", bytes(view[:size]))
-        finally:
-            self._handling = False
-        if self._woken:
-            self._woken = False
-            return True
-        return core._busy or core._stopped or core._socket_closed or self._lost or not self._reading
-
-    def _end_of_input(self) -> bool:
-        core = self._core
-        core._on_eof()
-        if not core._socket_closed:
-            core._socket_closed = True
-            self.close_socket()
-        return True
+        return more or not self._reading  # paused: the next piece waits until reading resumes
 
     # ------------------------------------------------------- the core's asks
 

@@ -26,6 +26,17 @@ class Boom(BaseException):
     """What a child lets through: not an ``Exception``, so its run does not take it as a crash."""
 
 
+class Boom2(BaseException):
+    """A second child's error."""
+
+
+def leaves(error: BaseException) -> list[type[BaseException]]:
+    """The kinds of the errors in ``error``, however exception groups nest them."""
+    if isinstance(error, BaseExceptionGroup):
+        return [kind for inner in error.exceptions for kind in leaves(inner)]
+    return [type(error)]
+
+
 def dynamic_tasks() -> list[anyio.TaskInfo]:
     return [task for task in anyio.get_running_tasks() if task.name == DYNAMIC]
 
@@ -225,9 +236,6 @@ async def test_errors_let_through_while_a_cancelled_group_stops_the_children_com
     """A sibling fails, and two children let a ``BaseException`` through while they are being
     stopped: both come out of the group beside the sibling's error, as from tasks of the group."""
 
-    class Boom2(BaseException):
-        """The second child's error."""
-
     async def child(kind: str, *, task_status: anyio.abc.TaskStatus[None]) -> None:
         task_status.started()
         try:
@@ -241,11 +249,6 @@ async def test_errors_let_through_while_a_cancelled_group_stops_the_children_com
             sup.start_child_soon("a")
             sup.start_child_soon("b")
             await anyio.sleep_forever()
-
-    def leaves(error: BaseException) -> list[type[BaseException]]:
-        if isinstance(error, BaseExceptionGroup):
-            return [kind for inner in error.exceptions for kind in leaves(inner)]
-        return [type(error)]
 
     with anyio.fail_after(10), pytest.raises(BaseException) as caught:  # noqa: PT011 - every leaf is checked below
         async with anyio.create_task_group() as tg:
@@ -297,9 +300,6 @@ async def test_errors_let_through_after_a_child_task_was_cancelled_from_outside_
     ``BaseException`` through while they are stopped, and both come out of the supervisor."""
     import asyncio
 
-    class Boom2(BaseException):
-        """The second child's error."""
-
     cancelled_task: list[asyncio.Task[Any]] = []
 
     async def child(kind: str, *, task_status: anyio.abc.TaskStatus[None]) -> None:
@@ -311,11 +311,6 @@ async def test_errors_let_through_after_a_child_task_was_cancelled_from_outside_
         finally:
             if kind != "cancelled":
                 raise (Boom if kind == "a" else Boom2)(f"let through by {kind} while stopping")
-
-    def leaves(error: BaseException) -> list[type[BaseException]]:
-        if isinstance(error, BaseExceptionGroup):
-            return [kind for inner in error.exceptions for kind in leaves(inner)]
-        return [type(error)]
 
     template = ChildSpec("conn", child, restart="temporary", shutdown=5)
     with anyio.fail_after(10), pytest.raises(BaseException) as caught:  # noqa: PT011 - every leaf is checked below
