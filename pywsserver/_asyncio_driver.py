@@ -32,6 +32,7 @@ import anyio
 
 from . import _core
 from ._deadlines import DeadlineQueue
+from ._socket_transport import SocketTransport
 from ._tls_pump import TLSPump
 from .protocols._frames import steady_step
 
@@ -109,7 +110,7 @@ class _LoopShared:
     them, so that the frames of a burst go out with one system call per member.
     """
 
-    __slots__ = ("clock", "deadline_users", "deadlines", "flushes", "loop")
+    __slots__ = ("clock", "deadline_users", "deadlines", "flushes", "loop", "selector")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -118,6 +119,8 @@ class _LoopShared:
         #: The connections' timers while `deadline_queue` is in use, else ``None`` (loop timers).
         self.deadlines: DeadlineQueue | None = None
         self.deadline_users = 0
+        #: Where the driver's own transport serves (`SocketTransport.selector_of`), else ``None``.
+        self.selector = SocketTransport.selector_of(loop)
 
     def flush(self) -> None:
         """End of the turn: write the frames every core on ``flushes`` has gathered.
@@ -320,7 +323,15 @@ class ProtocolDriver(asyncio.BufferedProtocol):
         core._flushes = shared.flushes
         if tls is None:
             # The default loop: the transport is made now, as asyncio's own servers make one for
-            # each accepted socket. Its callbacks run once the worker's task yields.
+            # each accepted socket: this driver's own (`SocketTransport`), registered for reading
+            # at once.
+            selector = shared.selector
+            if selector is not None:
+                own = SocketTransport(loop, selector, sock, self, self._view, core._options.write_buffer_size)
+                self._transport = self._plain = core._writer = own
+                return
+            # A selector loop without what `SocketTransport` needs: asyncio's transport. Its
+            # callbacks run once the worker's task yields.
             transport = self._transport = make_socket_transport(loop, sock, self)
             if transport is not None:
                 core._writer = transport

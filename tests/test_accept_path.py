@@ -216,16 +216,16 @@ async def test_one_acceptor_serves_every_listening_socket(monkeypatch: Any) -> N
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_a_request_that_came_with_the_connection_is_read_by_the_workers_first_step(monkeypatch: Any) -> None:
-    from pywsserver._asyncio_driver import ProtocolDriver
+    from pywsserver._socket_transport import SocketTransport
 
     reads_through_the_transport: list[object] = []
-    get_buffer = ProtocolDriver.get_buffer
+    read_ready = SocketTransport._read_ready
 
-    def counting_get_buffer(self: ProtocolDriver, sizehint: int) -> memoryview:
-        reads_through_the_transport.append(self)
-        return get_buffer(self, sizehint)
+    def counting_read_ready(self: SocketTransport) -> None:
+        reads_through_the_transport.append(self._protocol)
+        read_ready(self)
 
-    monkeypatch.setattr(ProtocolDriver, "get_buffer", counting_get_buffer)
+    monkeypatch.setattr(SocketTransport, "_read_ready", counting_read_ready)
     async with start_link(server_options(port=0, max_connections=1)) as server:
         first = await RawClient.connect(server.port)
         waiting = RawClient(await anyio.connect_tcp("127.0.0.1", server.port))  # in the kernel's backlog

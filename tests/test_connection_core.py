@@ -183,20 +183,34 @@ async def test_the_asyncio_private_transport_factory_is_still_there() -> None:
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
-async def test_without_the_private_factory_the_driver_takes_the_public_path(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("private_factory", [True, False])
+async def test_without_the_drivers_own_transport_asyncios_serves(
+    monkeypatch: pytest.MonkeyPatch, private_factory: bool
+) -> None:
+    """Where `SocketTransport` cannot be made, asyncio's transport serves: made with the private
+    factory, or without it through ``connect_accepted_socket``."""
     import pywsserver._asyncio_driver as driver_module
     from pywsserver import start_link
+    from pywsserver._socket_transport import SocketTransport
 
     from .wstools import RawClient
 
+    monkeypatch.setattr(SocketTransport, "create", classmethod(lambda cls, *args: None))
     asked: list[socket.socket] = []
-    monkeypatch.setattr(driver_module, "make_socket_transport", lambda loop, sock, protocol: asked.append(sock))
+
+    def factory(loop: asyncio.AbstractEventLoop, sock: socket.socket, protocol: Any) -> Any:
+        asked.append(sock)
+        return make_socket_transport(loop, sock, protocol) if private_factory else None
+
+    monkeypatch.setattr(driver_module, "make_socket_transport", factory)
     recorder = Recorder()
     async with start_link(server_options(recorder)) as server:
         client = await RawClient.connect(server.port)
         await recorder.wait_for(lambda: recorder.open_now == 1)
-        assert isinstance(server.workers()[0]._driver, ProtocolDriver)
-        assert len(asked) == 1  # asked, got nothing: connect_accepted_socket made the transport
+        driver = server.workers()[0]._driver
+        assert isinstance(driver, ProtocolDriver)
+        assert len(asked) == 1  # asked; without the private factory connect_accepted_socket made the transport
+        assert type(driver._transport).__name__ == "_SelectorSocketTransport"
         await client.send(Message(data="reply:public"))
         assert getattr(await client.next_event(), "data", None) == "public"
         await client.aclose()
