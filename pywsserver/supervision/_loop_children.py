@@ -44,7 +44,17 @@ __all__ = ["LoopChildren"]
 class LoopChildren:
     """One supervisor's dynamic children on asyncio, and the state of their keeper."""
 
-    __slots__ = ("_cancel_group", "_closing", "_errors", "_loop", "_running", "_wake", "cancelled_from_outside", "open")
+    __slots__ = (
+        "_cancel_group",
+        "_closing",
+        "_errors",
+        "_loop",
+        "_running",
+        "_wake",
+        "cancelled_from_outside",
+        "open",
+        "scope_type",
+    )
 
     def __init__(self, loop: asyncio.AbstractEventLoop, cancel_group: Callable[[], None]) -> None:
         self._loop = loop
@@ -57,6 +67,10 @@ class LoopChildren:
         self.open = True
         #: Whether a child's task was cancelled from outside (which cancels the group).
         self.cancelled_from_outside = False
+        #: The class of the cancel scopes `anyio.CancelScope` makes on asyncio, which each child's run
+        #: enters: made directly, a scope skips anyio's look-up of the running library and its
+        #: second ``__init__``: 572,800 to 562,600 instructions per handshake under callgrind.
+        self.scope_type: type[anyio.CancelScope] = type(anyio.CancelScope())
 
     def start(self, coro: Coroutine[Any, Any, None], instance: _Instance, name: str) -> None:
         """Run ``coro``, the run of ``instance``, as a task of the event loop; the run calls `ended`

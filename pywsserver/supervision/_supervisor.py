@@ -589,7 +589,7 @@ class Supervisor:
         reason: BaseException | None = None
         try:
             if instance.cancel is None:
-                with anyio.CancelScope() as scope:
+                with anyio.CancelScope() if loop_children is None else loop_children.scope_type() as scope:
                     instance.cancel = scope.cancel
                     if instance.stopping:
                         scope.cancel()
