@@ -96,6 +96,7 @@ class SocketTransport(asyncio.Transport):
         self._closing = False
         self._paused = False  # pause_reading
         self._eof = False  # write_eof
+        self._read_eof = False  # the peer's EOF read: nothing more to read, whatever resume_reading says
         self._events = 0  # what the selector watches the socket for now
         self._high = high
         self._low = high // 4
@@ -144,7 +145,7 @@ class SocketTransport(asyncio.Transport):
     def _wanted(self) -> int:
         """What the selector should watch for: reads unless closing or paused, writes while buffered."""
         events = 0
-        if not (self._closing or self._paused):
+        if not (self._closing or self._paused or self._read_eof):
             events = _READ
         if self._buffer and not self._conn_lost:
             events |= _WRITE
@@ -183,7 +184,7 @@ class SocketTransport(asyncio.Transport):
             self._fatal_error(exc, "Fatal error: protocol.eof_received() call failed.")
             return
         if keep_open:  # the protocol may write on, but there is nothing more to read
-            self._paused = True
+            self._read_eof = True
             self._set_events(self._wanted())
         else:
             self.close()
@@ -203,8 +204,8 @@ class SocketTransport(asyncio.Transport):
         self._set_events(self._wanted())
 
     def is_reading(self) -> bool:
-        """Whether the transport reads (not closing, not paused)."""
-        return not self._closing and not self._paused
+        """Whether the transport reads (not closing, not paused, not at the peer's EOF)."""
+        return not (self._closing or self._paused or self._read_eof)
 
     # ----------------------------------------------------------------- writes
 
@@ -259,8 +260,8 @@ class SocketTransport(asyncio.Transport):
             return
         if sent:
             del buffer[:sent]
-        self._maybe_resume_protocol()  # may write more
-        if buffer:
+        self._maybe_resume_protocol()  # may write more, or fail the connection (then lost with its error)
+        if buffer or self._conn_lost:
             return
         if self._closing:
             self._conn_lost += 1
