@@ -339,11 +339,16 @@ class ProtocolDriver(asyncio.BufferedProtocol):
                 self._plain = transport if type(transport) in _PLAIN_TYPES or _plain(transport) else None
 
     def addresses(self) -> tuple[Any, Any]:
-        """The peer's and the local address (from the transport when there is one: it has looked them up)."""
+        """The peer's and the local address (from asyncio's transport when there is one: it has looked
+        them up; else from the socket, once: the driver's own transport looks them up only when asked)."""
         transport = self._transport
-        if transport is not None:
-            return transport.get_extra_info("peername"), transport.get_extra_info("sockname")
-        return _sockname(self._sock.getpeername), _sockname(self._sock.getsockname)
+        if transport is None or type(transport) is SocketTransport:
+            sock = self._sock
+            try:
+                return sock.getpeername(), sock.getsockname()
+            except OSError:  # the peer has gone already (ENOTCONN): each as far as it can be had
+                return _sockname(sock.getpeername), _sockname(sock.getsockname)
+        return transport.get_extra_info("peername"), transport.get_extra_info("sockname")
 
     # ------------------------------------------------------------- the task
 
