@@ -14,8 +14,12 @@ Write flow control: above ``write_buffer_size`` bytes buffered, asyncio calls
 more replies to produce) and actions wait in the mailbox until
 ``resume_writing``.
 
-Only this module touches asyncio's internals (``loop._make_socket_transport``,
-see `ProtocolDriver.__init__`); the test suite fails loudly if that disappears.
+The transport, on asyncio's selector loop, is the driver's own (`SocketTransport`,
+``_socket_transport``, which relies on the loop's selector and the data it keeps
+there); elsewhere the loop's own, made with asyncio's private
+``loop._make_socket_transport`` where the loop has it. These and
+``_socket_transport`` are the only modules that touch asyncio's internals; the
+test suite fails loudly if they disappear.
 """
 
 from __future__ import annotations
@@ -52,10 +56,12 @@ def make_socket_transport(
     and a coroutine per connection that serve nothing here. Measured gain: a
     transport in 60 µs instead of 110 µs (16,700 against 9,100 a second, one
     event loop wrapping socket pairs, median of 5 rounds of 3,000), about 50
-    µs of the 360 µs a handshake costs at 2,800 handshakes a second. Only the
-    default selector loop (plain TCP) has the method; elsewhere, and if a
-    Python release drops it, the caller falls back to the public path (and
-    ``tests/test_connection_core.py`` fails, so that the loss is seen).
+    µs of the 360 µs a handshake costs at 2,800 handshakes a second. Used
+    where the driver's own transport (`SocketTransport`) is not, and for the
+    TLS pump's transport. Only asyncio's selector loops have the method;
+    elsewhere, and if a Python release drops it, the caller falls back to the
+    public path (and ``tests/test_connection_core.py`` fails, so that the loss
+    is seen).
     """
     if not isinstance(loop, asyncio.selector_events.BaseSelectorEventLoop):
         return None
@@ -160,9 +166,10 @@ def flush_frames_python(cores: list[ConnectionCore], left: list[tuple[Connection
 
     `ConnectionCore._flush` written out, and the frames handed to the socket as the transport's
     own ``write`` would when it buffers nothing and is not closed (only a ProtocolDriver sets
-    ``_flushes``; ``_plain`` is a transport of `make_socket_transport` whose attributes were
-    found): one ``send``, without ``write``'s checks and call. The twin of the C speedup's
-    ``flush_frames`` (``tests/test_broadcast_speedups.py`` holds the two equal).
+    ``_flushes``; ``_plain`` is the driver's own `SocketTransport`, or a transport of
+    `make_socket_transport` whose attributes were found): one ``send``, without ``write``'s checks
+    and call. The twin of the C speedup's ``flush_frames`` (``tests/test_broadcast_speedups.py``
+    holds the two equal).
     """
     for core in cores:
         out = core._out

@@ -423,7 +423,10 @@ class ConnectionCore(HandlerCalls):
         try:
             self._set_module(initial.module(initial.options, self.connection))
         except BaseException:
-            driver.abort()  # a transport made already would keep the socket registered
+            # No module: the core takes no input (the driver's connection_lost comes after), and a
+            # transport made already would keep the socket registered.
+            self._stopped = True
+            driver.abort()
             raise
 
     def __repr__(self) -> str:

@@ -190,16 +190,32 @@ def _run_worker(
     # A plain function returning the worker's coroutine: no frame of its own held for the
     # connection's whole life.
     options = server.options
-    worker = Worker(
-        options.worker,
-        connection,
-        server._release_slot,
-        tls=options.tls,
-        tls_handshake_timeout=options.tls_handshake_timeout,
-        token=server._token,
-    )
+    try:
+        worker = Worker(
+            options.worker,
+            connection,
+            server._release_slot,
+            tls=options.tls,
+            tls_handshake_timeout=options.tls_handshake_timeout,
+            token=server._token,
+        )
+    except BaseException as error:  # the initial module could not be made, say: no worker owns the connection
+        if isinstance(connection, socket.socket):
+            connection.close()  # closed, then its slot given back
+            server._release_slot()
+            raise
+        return _close_unowned(server, connection, error)
     worker._observer = server._telemetry
     return worker.run(task_status=task_status)
+
+
+async def _close_unowned(server: Server, stream: anyio.abc.ByteStream, error: BaseException) -> None:
+    """A stream no worker could take: closed, its slot given back, then the worker's start fails with ``error``."""
+    try:
+        await anyio.aclose_forcefully(stream)
+    finally:
+        server._release_slot()
+    raise error
 
 
 async def _listener(server: Server, *, task_status: anyio.abc.TaskStatus[None]) -> None:

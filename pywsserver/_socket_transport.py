@@ -23,11 +23,15 @@ takes, with ``pause_writing``/``resume_writing`` at the same bounds;
 paths' direct ``send`` (the C speedups) reads ``_buffer``, ``_conn_lost`` and
 ``_sock`` as it does on asyncio's transport.
 
+The socket is taken as the server's acceptors make it: non-blocking, with
+``TCP_NODELAY`` set (asyncio's transport sets it again; this one does not).
+
 The loop's internals it relies on: ``loop._selector``, and the ``(reader,
 writer)`` pair of `asyncio.Handle` that the loop keeps as each registered file
 descriptor's data and runs from ``_process_events`` (the same from Python 3.8
 to 3.13). `SocketTransport.selector_of` finds none on any other loop (uvloop,
-the proactor), and the driver then takes asyncio's transport.
+the proactor, a selector loop with its own ``_process_events``), and the driver
+then takes the loop's transport.
 
 Measured: see ``docs/performance.md`` (instructions per handshake and per
 echoed message under callgrind, ``benchmarks/instructions.py``).
@@ -66,7 +70,10 @@ class SocketTransport(asyncio.Transport):
     def selector_of(loop: asyncio.AbstractEventLoop) -> selectors.BaseSelector | None:
         """``loop``'s selector where the transport can serve on ``loop``, else ``None`` (uvloop, the
         proactor: the caller takes asyncio's transport). Asked once per event loop (`_LoopShared`)."""
-        if not isinstance(loop, asyncio.selector_events.BaseSelectorEventLoop):
+        base = asyncio.selector_events.BaseSelectorEventLoop
+        # A loop that dispatches the selector's events its own way is left its own transport.
+        dispatch = getattr(type(loop), "_process_events", None)
+        if not isinstance(loop, base) or dispatch is not getattr(base, "_process_events", None):
             return None
         selector = getattr(loop, "_selector", None)
         return selector if isinstance(selector, selectors.BaseSelector) else None
@@ -120,18 +127,31 @@ class SocketTransport(asyncio.Transport):
         old = self._events
         if events == old:
             return
-        self._events = events
         selector = self._selector
+        fd = self._fd
         if not events:
-            selector.unregister(self._fd)
+            self._events = 0  # first: a selector that fails below has dropped the descriptor anyway
+            # A try costs nothing here when nothing is raised; a test of the selector's map or
+            # contextlib.suppress would cost about 2,000 instructions per connection.
+            try:  # noqa: SIM105
+                selector.unregister(fd)
+            except KeyError:  # not there once the loop has closed, or after a failed registration
+                pass
             return
         loop = self._loop
         if not old:
             reader = asyncio.Handle(self._read_ready, (), loop, None) if events & _READ else None
             writer = asyncio.Handle(self._write_ready, (), loop, None) if events & _WRITE else None
-            selector.register(self._fd, events, (reader, writer))
+            try:
+                selector.register(fd, events, (reader, writer))
+            except KeyError:
+                # A stale entry for this number: a descriptor closed while registered, which the kernel
+                # forgot with it. Dropped and registered again, so that the kernel watches this one.
+                selector.unregister(fd)
+                selector.register(fd, events, (reader, writer))
+            self._events = events
             return
-        reader, writer = selector.get_key(self._fd).data  # the direction that stays keeps its handle
+        reader, writer = selector.get_key(fd).data  # the direction that stays keeps its handle
         if not events & _READ:
             reader = None
         elif reader is None:
@@ -140,10 +160,16 @@ class SocketTransport(asyncio.Transport):
             writer = None
         elif writer is None:
             writer = asyncio.Handle(self._write_ready, (), loop, None)
-        selector.modify(self._fd, events, (reader, writer))
+        try:
+            selector.modify(fd, events, (reader, writer))
+        except BaseException:
+            self._events = 0 if fd not in selector.get_map() else old
+            raise
+        self._events = events
 
     def _wanted(self) -> int:
-        """What the selector should watch for: reads unless closing or paused, writes while buffered."""
+        """What the selector should watch for: reads unless closing, paused or at the peer's EOF, writes
+        while buffered."""
         events = 0
         if not (self._closing or self._paused or self._read_eof):
             events = _READ
@@ -211,6 +237,11 @@ class SocketTransport(asyncio.Transport):
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         """Send ``data``, buffering what the socket does not take now."""
+        if type(data) is not bytes:  # what the core writes: checked with one comparison
+            if not isinstance(data, bytearray | memoryview):
+                raise TypeError(f"data argument must be a bytes-like object, not {type(data).__name__!r}")
+            if isinstance(data, memoryview):
+                data = data.cast("B")  # lengths and slices in bytes, whatever the item size
         if self._eof:
             raise RuntimeError("Cannot call write() after write_eof()")
         if not data:

@@ -601,7 +601,7 @@ static SlotTable core_table = {
 /* The protocol module's (the WebSocket module's counter of messages sent). */
 enum { MODULE_MESSAGES_OUT, MODULE_COUNT };
 static SlotTable module_table = {MODULE_COUNT, {"messages_out"}};
-/* The transport's (asyncio's selector socket transport: no slots, looked up by name). */
+/* The transport's (a plain transport of the asyncio driver: no slots, looked up by name). */
 enum { TRANSPORT_BUFFER, TRANSPORT_CONN_LOST, TRANSPORT_SOCK, TRANSPORT_COUNT };
 static SlotTable transport_table = {TRANSPORT_COUNT, {"_buffer", "_conn_lost", "_sock"}};
 
@@ -1107,10 +1107,10 @@ call_write(PyObject *target, PyObject *data)
 }
 
 /*
- * The reply of a read written as ConnectionCore's writer would: when `transport` (a selector
- * socket transport of asyncio, or None) buffers nothing and is not closing, handed to its socket
- * with one send, the rest (after a short send) to the transport's write, which buffers it and
- * waits for the socket, as its own write does (`fd` is its socket's descriptor); an error of the
+ * The reply of a read written as ConnectionCore's writer would: when `transport` (the asyncio
+ * driver's SocketTransport or asyncio's selector socket transport, or None) buffers nothing and
+ * is not closing, handed to its socket with one send, the rest (after a short send) to the
+ * transport's write, which buffers it and waits for the socket, as its own write does (`fd` is its socket's descriptor); an error of the
  * send goes to the transport's write, which meets it again and closes the transport as it would.
  * Otherwise `core._writer.write(reply)`.
  */
@@ -1212,7 +1212,7 @@ write_reply(PyObject *core, PyObject *transport, int fd, PyObject *reply)
  * state and output list. When it answered every message (DONE) the step carries that out itself:
  * the state stored, the messages and replies counted (the core's `_messages_in`, its module's
  * `messages_out`), and unless the socket is closed the output counted and written (write_reply;
- * `transport` is the core's writer when it is asyncio's selector socket transport, else None, and
+ * `transport` is the core's writer when it is the driver's plain transport, else None, and
  * `fd` its socket's descriptor, passed by the caller: read here it would cost about 220 instructions) and
  * None returned. Any other answer is returned as steady_read gives it, for the core's
  * `_steady_answer`, with only the timer and the bytes in done.
@@ -1604,7 +1604,8 @@ static PyObject *str_buffer, *str_conn_lost;
 static PyObject *deque_type;
 
 /*
- * Whether asyncio's selector socket transport buffers nothing and has not lost its connection
+ * Whether a plain transport (the asyncio driver's SocketTransport, or asyncio's selector socket
+ * transport) buffers nothing and has not lost its connection
  * (`not transport._buffer and not transport._conn_lost`; `_buffer` an exact bytearray up to
  * Python 3.11, an exact collections.deque from 3.12, whose length no Python code computes):
  * 1, 0 (or not known: a type whose

@@ -306,3 +306,32 @@ async def test_messages_sent_right_after_the_handshake_are_not_lost() -> None:
             events.append(event)
         assert isinstance(events[1], TextMessage)
         assert events[1].data == "hi"
+
+
+class FailsFirst(LineEcho):
+    """`LineEcho`, whose first connection's module cannot be made."""
+
+    made = 0
+
+    def __init__(self, options: Mapping[str, Any], connection: ConnectionInfo) -> None:
+        FailsFirst.made += 1
+        if FailsFirst.made == 1:
+            raise RuntimeError("the first module cannot be made")
+        super().__init__(options, connection)
+
+
+async def test_a_connection_whose_first_module_cannot_be_made_is_closed_and_gives_back_its_slot(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The worker's start fails: the socket is closed (the client sees the end) and its slot of
+    ``max_connections`` (one here) goes back, so the next connection is served."""
+    FailsFirst.made = 0
+    options = [
+        ("port", 0),
+        ("max_connections", 2),
+        ("worker_options", [("initial_module", "lines"), ("protocol_modules", [(FailsFirst, [])])]),
+    ]
+    async with start_link(options) as server:
+        assert await _talk(server.port, b"", [b"lost\n"]) == b""
+        assert await _talk(server.port, b"", [b"served\n", b"quit\n"]) == b"served\nbye\n"
+    assert "the first module cannot be made" in caplog.text

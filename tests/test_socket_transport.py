@@ -8,6 +8,7 @@ or in loop turns (`turns`); nothing sleeps for a delay.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import gc
@@ -243,6 +244,36 @@ async def test_made_on_the_default_loop_it_is_registered_for_reading_at_once() -
         peer.close()
 
 
+async def test_a_stale_registration_of_its_descriptor_number_is_replaced() -> None:
+    """A descriptor closed while still registered leaves the selector an entry that the kernel has
+    forgotten; a transport whose socket gets that number registers it anew and reads."""
+    loop = asyncio.get_running_loop()
+    selector = SocketTransport.selector_of(loop)
+    assert selector is not None
+    gone, gone_peer = tcp_pair()
+    stale = gone.fileno()
+    selector.register(stale, selectors.EVENT_READ, (asyncio.Handle(lambda: None, (), loop, None), None))
+    gone.close()  # still in the selector's map
+    gone_peer.close()
+    ours, peer = tcp_pair()
+    try:
+        if ours.fileno() != stale:
+            selector.unregister(stale)
+            pytest.skip("the descriptor number was not reused")
+        protocol = RecordingProtocol()
+        transport = SocketTransport(loop, selector, ours, protocol, protocol.view)  # type: ignore[arg-type]
+        try:
+            peer.sendall(b"after the stale entry")
+            await protocol.wait_for(lambda: len(protocol.received) >= 21)
+            assert bytes(protocol.received) == b"after the stale entry"
+        finally:
+            transport.abort()
+            await protocol.wait_for(lambda: protocol.lost)
+    finally:
+        ours.close()
+        peer.close()
+
+
 async def test_selector_of_is_none_off_asyncios_selector_loop() -> None:
     """`SocketTransport.selector_of` is None (the driver then takes asyncio's transport) for what is
     not a selector event loop, and for a selector event loop without a selector it can use."""
@@ -256,6 +287,33 @@ async def test_selector_of_is_none_off_asyncios_selector_loop() -> None:
     finally:
         other._selector = selector  # type: ignore[attr-defined]
         other.close()
+
+
+async def test_selector_of_is_none_on_a_loop_that_dispatches_events_its_own_way() -> None:
+    """A selector loop whose ``_process_events`` is its own may not expect the ``(reader, writer)``
+    handles the transport registers: it is left its own transport."""
+
+    class OwnDispatch(asyncio.SelectorEventLoop):  # type: ignore[misc, valid-type]
+        def _process_events(self, event_list: Any) -> None:
+            super()._process_events(event_list)
+
+    other = OwnDispatch()
+    try:
+        assert SocketTransport.selector_of(other) is None
+    finally:
+        other.close()
+
+
+async def test_write_takes_bytes_like_objects_only_and_counts_bytes() -> None:
+    """``write`` refuses a ``str`` with asyncio's TypeError, and a memoryview whose items are wider
+    than a byte is sent byte for byte."""
+    async with connection() as (transport, _protocol, _, peer):
+        with pytest.raises(TypeError, match="bytes-like"):
+            transport.write("text")  # type: ignore[arg-type]
+        numbers = array.array("i", range(1000))
+        transport.write(memoryview(numbers))
+        assert await recv_exactly(peer, len(numbers) * numbers.itemsize) == numbers.tobytes()
+        assert not transport.is_closing()
 
 
 async def test_selector_of_is_none_on_uvloop() -> None:
