@@ -26,6 +26,17 @@
 #define SEND_FLAGS 0
 #endif
 
+/* What changed in Python 3.13: a Python int as a C int is public (the private name earlier releases
+ * have is gone), and a type's version tag is valid when it is not 0 (the flag that said so before is
+ * no longer set). */
+#if PY_VERSION_HEX >= 0x030D0000
+#define long_as_int PyLong_AsInt
+#define VERSION_TAG_VALID(type) ((type)->tp_version_tag != 0)
+#else
+#define long_as_int _PyLong_AsInt
+#define VERSION_TAG_VALID(type) (((type)->tp_flags & Py_TPFLAGS_VALID_VERSION_TAG) != 0)
+#endif
+
 /* XOR `length` bytes of `in` with the repeated 4-byte `key` into `out`, eight bytes at a time. */
 static void
 unmask_into(unsigned char *out, const unsigned char *in, Py_ssize_t length, const unsigned char *key)
@@ -643,7 +654,7 @@ table_fill(SlotTable *table, PyTypeObject *type)
     }
     old = table->type;
     table->type = (PyTypeObject *)Py_NewRef(type);
-    table->version = generic && (type->tp_flags & Py_TPFLAGS_VALID_VERSION_TAG) ? type->tp_version_tag : 0;
+    table->version = generic && VERSION_TAG_VALID(type) ? type->tp_version_tag : 0;
     if (table->version == 0) {
         for (i = 0; i < table->count; i++) {
             table->offsets[i] = 0;
@@ -1231,7 +1242,7 @@ steady_step(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     core = args[0];
     transport = args[3];
-    fd = _PyLong_AsInt(args[4]);
+    fd = long_as_int(args[4]);
     if (fd == -1 && PyErr_Occurred()) {
         return NULL;
     }
@@ -1623,7 +1634,7 @@ transport_idle(PyObject *transport)
     if (type != idle_type || idle_version == 0 || type->tp_version_tag != idle_version) {
         PyObject *names[2] = {str_buffer, str_conn_lost};
         int i, plain = type->tp_getattro == PyObject_GenericGetAttr && type->tp_dictoffset != 0
-                       && (type->tp_flags & Py_TPFLAGS_VALID_VERSION_TAG);
+                       && VERSION_TAG_VALID(type);
         for (i = 0; plain && i < 2; i++) {
             PyObject *descr = _PyType_Lookup(type, names[i]);
             plain = descr == NULL || Py_TYPE(descr)->tp_descr_set == NULL;
