@@ -411,16 +411,16 @@ class ConnectionCore(HandlerCalls):
     def _attach(self, driver: Driver) -> None:
         """Take ``driver`` as the connection's driver and make the first protocol module."""
         self._driver = driver
-        peer_raw, local_raw = driver.addresses()
-        self.connection = ConnectionInfo(
-            peer=_address(peer_raw), local=_address(local_raw), connection_id=self.connection_id
-        )
-        # The connection logs its traffic if ``pywsserver.frames`` is at DEBUG when it is accepted.
-        if frames_logger.isEnabledFor(logging.DEBUG):
-            self._frames_log = ConnectionLogger(frames_logger, self._context())
-        initial = self._options.modules[self._options.initial_module]
-        self._module_config = initial
         try:
+            peer_raw, local_raw = driver.addresses()
+            self.connection = ConnectionInfo(
+                peer=_address(peer_raw), local=_address(local_raw), connection_id=self.connection_id
+            )
+            # The connection logs its traffic if ``pywsserver.frames`` is at DEBUG when it is accepted.
+            if frames_logger.isEnabledFor(logging.DEBUG):
+                self._frames_log = ConnectionLogger(frames_logger, self._context())
+            initial = self._options.modules[self._options.initial_module]
+            self._module_config = initial
             self._set_module(initial.module(initial.options, self.connection))
         except BaseException:
             # No module: the core takes no input (the driver's connection_lost comes after), and a

@@ -213,6 +213,8 @@ async def _close_unowned(server: Server, stream: anyio.abc.ByteStream, error: Ba
     """A stream no worker could take: closed, its slot given back, then the worker's start fails with ``error``."""
     try:
         await anyio.aclose_forcefully(stream)
+    except Exception:  # the start fails with the first error, not with this one
+        logger.debug("closing a connection no worker took failed", exc_info=True)
     finally:
         server._release_slot()
     raise error

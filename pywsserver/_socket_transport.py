@@ -52,6 +52,7 @@ if TYPE_CHECKING:
 __all__ = ["SocketTransport"]
 
 logger = logging.getLogger("asyncio")  # asyncio's own transports report here
+_logger = logging.getLogger("pywsserver.server")  # what is the server's business
 
 _READ = selectors.EVENT_READ
 _WRITE = selectors.EVENT_WRITE
@@ -146,7 +147,9 @@ class SocketTransport(asyncio.Transport):
                 selector.register(fd, events, (reader, writer))
             except KeyError:
                 # A stale entry for this number: a descriptor closed while registered, which the kernel
-                # forgot with it. Dropped and registered again, so that the kernel watches this one.
+                # forgot with it. Dropped and registered again, so that the kernel watches this one;
+                # said, as whoever closed it registered may still remove this registration later.
+                _logger.warning("descriptor %d was still registered with the event loop: registered again", fd)
                 selector.unregister(fd)
                 selector.register(fd, events, (reader, writer))
             self._events = events

@@ -328,10 +328,48 @@ async def test_a_connection_whose_first_module_cannot_be_made_is_closed_and_give
     FailsFirst.made = 0
     options = [
         ("port", 0),
-        ("max_connections", 2),
+        ("max_connections", 1),
         ("worker_options", [("initial_module", "lines"), ("protocol_modules", [(FailsFirst, [])])]),
     ]
     async with start_link(options) as server:
         assert await _talk(server.port, b"", [b"lost\n"]) == b""
         assert await _talk(server.port, b"", [b"served\n", b"quit\n"]) == b"served\nbye\n"
     assert "the first module cannot be made" in caplog.text
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_worker_failing_before_its_module_leaves_nothing_registered(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure while the worker is attached to its driver, before any module is made (here the
+    addresses cannot be read), still unregisters the socket from the event loop before it is closed:
+    no entry of a closed socket is left in the selector, where it would stand in the way of the next
+    socket given its number."""
+    import asyncio
+
+    from pywsserver._asyncio_driver import ProtocolDriver
+    from pywsserver._socket_transport import SocketTransport
+
+    addresses = ProtocolDriver.addresses
+    failures = [RuntimeError("no addresses")]
+
+    def failing_once(self: ProtocolDriver) -> Any:
+        if failures:
+            raise failures.pop()
+        return addresses(self)
+
+    monkeypatch.setattr(ProtocolDriver, "addresses", failing_once)
+    options = [
+        ("port", 0),
+        ("max_connections", 1),
+        ("worker_options", [("initial_module", "lines"), ("protocol_modules", [(LineEcho, [])])]),
+    ]
+    async with start_link(options) as server:
+        assert await _talk(server.port, b"", [b"lost\n"]) == b""
+        selector = asyncio.get_running_loop()._selector  # type: ignore[attr-defined]
+        closed = [
+            key
+            for key in selector.get_map().values()
+            if isinstance(getattr(getattr(key.data[0], "_callback", None), "__self__", None), SocketTransport)
+            and key.data[0]._callback.__self__._sock.fileno() < 0
+        ]
+        assert closed == []
+        assert await _talk(server.port, b"", [b"served\n", b"quit\n"]) == b"served\nbye\n"

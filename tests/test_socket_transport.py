@@ -244,7 +244,7 @@ async def test_made_on_the_default_loop_it_is_registered_for_reading_at_once() -
         peer.close()
 
 
-async def test_a_stale_registration_of_its_descriptor_number_is_replaced() -> None:
+async def test_a_stale_registration_of_its_descriptor_number_is_replaced(caplog: pytest.LogCaptureFixture) -> None:
     """A descriptor closed while still registered leaves the selector an entry that the kernel has
     forgotten; a transport whose socket gets that number registers it anew and reads."""
     loop = asyncio.get_running_loop()
@@ -266,6 +266,7 @@ async def test_a_stale_registration_of_its_descriptor_number_is_replaced() -> No
             peer.sendall(b"after the stale entry")
             await protocol.wait_for(lambda: len(protocol.received) >= 21)
             assert bytes(protocol.received) == b"after the stale entry"
+            assert f"descriptor {stale} was still registered" in caplog.text
         finally:
             transport.abort()
             await protocol.wait_for(lambda: protocol.lost)
