@@ -36,7 +36,7 @@ import anyio
 
 from . import _core
 from ._deadlines import DeadlineQueue
-from ._socket_transport import SocketTransport
+from ._socket_transport import SocketTransport, sockname
 from ._tls_pump import TLSPump
 from .protocols._frames import steady_step
 
@@ -354,7 +354,7 @@ class ProtocolDriver(asyncio.BufferedProtocol):
             try:
                 return sock.getpeername(), sock.getsockname()
             except OSError:  # the peer has gone already (ENOTCONN): each as far as it can be had
-                return _sockname(sock.getpeername), _sockname(sock.getsockname)
+                return sockname(sock.getpeername), sockname(sock.getsockname)
         return transport.get_extra_info("peername"), transport.get_extra_info("sockname")
 
     # ------------------------------------------------------------- the task
@@ -606,10 +606,3 @@ class ProtocolDriver(asyncio.BufferedProtocol):
         core._take_mailbox()  # now: the task may be an async handler's, waiting for room for its own sends
         core._resume_reading()
         self.wake()
-
-
-def _sockname(getter: Any) -> Any:
-    try:
-        return getter()
-    except OSError:
-        return None

@@ -51,8 +51,8 @@ if TYPE_CHECKING:
 
 __all__ = ["SocketTransport"]
 
-logger = logging.getLogger("asyncio")  # asyncio's own transports report here
-_logger = logging.getLogger("pywsserver.server")  # what is the server's business
+_asyncio_logger = logging.getLogger("asyncio")  # where asyncio's own transports report what this one does too
+_server_logger = logging.getLogger("pywsserver.server")  # what is the server's business
 
 _READ = selectors.EVENT_READ
 _WRITE = selectors.EVENT_WRITE
@@ -149,7 +149,7 @@ class SocketTransport(asyncio.Transport):
                 # A stale entry for this number: a descriptor closed while registered, which the kernel
                 # forgot with it. Dropped and registered again, so that the kernel watches this one;
                 # said, as whoever closed it registered may still remove this registration later.
-                _logger.warning("descriptor %d was still registered with the event loop: registered again", fd)
+                _server_logger.warning("descriptor %d was still registered with the event loop: registered again", fd)
                 selector.unregister(fd)
                 selector.register(fd, events, (reader, writer))
             self._events = events
@@ -251,7 +251,7 @@ class SocketTransport(asyncio.Transport):
             return
         if self._conn_lost:
             if self._conn_lost >= _LOG_THRESHOLD_FOR_CONNLOST_WRITES:
-                logger.warning("socket.send() raised exception.")
+                _asyncio_logger.warning("socket.send() raised exception.")
             self._conn_lost += 1
             return
         buffer = self._buffer
@@ -372,11 +372,12 @@ class SocketTransport(asyncio.Transport):
         if self._closing:
             return
         self._closing = True
-        if not self._buffer:
-            self._conn_lost += 1
-        self._set_events(self._wanted())
-        if not self._buffer:
-            self._loop.call_soon(self._call_connection_lost, None)
+        if self._buffer:  # `_write_ready` ends the connection once the buffer is written
+            self._set_events(self._wanted())
+            return
+        self._conn_lost += 1
+        self._set_events(0)
+        self._loop.call_soon(self._call_connection_lost, None)
 
     def abort(self) -> None:
         """Drop the buffer, close the socket and call ``connection_lost`` (in a callback)."""
@@ -394,7 +395,7 @@ class SocketTransport(asyncio.Transport):
     def _fatal_error(self, exc: BaseException, message: str) -> None:
         if isinstance(exc, OSError):  # the peer's doing: asyncio logs it only in debug mode
             if self._loop.get_debug():
-                logger.debug("%r: %s", self, message, exc_info=True)
+                _asyncio_logger.debug("%r: %s", self, message, exc_info=True)
         else:
             self._exception_handler(message, exc)
         self._force_close(exc)
@@ -428,9 +429,9 @@ class SocketTransport(asyncio.Transport):
         if name == "socket":
             value: Any = trsock.TransportSocket(sock)
         elif name == "peername":
-            value = _address(sock.getpeername)  # None once the socket is closed
+            value = sockname(sock.getpeername)  # None once the socket is closed
         elif name == "sockname":
-            value = _address(sock.getsockname)
+            value = sockname(sock.getsockname)
         else:
             return default
         addresses[name] = value
@@ -446,7 +447,9 @@ class SocketTransport(asyncio.Transport):
         return protocol
 
 
-def _address(getter: Any) -> Any:
+def sockname(getter: Any) -> Any:
+    """What ``getter`` (a socket's ``getpeername`` or ``getsockname``) gives, or ``None`` once the
+    peer has gone or the socket is closed."""
     try:
         return getter()
     except OSError:

@@ -1121,8 +1121,9 @@ call_write(PyObject *target, PyObject *data)
  * The reply of a read written as ConnectionCore's writer would: when `transport` (the asyncio
  * driver's SocketTransport or asyncio's selector socket transport, or None) buffers nothing and
  * is not closing, handed to its socket with one send, the rest (after a short send) to the
- * transport's write, which buffers it and waits for the socket, as its own write does (`fd` is its socket's descriptor); an error of the
- * send goes to the transport's write, which meets it again and closes the transport as it would.
+ * transport's write, which buffers it and waits for the socket, as its own write does (`fd` is its
+ * socket's descriptor); an error of the send goes to the transport's write, which meets it again
+ * and closes the transport as it would.
  * Otherwise `core._writer.write(reply)`.
  */
 static int
