@@ -117,6 +117,19 @@ class WorkerState(enum.Enum):
     DONE = "done"
 
 
+# The members as module globals, read so in the per-connection paths: on Python 3.11 reading a
+# member from its Enum class goes through ``EnumType.__getattr__`` (about 1,000 instructions under
+# callgrind, a global read a few dozen). With the same in the modules and the supervisor (25 such
+# reads per connection): 558,600 to 533,000 instructions per handshake, benchmarks/instructions.py
+# --mode handshake.
+_HANDSHAKING, _SERVING, _DRAINING, _DONE = (
+    WorkerState.HANDSHAKING,
+    WorkerState.SERVING,
+    WorkerState.DRAINING,
+    WorkerState.DONE,
+)
+
+
 class Driver(Protocol):
     """What the core asks of the driver that carries a connection's bytes.
 
@@ -377,7 +390,7 @@ class ConnectionCore(HandlerCalls):
         self._token = token
         self._aborted: ConnectionClose | None = None
         #: Where the worker is in its life.
-        self.state = WorkerState.HANDSHAKING
+        self.state = _HANDSHAKING
         #: Unique within the process; appears in every log line of the connection.
         self.connection_id = next(_connection_ids)
         # Log levels are looked at once per connection: a debug line that is off costs one test.
@@ -463,7 +476,7 @@ class ConnectionCore(HandlerCalls):
     def _mailbox(self) -> tuple[MemoryObjectSendStream[Action], MemoryObjectReceiveStream[Action]]:
         """The mailbox, made on first use (most connections never need one)."""
         if self._mailbox_send is None or self._mailbox_receive is None:
-            if self.state is WorkerState.DONE:
+            if self.state is _DONE:
                 raise ConnectionClosed(f"{self!r} is closed")
             self._mailbox_send, self._mailbox_receive = anyio.create_memory_object_stream[Action](
                 self._options.mailbox_size
@@ -822,7 +835,7 @@ class ConnectionCore(HandlerCalls):
             if timers.get(name) == deadline and not self._stopped:  # not moved or stopped by an earlier one
                 del timers[name]
                 self._input("timer", name)
-        if timers and self._wake_at == _INFINITY and self.state is not WorkerState.DONE:
+        if timers and self._wake_at == _INFINITY and self.state is not _DONE:
             self._wake_at = deadline = min(timers.values())
             self._driver.wake_at(deadline)
 
@@ -908,7 +921,7 @@ class ConnectionCore(HandlerCalls):
         if self._debug:
             self.log.debug("stopping: %r", stop.reason)
         if stop.bad_input:  # the module closed because the client broke the protocol
-            kind = "bad handshakes" if self.state is WorkerState.HANDSHAKING else "protocol violations"
+            kind = "bad handshakes" if self.state is _HANDSHAKING else "protocol violations"
             bad_input(kind, f"{self._peer_text}: {stop.reason!r}", self._context())
 
     def _switch(self, switch: Switch) -> list[Effect]:
@@ -918,8 +931,8 @@ class ConnectionCore(HandlerCalls):
         self._timers.clear()  # the driver's wake-up stays; it finds nothing due
         self._module_config = config
         self._set_module(config.module(config.options, self.connection))
-        if not getattr(config.module, "handshake", False) and self.state is WorkerState.HANDSHAKING:
-            self.state = WorkerState.SERVING
+        if not getattr(config.module, "handshake", False) and self.state is _HANDSHAKING:
+            self.state = _SERVING
         if self._debug:
             self.log.debug("switched to %s", config.name)
         return self._module.start(switch.data, switch.context)
@@ -984,7 +997,7 @@ class ConnectionCore(HandlerCalls):
 
     async def _drain(self) -> None:
         """Cancelled while the connection is up: say going away and wait for the peer's close."""
-        self.state = WorkerState.DRAINING
+        self.state = _DRAINING
         if self._debug:
             self.log.debug("draining")
         self._busy = False  # a handler call in progress was cancelled with the worker
@@ -994,7 +1007,7 @@ class ConnectionCore(HandlerCalls):
         await self._driver.drain()
 
     async def _finish(self) -> None:
-        draining = self.state is WorkerState.DRAINING
+        draining = self.state is _DRAINING
         groups.leave_all(self)
         if self._mailbox_send is not None:
             self._mailbox_send.close()
@@ -1003,7 +1016,7 @@ class ConnectionCore(HandlerCalls):
         if self._room is not None:  # senders waiting for room find the connection closed
             self._room.set()
             self._room = None
-        self.state = WorkerState.DONE
+        self.state = _DONE
         self._steady_ok = False
         self._driver.cancel_timer()
         self._timers.clear()

@@ -266,6 +266,12 @@ class _Phase(enum.Enum):
     DONE = "done"
 
 
+# The members as module globals, read so in the per-connection paths: on Python 3.11 reading a
+# member from its Enum class goes through ``EnumType.__getattr__`` (about 1,000 instructions under
+# callgrind, a global read a few dozen; see `pywsserver._core`).
+_READING, _DECIDING, _DONE = _Phase.READING, _Phase.DECIDING, _Phase.DONE
+
+
 class HTTPProtocol:
     """The opening handshake (RFC 6455 section 4.2) as a protocol module."""
 
@@ -322,7 +328,7 @@ class HTTPProtocol:
         self.options = options
         self.connection = connection
         self._buffer = bytearray()
-        self._phase = _Phase.READING
+        self._phase = _READING
         self._pending: _Pending | None = None
         #: The request, once its head is parsed (for the access log).
         self.request: Request | None = None
@@ -338,14 +344,14 @@ class HTTPProtocol:
 
     def data_received(self, data: bytes) -> list[Effect]:
         """Buffer the request head; answer it once complete."""
-        if self._phase is _Phase.DECIDING:
+        if self._phase is _DECIDING:
             # Frames the client sent right after its request: kept for the WebSocket module, within bounds.
             assert self._pending is not None
             self._pending.rest += data
             if len(self._pending.rest) > self.options.max_request_size:
                 return self._fail(400, "data sent before the handshake's answer")
             return []
-        if self._phase is not _Phase.READING:
+        if self._phase is not _READING:
             return []
         buffer = self._buffer
         search_from = max(len(buffer) - 3, 0)
@@ -454,7 +460,7 @@ class HTTPProtocol:
         if route.handler_options:
             info.update({key: value for key, value in route.handler_options.items() if key not in info})
         if getattr(route.handler, "has_handshake", False):
-            self._phase = _Phase.DECIDING
+            self._phase = _DECIDING
             self._pending = pending
             return [_NO_HANDSHAKE_TIMER, Deliver(Handshake(info, route.handler))]
         return self._upgrade(pending, None)
@@ -487,7 +493,7 @@ class HTTPProtocol:
                 headers.append(("Sec-WebSocket-Extensions", pending.deflate.response))
             headers.extend(extra)
             response = http_response(101, headers)
-        self._phase = _Phase.DONE
+        self._phase = _DONE
         self._pending = None
         self.status = 101
         context = {"request": pending.request, "info": info, "handler": pending.handler, "deflate": pending.deflate}
@@ -508,7 +514,7 @@ class HTTPProtocol:
         bad_input: bool = False,
     ) -> list[Effect]:
         """Answer with an HTTP response (``Connection: close``) and stop."""
-        self._phase = _Phase.DONE
+        self._phase = _DONE
         self._pending = None
         self.status = status
         response = http_response(status, headers or [("Content-Type", "text/plain; charset=utf-8")], body)
@@ -529,29 +535,29 @@ class HTTPProtocol:
 
     def eof_received(self) -> list[Effect]:
         """The client left during the handshake."""
-        self._phase = _Phase.DONE
+        self._phase = _DONE
         return [Stop("client left during the handshake")]
 
     def action(self, action: Action) -> list[Effect]:
         """Actions before the connection is established: only going away matters."""
-        if isinstance(action, GoingAway) and self._phase is not _Phase.DONE:
+        if isinstance(action, GoingAway) and self._phase is not _DONE:
             return self._fail(503, "server shutting down")
         return []
 
     def timer_expired(self, name: str) -> list[Effect]:
         """The handshake took too long: close without answering."""
-        if self._phase is not _Phase.READING:
+        if self._phase is not _READING:
             return []
-        self._phase = _Phase.DONE
+        self._phase = _DONE
         return [CloseSocket(), Stop("opening handshake timed out", bad_input=True)]
 
     def handler_returned(self, result: Any) -> list[Effect]:
         """The handshake hook decided: answer 101 or the rejection."""
         pending = self._pending
-        if self._phase is not _Phase.DECIDING or pending is None:
+        if self._phase is not _DECIDING or pending is None:
             return []
         if isinstance(result, Reject):
-            self._phase = _Phase.DONE
+            self._phase = _DONE
             self._pending = None
             self.status = result.status
             body = result.body.encode() if isinstance(result.body, str) else result.body
@@ -567,7 +573,7 @@ class HTTPProtocol:
 
     def handler_failed(self, error: BaseException) -> list[Effect]:
         """The handshake hook raised or returned nonsense: answer 500."""
-        if self._phase is not _Phase.DECIDING:
+        if self._phase is not _DECIDING:
             return []
         return self._fail(500, "internal error")
 

@@ -127,6 +127,13 @@ class State(enum.Enum):
     CLOSED = "closed"
 
 
+# The members as module globals, read so in the per-connection paths: on Python 3.11 reading a
+# member from its Enum class goes through ``EnumType.__getattr__`` (about 1,000 instructions under
+# callgrind, a global read a few dozen; see `pywsserver._core`).
+_OPEN, _REMOTE_CLOSING, _LOCAL_CLOSING, _CLOSED = State.OPEN, State.REMOTE_CLOSING, State.LOCAL_CLOSING, State.CLOSED
+_WS_OPEN, _WS_REMOTE_CLOSING, _WS_CLOSED = ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING, ConnectionState.CLOSED
+
+
 class _SizeGuard(Extension):
     """Not a negotiated extension: wsproto shows every frame header to its extensions, and this one
     refuses, before any of the frame's payload is read, a message whose frames announce more than the
@@ -282,7 +289,7 @@ class WebSocketProtocol:
     def __init__(self, options: WebSocketOptions, connection: ConnectionInfo) -> None:
         self.options = options
         self.connection = connection
-        self.state = State.OPEN
+        self.state = _OPEN
         #: Whether a frame encoded once for many connections (a broadcast) may be written as is: what
         #: `raw_frames_ok` answers, kept up to date where it changes (compression negotiated, each
         #: change of ``state``) so that a broadcast reads an attribute per member instead of a call.
@@ -345,7 +352,7 @@ class WebSocketProtocol:
 
     def data_received(self, data: bytes) -> list[Effect]:
         """Parse frames; queue complete messages for the handler."""
-        if self.state is State.CLOSED or self.state is State.REMOTE_CLOSING:
+        if self.state is _CLOSED or self.state is _REMOTE_CLOSING:
             return []  # after the peer's close frame nothing more is read (as wsproto does)
         if self._idle_timer is not None:
             return [self._idle_timer, *self._receive(data), *self._pump()]
@@ -353,7 +360,7 @@ class WebSocketProtocol:
 
     def eof_received(self) -> list[Effect]:
         """The peer went away; without a close frame that is code 1006."""
-        if self.state is State.CLOSED:
+        if self.state is _CLOSED:
             return []
         if self.closed_by is None:
             self.closed_by = "client"
@@ -379,9 +386,9 @@ class WebSocketProtocol:
 
     def timer_expired(self, name: str) -> list[Effect]:
         """Keepalive, idle and closing-handshake timers."""
-        if name == "close" and self.state is State.LOCAL_CLOSING:
+        if name == "close" and self.state is _LOCAL_CLOSING:
             return self._closed(self._close_code, self._close_reason)
-        if self.state is not State.OPEN:
+        if self.state is not _OPEN:
             return []
         if name == "keepalive":
             return self._keepalive()
@@ -480,10 +487,10 @@ class WebSocketProtocol:
     def raw_frames_ok(self) -> bool:
         """Whether a frame encoded once for many connections (a broadcast) may be written as is
         (what ``raw_frames`` holds; the tests hold the two equal)."""
-        if self._deflate_extension is not None or self.state is not State.OPEN:
+        if self._deflate_extension is not None or self.state is not _OPEN:
             return False
         ws = self._ws
-        return ws is None or ws.state is ConnectionState.OPEN
+        return ws is None or ws.state is _WS_OPEN
 
     def _wsproto(self) -> Connection:
         """wsproto's connection, made on first use."""
@@ -503,7 +510,7 @@ class WebSocketProtocol:
     def _can_send(self) -> bool:
         # Neither side has sent a close frame yet.
         ws = self._ws
-        return self.state is State.OPEN and (ws is None or ws.state is ConnectionState.OPEN)
+        return self.state is _OPEN and (ws is None or ws.state is _WS_OPEN)
 
     def _frame(self, data: str | bytes) -> bytes:
         if self._deflate_extension is not None:
@@ -663,7 +670,7 @@ class WebSocketProtocol:
                 reason = payload[2:].decode("utf-8")
             except UnicodeDecodeError:
                 return None
-        self.state = State.REMOTE_CLOSING
+        self.state = _REMOTE_CLOSING
         self.raw_frames = False
         if self.closed_by is None:
             self.closed_by = "client"
@@ -735,7 +742,7 @@ class WebSocketProtocol:
                     self._message, self._size = None, 0
                     self._inbox.append(message.getvalue() if isinstance(message, io.StringIO) else bytes(message))
             elif isinstance(event, WsPing):
-                if self.state is State.OPEN:
+                if self.state is _OPEN:
                     effects.append(Write(ws.send(event.response())))
                 if self.options.control_messages:
                     self._inbox.append(Ping(bytes(event.payload)))
@@ -745,13 +752,13 @@ class WebSocketProtocol:
                 if self.options.control_messages:
                     self._inbox.append(Pong(bytes(event.payload)))
             elif isinstance(event, CloseConnection):
-                if ws.state is ConnectionState.REMOTE_CLOSING:
-                    self.state = State.REMOTE_CLOSING
+                if ws.state is _WS_REMOTE_CLOSING:
+                    self.state = _REMOTE_CLOSING
                     self.raw_frames = False
                     if self.closed_by is None:
                         self.closed_by = "client"
                     self._inbox.append(_PeerClosed(int(event.code), event.reason or "", None))
-                elif ws.state is ConnectionState.CLOSED:  # the answer to our close frame
+                elif ws.state is _WS_CLOSED:  # the answer to our close frame
                     return effects + self._closed(self._close_code, self._close_reason)
                 else:  # wsproto found a protocol violation (1002, 1007, 1009 from the size guard, ...)
                     reason = event.reason or ""
@@ -779,13 +786,13 @@ class WebSocketProtocol:
                 effects.append(Write(message.reply))
             else:
                 ws = self._wsproto()
-                if ws.state is ConnectionState.REMOTE_CLOSING:
+                if ws.state is _WS_REMOTE_CLOSING:
                     # No status code received: echoed as a close frame without one (wsproto
                     # recognises 1005 only as its enum member).
                     code = CloseReason.NO_STATUS_RCVD if message.code == 1005 else message.code
                     effects.append(Write(ws.send(CloseConnection(code=code, reason=message.reason))))
             return effects + self._closed(message.code, message.reason)
-        if self.state is State.LOCAL_CLOSING and not isinstance(message, ConnectionClose):
+        if self.state is _LOCAL_CLOSING and not isinstance(message, ConnectionClose):
             self._inbox.clear()  # sent after our close frame: dropped
             self._next = 0
             return []
@@ -795,7 +802,7 @@ class WebSocketProtocol:
     def _start_closing(self, code: int, reason: str) -> list[Effect]:
         if self.closed_by is None:
             self.closed_by = "server"
-        self.state = State.LOCAL_CLOSING
+        self.state = _LOCAL_CLOSING
         self.raw_frames = False
         self._close_code, self._close_reason = code, reason
         write = Write(self._wsproto().send(CloseConnection(code=code, reason=reason)))
@@ -815,13 +822,13 @@ class WebSocketProtocol:
             self._violation = f"closed {code} {reason!r}"
         effects: list[Effect] = []
         ws = self._wsproto()
-        if ws.state is ConnectionState.OPEN:
+        if ws.state is _WS_OPEN:
             effects.append(Write(ws.send(CloseConnection(code=code, reason=reason))))
         return effects + self._closed(code, reason)
 
     def _closed(self, code: int, reason: str) -> list[Effect]:
-        was_open = self.state is State.OPEN or self.state is State.REMOTE_CLOSING
-        self.state = State.CLOSED
+        was_open = self.state is _OPEN or self.state is _REMOTE_CLOSING
+        self.state = _CLOSED
         self.raw_frames = False
         self._message, self._size, self._utf8 = None, 0, None
         # Messages that had fully arrived while the connection was open are still delivered (without

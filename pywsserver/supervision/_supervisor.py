@@ -72,6 +72,12 @@ logger = logging.getLogger("pywsserver.supervision")
 #: the supervisor reports that it ignores cancellation and goes on without it.
 _UNWIND_GRACE = 1.0
 
+# The members read in every child's start and exit, as module globals: on Python 3.11 reading a
+# member from its Enum class goes through ``EnumType.__getattr__`` (about 1,000 instructions under
+# callgrind, a global read a few dozen).
+_SIMPLE_ONE_FOR_ONE = Strategy.SIMPLE_ONE_FOR_ONE
+_PERMANENT, _TRANSIENT, _TEMPORARY = Restart.PERMANENT, Restart.TRANSIENT, Restart.TEMPORARY
+
 
 class ChildState(enum.Enum):
     """Where a child stands, as `Supervisor.which_children` reports it."""
@@ -357,7 +363,7 @@ class Supervisor:
             if spec.id in seen:
                 raise ValueError(f"{label}: duplicate child id {spec.id!r}")
             seen.add(spec.id)
-        if self.strategy is Strategy.SIMPLE_ONE_FOR_ONE and len(specs) != 1:
+        if self.strategy is _SIMPLE_ONE_FOR_ONE and len(specs) != 1:
             raise ValueError(f"{label}: a simple_one_for_one supervisor takes exactly one child spec (the template)")
         self.intensity = intensity
         self.period = float(period)
@@ -508,7 +514,7 @@ class Supervisor:
 
     def _reset(self) -> None:
         self._children = {spec.id: _Child(self, spec.id, spec, spec.args) for spec in self.specs}
-        if self.strategy is Strategy.SIMPLE_ONE_FOR_ONE:
+        if self.strategy is _SIMPLE_ONE_FOR_ONE:
             self._children = {}
         self._restarts.clear()
         self._restart_count = 0
@@ -522,7 +528,7 @@ class Supervisor:
             async with anyio.create_task_group() as tg:
                 self._children_tg = tg
                 loop_children = None
-                if self.strategy is Strategy.SIMPLE_ONE_FOR_ONE:
+                if self.strategy is _SIMPLE_ONE_FOR_ONE:
                     loop = _asyncio_loop()
                     if loop is not None:
                         loop_children = self._loop_children = LoopChildren(loop, tg.cancel_scope.cancel)
@@ -616,7 +622,7 @@ class Supervisor:
                 return
             if instance.stopping:
                 return
-            if self.strategy is Strategy.SIMPLE_ONE_FOR_ONE and not self._needs_loop(child, reason):
+            if self.strategy is _SIMPLE_ONE_FOR_ONE and not self._needs_loop(child, reason):
                 # Nothing to restart and nobody else affected: forget the child here, sparing
                 # the hop through the supervisor's mailbox (one per closed connection).
                 self._exited(instance, reason)
@@ -712,7 +718,7 @@ class Supervisor:
             children = [child for child in self._children.values() if child.instance is not None]
             if not children:
                 return
-            if self.strategy is Strategy.SIMPLE_ONE_FOR_ONE:
+            if self.strategy is _SIMPLE_ONE_FOR_ONE:
                 # As in OTP, the children of a dynamic supervisor are all asked at
                 # once, then waited for: their order means nothing.
                 for child in children:
@@ -726,7 +732,7 @@ class Supervisor:
     def _will_restart(child: _Child, reason: BaseException | None) -> bool:
         """Whether the child is restarted after ending with ``reason`` (its restart type says)."""
         restart = child.spec.restart
-        return restart is Restart.PERMANENT or (restart is Restart.TRANSIENT and _is_abnormal(reason))
+        return restart is _PERMANENT or (restart is _TRANSIENT and _is_abnormal(reason))
 
     @classmethod
     def _needs_loop(cls, child: _Child, reason: BaseException | None) -> bool:
@@ -752,7 +758,7 @@ class Supervisor:
             logger.debug("child %r of supervisor %s exited normally", child.key, self.label)
         if self._will_restart(child, reason):
             return True
-        if child.spec.restart is Restart.TEMPORARY or self.strategy is Strategy.SIMPLE_ONE_FOR_ONE:
+        if child.spec.restart is _TEMPORARY or self.strategy is _SIMPLE_ONE_FOR_ONE:
             self._children.pop(child.key, None)
         return child.spec.significant
 
@@ -783,7 +789,7 @@ class Supervisor:
             raise _GiveUp(child_id, reason)
 
     async def _restart(self, child: _Child, reason: BaseException | None) -> None:
-        if self.strategy in (Strategy.ONE_FOR_ONE, Strategy.SIMPLE_ONE_FOR_ONE):
+        if self.strategy in (Strategy.ONE_FOR_ONE, _SIMPLE_ONE_FOR_ONE):
             group = [child]
         else:
             order = list(self._children.values())
@@ -795,7 +801,7 @@ class Supervisor:
                     continue
                 was_running = sibling.instance is not None
                 await self._terminate(sibling)
-                if sibling.spec.restart is Restart.TEMPORARY:
+                if sibling.spec.restart is _TEMPORARY:
                     self._children.pop(sibling.key, None)
                 elif was_running:
                     group.append(sibling)
@@ -873,7 +879,7 @@ class Supervisor:
         its pid), its ``ref`` being what the child reported. Raises
         `ChildAlreadyStarted`, `ChildAlreadyPresent` or `ChildStartError`.
         """
-        if self.strategy is Strategy.SIMPLE_ONE_FOR_ONE and self._running and self._children_tg is not None:
+        if self.strategy is _SIMPLE_ONE_FOR_ONE and self._running and self._children_tg is not None:
             # Starting one more instance of the template touches no other child: it runs in the
             # caller's task, sparing the hop through the supervisor's mailbox (the server starts a
             # worker per connection this way).
@@ -972,7 +978,7 @@ class Supervisor:
         """
         children = self._children.values()
         active = sum(1 for c in children if c.instance is not None)
-        if self.strategy is Strategy.SIMPLE_ONE_FOR_ONE:
+        if self.strategy is _SIMPLE_ONE_FOR_ONE:
             dynamic = len(self._children)
             is_supervisor = self.specs[0].type is ChildType.SUPERVISOR
             return ChildCounts(
@@ -1011,7 +1017,7 @@ class Supervisor:
     def _info(self, child: _Child) -> ChildInfo:
         state = child.state
         return ChildInfo(
-            id=child if self.strategy is Strategy.SIMPLE_ONE_FOR_ONE else child.key,
+            id=child if self.strategy is _SIMPLE_ONE_FOR_ONE else child.key,
             ref=child.ref,
             running=state is ChildState.RUNNING,
             type=child.spec.type,
@@ -1020,7 +1026,7 @@ class Supervisor:
         )
 
     def _find(self, child_id: object) -> _Child:
-        if self.strategy is Strategy.SIMPLE_ONE_FOR_ONE:
+        if self.strategy is _SIMPLE_ONE_FOR_ONE:
             if not isinstance(child_id, ChildHandle):
                 raise SimpleOneForOneError(
                     f"the simple_one_for_one supervisor {self.label} names its children by the ChildHandle "
@@ -1034,17 +1040,17 @@ class Supervisor:
         raise ChildNotFound(child_id)
 
     def _no_static(self, operation: str) -> None:
-        if self.strategy is not Strategy.SIMPLE_ONE_FOR_ONE:
+        if self.strategy is not _SIMPLE_ONE_FOR_ONE:
             raise SupervisorError(f"{operation} is only available on a simple_one_for_one supervisor, not {self.label}")
 
     def _no_dynamic(self, operation: str) -> None:
-        if self.strategy is Strategy.SIMPLE_ONE_FOR_ONE:
+        if self.strategy is _SIMPLE_ONE_FOR_ONE:
             raise SimpleOneForOneError(
                 f"{operation} is not available on the simple_one_for_one supervisor {self.label}"
             )
 
     async def _start_child(self, args: tuple[Any, ...]) -> Any:
-        if self.strategy is Strategy.SIMPLE_ONE_FOR_ONE:
+        if self.strategy is _SIMPLE_ONE_FOR_ONE:
             template = self.specs[0]
             child = _Child(self, next(self._keys), template, template.args + args)
         else:
@@ -1063,7 +1069,7 @@ class Supervisor:
         except ChildStartError:
             self._children.pop(child.key, None)
             raise
-        return child if self.strategy is Strategy.SIMPLE_ONE_FOR_ONE else ref
+        return child if self.strategy is _SIMPLE_ONE_FOR_ONE else ref
 
     async def _terminate_child(self, child_id: object) -> None:
         child = self._find(child_id)
@@ -1071,7 +1077,7 @@ class Supervisor:
             return  # a dynamic child that has already ended: nothing to do, as for OTP's dead pid
         child.restarting = False
         await self._terminate(child)
-        if child.spec.restart is Restart.TEMPORARY or self.strategy is Strategy.SIMPLE_ONE_FOR_ONE:
+        if child.spec.restart is _TEMPORARY or self.strategy is _SIMPLE_ONE_FOR_ONE:
             self._children.pop(child.key, None)
 
     async def _restart_child(self, child_id: Hashable) -> Any:
