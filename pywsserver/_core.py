@@ -421,11 +421,12 @@ class ConnectionCore(HandlerCalls):
         #: Told when the connection starts and ends (the server's access log and metrics), or ``None``.
         self._observer: Observer | None = None
 
-    def _attach(self, driver: Driver) -> None:
-        """Take ``driver`` as the connection's driver and make the first protocol module."""
+    def _attach(self, driver: Driver, addresses: tuple[Any, Any] | None = None) -> None:
+        """Take ``driver`` as the connection's driver and make the first protocol module; ``addresses``:
+        the peer's and the local address if the acceptor knows them, else the driver is asked."""
         self._driver = driver
         try:
-            peer_raw, local_raw = driver.addresses()
+            peer_raw, local_raw = driver.addresses() if addresses is None else addresses
             self.connection = ConnectionInfo(
                 peer=_address(peer_raw), local=_address(local_raw), connection_id=self.connection_id
             )

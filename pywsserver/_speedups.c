@@ -15,6 +15,8 @@
 #include <string.h>
 #ifndef MS_WINDOWS
 #include <sys/socket.h>
+#include <netinet/in.h>
+#include <unistd.h>
 #endif
 
 /* The flags of the sockets' send(2) here: MSG_NOSIGNAL where there is one, so that a peer gone
@@ -1870,6 +1872,96 @@ flush_frames(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_NONE;
 }
 
+/*
+ * Accepting a connection (the asyncio acceptor's `_Listening.take_waiting`). Python's
+ * ``socket._accept`` raises BlockingIOError when no connection waits (an exception made, with its
+ * message decoded from strerror, once per readiness event), formats the peer's address with
+ * inet_ntop and sprintf, and leaves the new socket blocking (one more system call to set it
+ * non-blocking). Here: None when none waits, the socket non-blocking and close-on-exec from
+ * accept4, and an IPv4 peer's address formatted directly (the worker takes it, instead of asking
+ * getpeername again). Other families' addresses are None: the worker asks the socket.
+ */
+#if !defined(MS_WINDOWS) && defined(SOCK_NONBLOCK) && defined(SOCK_CLOEXEC)
+#define HAVE_ACCEPT_SOCKET 1
+
+/* "a.b.c.d" of an IPv4 address in network order. */
+static PyObject *
+ipv4_text(const struct in_addr *address)
+{
+    const unsigned char *octets = (const unsigned char *)&address->s_addr;
+    char text[16];
+    int i, length = 0;
+
+    for (i = 0; i < 4; i++) {
+        unsigned int octet = octets[i];
+        if (i > 0) {
+            text[length++] = '.';
+        }
+        if (octet >= 100) {
+            text[length++] = (char)('0' + octet / 100);
+        }
+        if (octet >= 10) {
+            text[length++] = (char)('0' + (octet / 10) % 10);
+        }
+        text[length++] = (char)('0' + octet % 10);
+    }
+    return PyUnicode_DecodeASCII(text, length, NULL);
+}
+
+static PyObject *
+accept_socket(PyObject *module, PyObject *arg)
+{
+    struct sockaddr_storage address;
+    socklen_t length;
+    PyObject *peer = NULL, *host, *port, *number, *result;
+    int listening = long_as_int(arg), fd;
+
+    if (listening == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    for (;;) {
+        length = (socklen_t)sizeof(address);
+        fd = accept4(listening, (struct sockaddr *)&address, &length, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd >= 0) {
+            break;
+        }
+        if (errno == EINTR) {
+            if (PyErr_CheckSignals() < 0) {
+                return NULL;
+            }
+            continue;
+        }
+        if (errno == EAGAIN || errno == EWOULDBLOCK) {
+            Py_RETURN_NONE;
+        }
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    if (length >= (socklen_t)sizeof(struct sockaddr_in) && address.ss_family == AF_INET) {
+        const struct sockaddr_in *inet = (const struct sockaddr_in *)&address;
+        host = ipv4_text(&inet->sin_addr);
+        port = host == NULL ? NULL : PyLong_FromLong((long)ntohs(inet->sin_port));
+        peer = port == NULL ? NULL : PyTuple_Pack(2, host, port);
+        Py_XDECREF(host);
+        Py_XDECREF(port);
+        if (peer == NULL) {
+            close(fd);
+            return NULL;
+        }
+    }
+    else {
+        peer = Py_NewRef(Py_None);
+    }
+    number = PyLong_FromLong((long)fd);
+    result = number == NULL ? NULL : PyTuple_Pack(2, number, peer);
+    Py_XDECREF(number);
+    Py_DECREF(peer);
+    if (result == NULL) {
+        close(fd);
+    }
+    return result;
+}
+#endif
+
 static PyMethodDef speedups_methods[] = {
     {"apply_mask", (PyCFunction)(void (*)(void))apply_mask, METH_FASTCALL,
      "apply_mask(data, mask) -> bytes: XOR data with the repeated 4-byte mask."},
@@ -1888,6 +1980,11 @@ static PyMethodDef speedups_methods[] = {
     {"flush_frames", (PyCFunction)(void (*)(void))flush_frames, METH_FASTCALL,
      "flush_frames(cores, left) -> None: the cores' gathered frames sent at the turn's end, what the "
      "Python path must finish appended to left as (core, data or None)."},
+#ifdef HAVE_ACCEPT_SOCKET
+    {"accept_socket", (PyCFunction)accept_socket, METH_O,
+     "accept_socket(fd) -> (fd, peer) or None: a waiting connection, its socket non-blocking; peer is "
+     "an IPv4 peer's (host, port), else None."},
+#endif
     {NULL, NULL, 0, NULL},
 };
 

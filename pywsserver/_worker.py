@@ -64,6 +64,7 @@ class Worker(ConnectionCore):
         tls: ssl.SSLContext | None = None,
         tls_handshake_timeout: float = 10.0,
         token: anyio.lowlevel.EventLoopToken | None = None,
+        addresses: tuple[Any, Any] | None = None,
     ) -> None:
         super().__init__(options, release, token)
         if isinstance(connection, socket.socket):
@@ -77,7 +78,7 @@ class Worker(ConnectionCore):
 
                     self._attach(TrioTLSDriver(self, connection, tls, tls_handshake_timeout))
             else:
-                self._attach(ProtocolDriver(self, connection, tls, tls_handshake_timeout))
+                self._attach(ProtocolDriver(self, connection, tls, tls_handshake_timeout), addresses)
         else:
             self._attach(StreamDriver(self, connection, tls, tls_handshake_timeout))
 

@@ -17,6 +17,7 @@ import anyio.lowlevel
 import pytest
 from wsproto.events import AcceptConnection, Request, TextMessage
 
+from pywsserver import _server as server_module
 from pywsserver import start_link
 from pywsserver._server import _Listening, _raw_sockets
 
@@ -100,6 +101,21 @@ class _FaultyListeningSocket:
         return int(self.raw.fileno())
 
 
+def _inject_accept_faults(monkeypatch: Any, fast: _Listening, faults: list[BaseException]) -> None:
+    """Faults raised by the next accepts of ``fast``, in whichever accept it uses (the C one when built)."""
+    if server_module._accept_socket is None:
+        fast.raw = _FaultyListeningSocket(fast.raw, faults)  # type: ignore[assignment]
+        return
+    accept_socket = server_module._accept_socket
+
+    def faulty(fd: int) -> Any:
+        if faults:
+            raise faults.pop(0)
+        return accept_socket(fd)
+
+    monkeypatch.setattr(server_module, "_accept_socket", faulty)
+
+
 async def _armed(server: Any) -> _Listening:
     """The listening socket once its acceptor has armed it (after the first connection)."""
     first = await RawClient.connect(server.port)
@@ -136,11 +152,11 @@ async def test_once_armed_the_acceptor_task_is_not_woken_per_connection(monkeypa
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_an_accept_out_of_descriptors_in_the_callback_slows_down_and_serves_on(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, monkeypatch: Any
 ) -> None:
     async with start_link(server_options(port=0, number_of_workers=1)) as server:
         fast = await _armed(server)
-        fast.raw = _FaultyListeningSocket(fast.raw, [OSError(errno.EMFILE, "Too many open files")])  # type: ignore[assignment]
+        _inject_accept_faults(monkeypatch, fast, [OSError(errno.EMFILE, "Too many open files")])
         client = await RawClient.connect(server.port)
         await _echo_once(client)  # served after the acceptor's backoff
         await client.aclose()

@@ -47,9 +47,10 @@ class RawClient:
         self.pending: list[Event] = []
 
     @classmethod
-    async def connect(cls, port: int, path: str = "/") -> RawClient:
-        client = cls(await anyio.connect_tcp("127.0.0.1", port))
-        await client.stream.send(client.ws.send(Request(host=f"127.0.0.1:{port}", target=path)))
+    async def connect(cls, port: int, path: str = "/", host: str = "127.0.0.1") -> RawClient:
+        client = cls(await anyio.connect_tcp(host, port))
+        authority = f"[{host}]" if ":" in host else host
+        await client.stream.send(client.ws.send(Request(host=f"{authority}:{port}", target=path)))
         event = await client.next_event()
         if not isinstance(event, AcceptConnection):
             raise ConnectionError(f"handshake refused: {event!r}")
