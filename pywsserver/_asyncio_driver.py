@@ -442,7 +442,7 @@ class ProtocolDriver(asyncio.BufferedProtocol):
                 continue
             if not core._busy:
                 wake.clear()
-                if core._stopped or core._socket_closed:
+                if core._stopped or core._socket_closed or core._stop_asked:
                     break
                 await wake.future()
 

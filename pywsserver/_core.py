@@ -337,6 +337,7 @@ class ConnectionCore(HandlerCalls):
         "_steady_idle",
         "_steady_limit",
         "_steady_ok",
+        "_stop_asked",
         "_stopped",
         "_timers",
         "_token",
@@ -389,6 +390,9 @@ class ConnectionCore(HandlerCalls):
         # For the thread-safe calls; the server passes its own (all its workers share the event loop).
         self._token = token
         self._aborted: ConnectionClose | None = None
+        # The supervisor asked the worker to stop (`_stop_by_supervisor`): the driver's task ends its
+        # serving as a cancellation would end it, then the worker drains.
+        self._stop_asked = False
         #: Where the worker is in its life.
         self.state = _HANDSHAKING
         #: Unique within the process; appears in every log line of the connection.
@@ -981,6 +985,9 @@ class ConnectionCore(HandlerCalls):
         """Serve the connection until it ends; the worker supervisor's start function calls it."""
         if self._token is None:
             self._token = anyio.lowlevel.current_token()
+        set_stop = getattr(task_status, "set_stop", None)
+        if set_stop is not None:
+            set_stop(self._stop_by_supervisor)
         task_status.started(self)
         if self._debug:
             self.log.debug("accepted")
@@ -994,10 +1001,25 @@ class ConnectionCore(HandlerCalls):
             if not (self._stopped or self._socket_closed or self._aborted is not None):
                 with cleanup_scope():  # made only when there is something to drain (a timer each)
                     await self._drain()
+                # Drained, or cut at the shutdown deadline: the module reads nothing more, so that the
+                # socket's close is not taken for the peer's going (1006), whatever the handler's kind
+                # and backend: the handler is told 1001 "server shutting down" by `_finish`.
+                self._stopped = True
             await self._finish()
+
+    def _stop_by_supervisor(self) -> None:
+        """The worker supervisor's stop, where its workers stop cooperatively (asyncio, plain TCP,
+        sync handlers: see ``Server``): the driver's task leaves its serving at once, as a
+        cancellation would make it, and the worker drains. The worker's task then awaits nothing but
+        the driver's wake-up (its handler calls are sync), so nothing is left to interrupt. A second
+        call is the supervisor's kill (its shutdown time is up): the child context has cancelled
+        the drain's cleanup scope already, and the wake-up ends the drain's serving too."""
+        self._stop_asked = True
+        self._driver.wake()
 
     async def _drain(self) -> None:
         """Cancelled while the connection is up: say going away and wait for the peer's close."""
+        self._stop_asked = False  # asked to stop: now drain (a second ask, the kill, ends it)
         self.state = _DRAINING
         if self._debug:
             self.log.debug("draining")

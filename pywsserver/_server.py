@@ -127,6 +127,9 @@ class Server:
             period=10,
             name=None,
         )
+        # Workers that only ever await their driver's wake-up (plain TCP, every handler sync) stop
+        # cooperatively on asyncio: no cancel scope per connection (see `_StartedProxy.set_stop`).
+        self.worker_supervisor._cooperative_children = options.tls is None and _all_handlers_sync(options)
         acceptors = [
             ChildSpec(("acceptor", i), _acceptor, args=(self, i), shutdown=1.0)
             for i in range(options.number_of_workers)
@@ -313,6 +316,24 @@ def _with_metrics(options: ServerOptions, render: Callable[[], tuple[str, bytes]
         if isinstance(config.options, HTTPOptions) and config.options.metrics_path is not None:
             modules[name] = attrs.evolve(config, options=attrs.evolve(config.options, metrics=render))
     return attrs.evolve(options, worker=attrs.evolve(options.worker, modules=modules))
+
+
+def _all_handlers_sync(options: ServerOptions) -> bool:
+    """Whether no handler the options name has an ``async`` callback (nor runs its callbacks in
+    threads): a worker's task then awaits nothing but its driver's wake-up, its drain and its end."""
+    handlers: list[Any] = []
+    for config in options.worker.modules.values():
+        handlers.append(config.handler)
+        for holder in (config.options, getattr(config.options, "endpoint", None)):
+            router = getattr(holder, "router", None)
+            if router is not None:
+                handlers.extend(route.handler for route in router.routes)
+                if router.catch_all is not None:
+                    handlers.append(router.catch_all.handler)
+    return not any(
+        handler is not None and (handler.async_init or handler.async_handle or handler.async_handshake)
+        for handler in handlers
+    )
 
 
 def _address(raw: Any) -> tuple[str, int]:

@@ -149,6 +149,21 @@ class _StartedProxy:
         self._instance.ready = True
         self._real.started(value)
 
+    def set_stop(self, stop: Callable[[], None]) -> None:
+        """How the supervisor stops the child, if it has no cancel scope of its own (a cooperative child).
+
+        A dynamic child of a supervisor whose children stop cooperatively (the server's workers on
+        asyncio, see ``Supervisor._cooperative_children``) runs without a cancel scope: the child
+        gives here, before it says it has started, a function that makes it stop as cancellation
+        would (the first call; a second call is the supervisor's kill, when its shutdown time is up).
+        Ignored for every other child (its cancel scope or task handle stops it).
+        """
+        instance = self._instance
+        if instance.cancel is None:
+            instance.cancel = stop
+            if instance.stopping:  # asked to stop while it was being started
+                stop()
+
 
 class _Instance:
     __slots__ = ("_done_event", "cancel", "child", "context", "finished", "handled", "ready", "ref", "stopping")
@@ -379,6 +394,9 @@ class Supervisor:
         self._children_tg: anyio.abc.TaskGroup | None = None
         # The dynamic children of start_child_soon on asyncio (see ``_loop_children``), else None.
         self._loop_children: LoopChildren | None = None
+        # Whether the dynamic children on asyncio stop cooperatively (set by the server for its
+        # workers, see `_StartedProxy.set_stop`): each child's run then enters no cancel scope.
+        self._cooperative_children = False
         self._host_release: anyio.Event | None = None
         self._send: MemoryObjectSendStream[Any] | None = None
 
@@ -594,7 +612,16 @@ class Supervisor:
         proxy = _StartedProxy(task_status, instance)
         reason: BaseException | None = None
         try:
-            if instance.cancel is None:
+            if loop_children is not None and self._cooperative_children and instance.cancel is None:
+                # No cancel scope: the child gives its stop function (`_StartedProxy.set_stop`). A scope
+                # entered and left costs about 22,000 instructions per child under callgrind (517,200
+                # to 495,000 per handshake, benchmarks/instructions.py --mode handshake) and two getpid
+                # system calls (asyncio.current_task's check against a fork).
+                try:
+                    await child.spec.start(*child.args, task_status=proxy)
+                except Exception as exc:
+                    reason = exc
+            elif instance.cancel is None:
                 with anyio.CancelScope() if loop_children is None else loop_children.scope_type() as scope:
                     instance.cancel = scope.cancel
                     if instance.stopping:
