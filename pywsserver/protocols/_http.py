@@ -497,11 +497,8 @@ class HTTPProtocol:
         self._pending = None
         self.status = 101
         context = {"request": pending.request, "info": info, "handler": pending.handler, "deflate": pending.deflate}
-        return [
-            _NO_HANDSHAKE_TIMER,
-            Write(response),
-            Switch(self.options.upgrade_to, bytes(pending.rest), context),
-        ]
+        # No `_NO_HANDSHAKE_TIMER`: a Switch clears the module's timers (the protocol module contract).
+        return [Write(response), Switch(self.options.upgrade_to, bytes(pending.rest), context)]
 
     def _respond(
         self,

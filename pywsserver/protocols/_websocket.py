@@ -211,14 +211,10 @@ class _FrameProtocol(FrameProtocol):
         return super()._process_close(frame)
 
 
-#: What every end of a connection does first: stop its timers, close the socket (effects are frozen: shared).
-_ON_CLOSED: tuple[Effect, ...] = (
-    SetTimer("close", None),
-    SetTimer("keepalive", None),
-    SetTimer("pong", None),
-    SetTimer("idle", None),
-    CloseSocket(),
-)
+#: What every end of a connection does first: close the socket (effects are frozen: shared). Its timers
+#: are not stopped one by one: a closed module answers no timer (`timer_expired`), and the `Stop` that
+#: follows the close notice ends them all (four effects fewer per connection).
+_ON_CLOSED: tuple[Effect, ...] = (CloseSocket(),)
 
 
 class _PeerClosed:
