@@ -1012,8 +1012,12 @@ class ConnectionCore(HandlerCalls):
         sync handlers: see ``Server``): the driver's task leaves its serving at once, as a
         cancellation would make it, and the worker drains. The worker's task then awaits nothing but
         the driver's wake-up (its handler calls are sync), so nothing is left to interrupt. A second
-        call is the supervisor's kill (its shutdown time is up): the child context has cancelled
-        the drain's cleanup scope already, and the wake-up ends the drain's serving too."""
+        call may be the supervisor's kill (its shutdown time is up): the child context has cancelled
+        the drain's cleanup scope already (or made its deadline now, if the drain has not begun), so
+        a call while draining does nothing: the drain ends as a cancelled worker's would, at the
+        peer's answer or at the deadline, even when the supervisor asks again (its group stopping)."""
+        if self.state is _DRAINING:
+            return
         self._stop_asked = True
         self._driver.wake()
 

@@ -46,7 +46,7 @@ from ._socket_transport import sockname
 from ._telemetry import Telemetry
 from ._watchdog import LoopWatchdog
 from ._worker import Worker, _on_trio
-from .protocols import HTTPOptions
+from .protocols import BUILTIN_MODULES, HTTPOptions
 from .supervision import (
     INFINITY,
     ChildSpec,
@@ -319,10 +319,15 @@ def _with_metrics(options: ServerOptions, render: Callable[[], tuple[str, bytes]
 
 
 def _all_handlers_sync(options: ServerOptions) -> bool:
-    """Whether no handler the options name has an ``async`` callback (nor runs its callbacks in
-    threads): a worker's task then awaits nothing but its driver's wake-up, its drain and its end."""
+    """Whether every protocol module is a built-in one and no handler the options name has an
+    ``async`` callback (nor runs its callbacks in threads): a worker's task then awaits nothing but
+    its driver's wake-up, its drain and its end. (A module of the user's own may deliver to a handler
+    of its own making, which the options do not show.)"""
     handlers: list[Any] = []
+    builtin = set(BUILTIN_MODULES.values())
     for config in options.worker.modules.values():
+        if config.module not in builtin:
+            return False
         handlers.append(config.handler)
         for holder in (config.options, getattr(config.options, "endpoint", None)):
             router = getattr(holder, "router", None)

@@ -94,6 +94,45 @@ def test_only_sync_handlers_over_plain_tcp_stop_cooperatively(tmp_path: Any) -> 
     assert not _cooperative([("port", 0), ("worker_options", [("protocol_modules", [("websocket", in_threads)])])])
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     assert not _cooperative([("tls", context), *server_options()])
+    # A module of the user's own may deliver to a handler of its own making, which the options do not show.
+    modules = [("http", [("upgrade_to", "lines")]), (LineModule, [])]
+    custom = [("port", 0), ("worker_options", [("protocol_modules", modules)])]
+    assert not _cooperative(custom)
+
+
+class LineModule:
+    """The smallest protocol module of the user's own (what it does does not matter here)."""
+
+    name = "lines"
+    handshake = False
+
+    @classmethod
+    def parse_options(cls, raw: Any, path: str) -> dict[str, Any]:
+        return dict(raw)
+
+    def __init__(self, options: Any, connection: Any) -> None:
+        pass
+
+    def start(self, data: bytes, context: Any) -> list[Any]:
+        return []
+
+    def data_received(self, data: bytes) -> list[Any]:
+        return []
+
+    def eof_received(self) -> list[Any]:
+        return []
+
+    def action(self, action: Any) -> list[Any]:
+        return []
+
+    def timer_expired(self, name: str) -> list[Any]:
+        return []
+
+    def handler_returned(self, result: Any) -> list[Any]:
+        return []
+
+    def handler_failed(self, error: BaseException) -> list[Any]:
+        return []
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
@@ -115,6 +154,9 @@ async def test_stopping_says_going_away_and_ends_once_the_peer_answers() -> None
                 event = await client.next_event()
                 assert isinstance(event, CloseConnection)
                 assert event.code == 1001
+                # The supervisor asking again (its group stopping, say) does not cut the drain short.
+                (child,) = server.worker_supervisor.which_children()
+                child.id.instance.cancel()
                 with anyio.move_on_after(0.3) as waited:
                     await client.next_event()
                 assert waited.cancelled_caught  # the server holds the connection open for our answer
@@ -197,10 +239,12 @@ class _CooperativeChild:
         self.stops = 0
         self.stopped = anyio.Event()
         self.ran = 0
+        self.stopped_when_given = False  # the stop came as the child gave it (asked before it ran)
 
     async def run(self, *, task_status: Any) -> None:
         self.ran += 1
         task_status.set_stop(self.stop)
+        self.stopped_when_given = self.stops == 1
         task_status.started(self)
         await self.stopped.wait()
 
@@ -240,7 +284,32 @@ async def test_a_cooperative_child_asked_to_stop_before_it_runs_is_stopped_when_
                 await supervisor.terminate_child(handle)  # asked before its first step
             assert child.ran == 1
             assert child.stops == 1
+            assert child.stopped_when_given
             assert supervisor.count_children().active == 0
         finally:
             child.stopped.set()  # a child that missed its stop must not hold the test
         await supervisor.stop()
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_cooperative_child_that_gives_no_stop_fails_to_start(caplog: pytest.LogCaptureFixture) -> None:
+    """Nothing could ever stop it: it is refused as it says it has started, and the refusal is logged."""
+    started = anyio.Event()
+
+    async def no_stop(*, task_status: Any) -> None:
+        try:
+            task_status.started()
+        finally:
+            started.set()
+
+    supervisor = Supervisor([ChildSpec("c", no_stop)], strategy=Strategy.SIMPLE_ONE_FOR_ONE, name=None)
+    supervisor._cooperative_children = True
+    async with anyio.create_task_group() as group:
+        await group.start(supervisor.run)
+        supervisor.start_child_soon()
+        with anyio.fail_after(5):
+            await started.wait()
+            while supervisor.which_children():  # forgotten once its start has failed
+                await anyio.lowlevel.checkpoint()
+        await supervisor.stop()
+    assert any("gives its stop function" in repr(record.exc_info) for record in caplog.records if record.exc_info)

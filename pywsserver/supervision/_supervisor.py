@@ -134,16 +134,20 @@ class _StartFailure:
 class _StartedProxy:
     """Stands between a child and the real task status, to know whether it started."""
 
-    __slots__ = ("_instance", "_real", "called")
+    __slots__ = ("_instance", "_real", "called", "cooperative")
 
     def __init__(self, real: anyio.abc.TaskStatus[Any], instance: _Instance) -> None:
         self._real = real
         self._instance = instance
         self.called = False
+        #: The child runs without a cancel scope: it must give its stop function (`set_stop`).
+        self.cooperative = False
 
     def started(self, value: Any = None) -> None:
         if self.called:
             raise RuntimeError("task_status.started() called twice")
+        if self.cooperative and self._instance.cancel is None:  # nothing could ever stop it
+            raise RuntimeError("a cooperative child gives its stop function (task_status.set_stop) before it starts")
         self.called = True
         self._instance.ref = value
         self._instance.ready = True
@@ -617,6 +621,7 @@ class Supervisor:
                 # entered and left costs about 22,000 instructions per child under callgrind (517,200
                 # to 495,000 per handshake, benchmarks/instructions.py --mode handshake) and two getpid
                 # system calls (asyncio.current_task's check against a fork).
+                proxy.cooperative = True
                 try:
                     await child.spec.start(*child.args, task_status=proxy)
                 except Exception as exc:
