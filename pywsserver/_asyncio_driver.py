@@ -309,15 +309,16 @@ class ProtocolDriver(asyncio.BufferedProtocol):
         sock: socket.socket,
         tls: ssl.SSLContext | None,
         tls_handshake_timeout: float,
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         self._core = core
         self._sock = sock
         self._tls = tls
         self._tls_handshake_timeout = tls_handshake_timeout
         self._view = _read_buffer()
-        # Looked up once: asyncio.get_running_loop() makes a getpid() system call each time (its
-        # check against a fork).
-        loop = self._loop = asyncio.get_running_loop()
+        # Looked up once, or given by the server (the loop its acceptors run on): each
+        # asyncio.get_running_loop() makes a getpid() system call (its check against a fork).
+        loop = self._loop = loop if loop is not None else asyncio.get_running_loop()
         self._timer_handle: asyncio.TimerHandle | None = None
         self._deadline_entry: list[Any] | None = None  # this driver's entry in the loop's deadline queue
         self._wake: _Wakeup | None = None

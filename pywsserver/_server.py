@@ -109,6 +109,9 @@ class Server:
         self._slots = anyio.Semaphore(options.max_connections, fast_acquire=True)
         self._release_slot = self._slots.release  # one bound method for every worker
         self._token: anyio.lowlevel.EventLoopToken | None = None  # the event loop's, set when listening
+        # The asyncio loop the server listens on (``None`` on trio), set when listening: handed to each
+        # worker's driver, which then makes no asyncio.get_running_loop() call (a getpid system call each).
+        self._loop: asyncio.AbstractEventLoop | None = None
         #: How acceptors accept one connection (a seam for fault injection in tests).
         self._accept = accept
         #: The dynamic supervisor of the workers (``count_children().active`` is the live connections).
@@ -205,6 +208,7 @@ def _run_worker(
             tls_handshake_timeout=options.tls_handshake_timeout,
             token=server._token,
             addresses=addresses,
+            loop=server._loop,
         )
     except BaseException as error:  # the initial module could not be made, say: no worker owns the connection
         if isinstance(connection, socket.socket):
@@ -254,6 +258,7 @@ async def _listener(server: Server, *, task_status: anyio.abc.TaskStatus[None]) 
         server._listeners = listeners
         server._accept_locks = [anyio.Lock(fast_acquire=True) for _ in listeners]
         server._token = anyio.lowlevel.current_token()
+        server._loop = _running_asyncio_loop()
         server._listener_broken = anyio.Event()
         if options.unix_path is not None:
             server.addresses = []

@@ -65,6 +65,7 @@ class Worker(ConnectionCore):
         tls_handshake_timeout: float = 10.0,
         token: anyio.lowlevel.EventLoopToken | None = None,
         addresses: tuple[Any, Any] | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         super().__init__(options, release, token)
         if isinstance(connection, socket.socket):
@@ -78,7 +79,7 @@ class Worker(ConnectionCore):
 
                     self._attach(TrioTLSDriver(self, connection, tls, tls_handshake_timeout))
             else:
-                self._attach(ProtocolDriver(self, connection, tls, tls_handshake_timeout), addresses)
+                self._attach(ProtocolDriver(self, connection, tls, tls_handshake_timeout, loop), addresses)
         else:
             self._attach(StreamDriver(self, connection, tls, tls_handshake_timeout))
 
