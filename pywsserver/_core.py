@@ -431,9 +431,8 @@ class ConnectionCore(HandlerCalls):
         self._driver = driver
         try:
             peer_raw, local_raw = driver.addresses() if addresses is None else addresses
-            self.connection = ConnectionInfo(
-                peer=_address(peer_raw), local=_address(local_raw), connection_id=self.connection_id
-            )
+            # Positional: a class called with keywords builds a dict of them (about 1,000 instructions).
+            self.connection = ConnectionInfo(_address(peer_raw), _address(local_raw), self.connection_id)
             # The connection logs its traffic if ``pywsserver.frames`` is at DEBUG when it is accepted.
             if frames_logger.isEnabledFor(logging.DEBUG):
                 self._frames_log = ConnectionLogger(frames_logger, self._context())

@@ -432,10 +432,11 @@ class _Listening:
     def take(self, fd: int, *, nonblocking: bool = False) -> socket.socket:
         """The accepted ``fd`` as a non-blocking socket, with no Nagle delay (``nonblocking``: the
         descriptor is non-blocking already, and the socket object is told so without a system call)."""
+        # The descriptor positionally: a class called with keywords builds a dict of them.
         if nonblocking:
-            client = socket.socket(self.family, self.type | _SOCK_NONBLOCK, self.proto, fileno=fd)
+            client = socket.socket(self.family, self.type | _SOCK_NONBLOCK, self.proto, fd)
         else:
-            client = socket.socket(self.family, self.type, self.proto, fileno=fd)
+            client = socket.socket(self.family, self.type, self.proto, fd)
         try:
             if not nonblocking:
                 client.setblocking(False)

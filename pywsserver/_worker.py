@@ -67,7 +67,7 @@ class Worker(ConnectionCore):
         addresses: tuple[Any, Any] | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
-        super().__init__(options, release, token)
+        ConnectionCore.__init__(self, options, release, token)  # not super(): no proxy object per connection
         if isinstance(connection, socket.socket):
             if _on_trio():  # trio is optional: its drivers are imported only where it runs
                 if tls is None:

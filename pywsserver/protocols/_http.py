@@ -427,16 +427,15 @@ class HTTPProtocol:
         protocols = index.get("sec-websocket-protocol")
         requested = [token for value in protocols for token in _token_list(value)] if protocols else []
         info = self.connection.handler_info()
-        info.update(
-            path=request.path,
-            query=request.query,
-            headers=headers,
-            request=request,
-            params={},
-            subprotocols=requested,
-            subprotocol=None,
-            extensions=[],
-        )
+        # Item by item: ``update(path=..., ...)`` would build a dict of its keywords first.
+        info["path"] = request.path
+        info["query"] = request.query
+        info["headers"] = headers
+        info["request"] = request
+        info["params"] = {}
+        info["subprotocols"] = requested
+        info["subprotocol"] = None
+        info["extensions"] = []
         pending = _Pending(request, keys[0], info, rest)
         endpoint = self.options.endpoint
         if endpoint is None:  # another module than ours: it gets the request, nothing is negotiated here
