@@ -427,12 +427,17 @@ class ConnectionCore(HandlerCalls):
 
     def _attach(self, driver: Driver, addresses: tuple[Any, Any] | None = None) -> None:
         """Take ``driver`` as the connection's driver and make the first protocol module; ``addresses``:
-        the peer's and the local address if the acceptor knows them, else the driver is asked."""
+        the peer's and the local address as ``(host, port)`` (or ``None``) if the acceptor knows them,
+        else the driver is asked."""
         self._driver = driver
         try:
-            peer_raw, local_raw = driver.addresses() if addresses is None else addresses
+            if addresses is None:
+                peer_raw, local_raw = driver.addresses()
+                peer, local = _address(peer_raw), _address(local_raw)
+            else:
+                peer, local = addresses
             # Positional: a class called with keywords builds a dict of them (about 1,000 instructions).
-            self.connection = ConnectionInfo(_address(peer_raw), _address(local_raw), self.connection_id)
+            self.connection = ConnectionInfo(peer, local, self.connection_id)
             # The connection logs its traffic if ``pywsserver.frames`` is at DEBUG when it is accepted.
             if frames_logger.isEnabledFor(logging.DEBUG):
                 self._frames_log = ConnectionLogger(frames_logger, self._context())

@@ -40,8 +40,13 @@ VERSIONS = mostly(
     ["HTTP/1.10", "HTTP/1,1", "HTTP/a.1", "http/1.1", "HTTP/1.", "", "HTTP/\xb2.1"],
 )
 NAMES = mostly(
-    ["Host", "Upgrade", "Connection", "Sec-WebSocket-Key", "sec-websocket-key", "X", "x", "X-Y"],
-    ["", "Bad Name", "\xc4", "A\x00", "A\tB"],
+    # The names the C parse keeps strings of (in their usual spelling, in others, and near misses).
+    [
+        *["Host", "Upgrade", "Connection", "Sec-WebSocket-Key", "sec-websocket-key", "X", "x", "X-Y"],
+        *["HOST", "hOsT", "Sec-Websocket-Version", "Sec-WebSocket-Extensions", "ORIGIN", "Origin"],
+        *["User-Agent", "Cookie", "X-Forwarded-For", "Hosts", "Hos", "Upgrade-", "Sec-WebSocket-Ke"],
+    ],
+    ["", "Bad Name", "\xc4", "A\x00", "A\tB", "Ho\xf3t"],
 )
 VALUES = st.lists(mostly(["websocket", "Upgrade", "13", "a", " ", "\t", ",", "\xe9", "=="], ODD), max_size=6).map(
     "".join
