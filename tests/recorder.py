@@ -84,8 +84,28 @@ class ScriptedHandler:
         return ("reply", message, state)
 
 
-def server_options(recorder: Recorder | None = None, *, websocket: Any = (), **top: Any) -> list[tuple[str, Any]]:
-    handler: Any = ScriptedHandler if recorder is not None else "pywsserver.echo"
+class SyncRecordingHandler(ScriptedHandler):
+    """Sync callbacks only (the server's workers then stop cooperatively, see tests/test_cooperative_stop.py):
+    records as `ScriptedHandler` does, and echoes every message."""
+
+    def handle(self, message: Any, state: dict[str, Any]) -> Any:
+        recorder: Recorder = state["recorder"]
+        if isinstance(message, ConnectionClose):
+            recorder.closes.append((state["index"], message))
+            recorder.open_now -= 1
+            recorder.changed()
+            return ("noreply", state)
+        recorder.messages.append((state["index"], message))
+        recorder.changed()
+        return ("reply", message, state)
+
+
+def server_options(
+    recorder: Recorder | None = None, *, websocket: Any = (), sync: bool = False, **top: Any
+) -> list[tuple[str, Any]]:
+    """Options for a test server: with a recorder, `ScriptedHandler` (``sync``: `SyncRecordingHandler`)."""
+    scripted = SyncRecordingHandler if sync else ScriptedHandler
+    handler: Any = scripted if recorder is not None else "pywsserver.echo"
     ws_options: list[tuple[str, Any]] = [("handler_module", handler), *websocket]
     if recorder is not None:
         ws_options.append(("handler_options", {"recorder": recorder}))

@@ -17,33 +17,11 @@ from pywsserver._options import parse_options
 from pywsserver._server import Server
 from pywsserver.supervision import ChildSpec, Strategy, Supervisor
 
-from .recorder import Recorder, server_options
+from .recorder import Recorder, SyncRecordingHandler, server_options
+from .test_server_protocols import LineEcho
 from .wstools import RawClient
 
 pytestmark = pytest.mark.anyio
-
-
-class SyncRecordingHandler:
-    """Sync callbacks only: what makes the server's workers stop cooperatively."""
-
-    def init(self, options: dict[str, Any]) -> dict[str, Any]:
-        recorder: Recorder = options["recorder"]
-        recorder.workers.append(options["worker"])
-        recorder.inits.append(options)
-        recorder.open_now += 1
-        recorder.changed()
-        return {"recorder": recorder, "index": len(recorder.workers) - 1}
-
-    def handle(self, message: Any, state: dict[str, Any]) -> Any:
-        recorder: Recorder = state["recorder"]
-        if isinstance(message, ConnectionClose):
-            recorder.closes.append((state["index"], message))
-            recorder.open_now -= 1
-            recorder.changed()
-            return ("noreply", state)
-        recorder.messages.append((state["index"], message))
-        recorder.changed()
-        return ("reply", message, state)
 
 
 class AsyncInit:
@@ -55,24 +33,7 @@ class AsyncInit:
 
 
 def sync_options(recorder: Recorder, **top: Any) -> list[tuple[str, Any]]:
-    return [
-        ("port", 0),
-        *top.items(),
-        (
-            "worker_options",
-            [
-                (
-                    "protocol_modules",
-                    [
-                        (
-                            "websocket",
-                            [("handler_module", SyncRecordingHandler), ("handler_options", {"recorder": recorder})],
-                        )
-                    ],
-                )
-            ],
-        ),
-    ]
+    return server_options(recorder, sync=True, **top)
 
 
 def _cooperative(options: list[tuple[str, Any]]) -> bool:
@@ -95,44 +56,9 @@ def test_only_sync_handlers_over_plain_tcp_stop_cooperatively(tmp_path: Any) -> 
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     assert not _cooperative([("tls", context), *server_options()])
     # A module of the user's own may deliver to a handler of its own making, which the options do not show.
-    modules = [("http", [("upgrade_to", "lines")]), (LineModule, [])]
+    modules = [("http", [("upgrade_to", "lines")]), (LineEcho, [])]
     custom = [("port", 0), ("worker_options", [("protocol_modules", modules)])]
     assert not _cooperative(custom)
-
-
-class LineModule:
-    """The smallest protocol module of the user's own (what it does does not matter here)."""
-
-    name = "lines"
-    handshake = False
-
-    @classmethod
-    def parse_options(cls, raw: Any, path: str) -> dict[str, Any]:
-        return dict(raw)
-
-    def __init__(self, options: Any, connection: Any) -> None:
-        pass
-
-    def start(self, data: bytes, context: Any) -> list[Any]:
-        return []
-
-    def data_received(self, data: bytes) -> list[Any]:
-        return []
-
-    def eof_received(self) -> list[Any]:
-        return []
-
-    def action(self, action: Any) -> list[Any]:
-        return []
-
-    def timer_expired(self, name: str) -> list[Any]:
-        return []
-
-    def handler_returned(self, result: Any) -> list[Any]:
-        return []
-
-    def handler_failed(self, error: BaseException) -> list[Any]:
-        return []
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
@@ -166,20 +92,7 @@ async def test_stopping_says_going_away_and_ends_once_the_peer_answers() -> None
     await client.aclose()
 
 
-async def test_stopping_cuts_a_peer_that_ignores_going_away_at_the_drain_timeout() -> None:
-    recorder = Recorder()
-    async with start_link(sync_options(recorder, drain_timeout=0.2)) as server:
-        silent = await RawClient.connect(server.port)
-        await recorder.wait_for(lambda: recorder.open_now == 1)
-        with anyio.fail_after(5):
-            await server.stop()
-    event = await silent.next_event()
-    assert isinstance(event, CloseConnection)
-    assert event.code == 1001
-    assert await silent.next_event() is None  # then the server cut the TCP connection
-    # What every handler is told when the server stops, sync or async, on either backend.
-    assert recorder.closes == [(0, ConnectionClose(1001, "server shutting down"))]
-    await silent.aclose()
+# A peer that ignores going away is cut at the drain timeout: tests/test_server.py, with both kinds of handler.
 
 
 async def test_stopping_during_the_handshake_answers_503() -> None:

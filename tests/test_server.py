@@ -377,9 +377,11 @@ async def test_crashes_faster_than_the_intensity_allows_stop_the_server_and_reac
     await client.aclose()
 
 
-async def test_connections_that_ignore_the_going_away_close_are_cut_at_the_drain_timeout() -> None:
+@pytest.mark.parametrize("sync", [False, True], ids=["async handler", "sync handler"])
+async def test_connections_that_ignore_the_going_away_close_are_cut_at_the_drain_timeout(sync: bool) -> None:
+    """Every handler is told 1001, sync or async (a sync one's workers stop cooperatively on asyncio)."""
     recorder = Recorder()
-    async with start_link(server_options(recorder, drain_timeout=0.2)) as server:
+    async with start_link(server_options(recorder, sync=sync, drain_timeout=0.2)) as server:
         silent = await RawClient.connect(server.port)
         await recorder.wait_for(lambda: recorder.open_now == 1)
         with anyio.fail_after(5):
