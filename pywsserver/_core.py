@@ -1027,7 +1027,7 @@ class ConnectionCore(HandlerCalls):
 
     async def _drain(self) -> None:
         """Cancelled while the connection is up: say going away and wait for the peer's close."""
-        self._stop_asked = False  # asked to stop: now drain (a second ask, the kill, ends it)
+        self._stop_asked = False  # asked to stop: now drain (further asks do nothing, see `_stop_by_supervisor`)
         self.state = _DRAINING
         if self._debug:
             self.log.debug("draining")

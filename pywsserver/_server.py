@@ -130,7 +130,7 @@ class Server:
             period=10,
             name=None,
         )
-        # Workers that only ever await their driver's wake-up (plain TCP, every handler sync) stop
+        # Workers that only ever await their driver's wake-up (built-in modules, every handler sync, plain TCP) stop
         # cooperatively on asyncio: no cancel scope per connection (see `_StartedProxy.set_stop`).
         self.worker_supervisor._cooperative_children = options.tls is None and _all_handlers_sync(options)
         acceptors = [
@@ -447,16 +447,17 @@ class _Listening:
             raise
         return client
 
-    def accept_nowait(self) -> socket.socket | None:
-        """A waiting connection as `take` makes it, or ``None`` when none waits."""
+    def accept_nowait(self) -> tuple[socket.socket, tuple[str, int] | None] | None:
+        """A waiting connection as `take` makes it, with its peer's address when the C accept gives
+        it (IPv4), else ``None``; or ``None`` when no connection waits."""
         if _accept_socket is not None:
             accepted = _accept_socket(self.fileno)
-            return None if accepted is None else self.take(accepted[0], nonblocking=True)
+            return None if accepted is None else (self.take(accepted[0], nonblocking=True), accepted[1])
         try:
             fd, _ = self.raw._accept()  # type: ignore[attr-defined]
         except (BlockingIOError, InterruptedError):
             return None
-        return self.take(fd)
+        return self.take(fd), None
 
     async def wait(self) -> None:
         """Until the listening socket is readable (one acceptor at a time: the caller holds the lock)."""
@@ -507,7 +508,7 @@ class _Listening:
         assert server is not None
         slots = server._slots
         start = server.worker_supervisor.start_child_soon
-        raw, fileno, local = self.raw, self.fileno, self.local
+        local = self.local
         for _ in range(_ACCEPT_BATCH):  # a burst a batch per readiness event, as asyncio's servers do
             try:
                 slots.acquire_nowait()
@@ -516,24 +517,15 @@ class _Listening:
                 return
             client: socket.socket | None = None
             try:
-                if _accept_socket is not None:
-                    accepted = _accept_socket(fileno)
-                    if accepted is None:  # none waits: no exception made, as socket.accept would
-                        slots.release()
-                        return
-                    client = self.take(accepted[0], nonblocking=True)
-                    peer = accepted[1]
-                    if peer is None:  # not IPv4: the worker asks the socket
-                        start(client)
-                    else:  # the worker needs not ask the socket again (a system call each)
-                        start(client, (peer, local if local is not None else sockname(client.getsockname)))
-                else:
-                    fd, _ = raw._accept()  # type: ignore[attr-defined]
-                    client = self.take(fd)
+                accepted = self.accept_nowait()
+                if accepted is None:  # none waits
+                    slots.release()
+                    return
+                client, peer = accepted
+                if peer is None:  # the worker asks the socket
                     start(client)
-            except (BlockingIOError, InterruptedError):
-                slots.release()
-                return
+                else:  # the worker needs not ask the socket again (a system call each)
+                    start(client, (peer, local if local is not None else sockname(client.getsockname)))
             except BaseException as error:  # the acceptor handles it as any accept or start error
                 if client is not None:
                     client.close()  # closed before its slot is released
@@ -598,15 +590,15 @@ async def accept(listener: SocketListener, lock: anyio.Lock) -> anyio.abc.ByteSt
     if type(fast) is not _Listening:
         return await _accept_on_trio(fast, lock)  # type: ignore[arg-type]
     # Under load a connection is usually waiting: take it without waiting for readiness.
-    client = fast.accept_nowait()
-    if client is None:
+    accepted = fast.accept_nowait()
+    if accepted is None:
         async with lock:  # asyncio allows one reader per socket: one acceptor waits, the others queue here
             while True:
                 await fast.wait()
-                client = fast.accept_nowait()
-                if client is not None:
+                accepted = fast.accept_nowait()
+                if accepted is not None:
                     break  # else another acceptor took it
-    return client
+    return accepted[0]  # its worker asks the socket for the addresses (this path is not the busy one)
 
 
 def _release_listener(listener: SocketListener) -> None:
